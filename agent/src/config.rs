@@ -1,0 +1,212 @@
+//! The agent's configuration: a TOML file (written by user-data on a cloud
+//! instance, or by the local fleet), checked in full before anything dials.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration problem. The message names the file, the key and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Top level of `agent.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The coordinator's agent link address, `host:port`.
+    pub coordinator: String,
+    /// Name the coordinator's certificate is checked against.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// The coordinator CA certificate (PEM file). Either this or `ca_sha256`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 pin of the coordinator CA certificate, `sha256:<hex>`.
+    #[serde(default)]
+    pub ca_sha256: Option<String>,
+    /// File holding the join token, used once to enroll.
+    pub join_token_file: PathBuf,
+    /// Name to enroll under; defaults to the instance id, then the hostname.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Where the agent keeps its key and certificate.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// Jobs run at once.
+    #[serde(default = "one")]
+    pub capacity: u32,
+    #[serde(default)]
+    pub executor: ExecutorConfig,
+    #[serde(default)]
+    pub instance: InstanceConfig,
+}
+
+/// Which executor runs jobs.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExecutorKind {
+    /// Docker when the engine answers, else the shell executor.
+    #[default]
+    Auto,
+    Docker,
+    Shell,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutorConfig {
+    #[serde(default)]
+    pub kind: ExecutorKind,
+    /// Image for jobs that name none.
+    #[serde(default)]
+    pub default_image: Option<String>,
+    /// `always`, `if-not-present` or `never`, for jobs that set none.
+    #[serde(default = "default_pull_policy")]
+    pub pull_policy: String,
+    /// Where each attempt gets its build directory.
+    #[serde(default = "default_work_dir")]
+    pub work_dir: PathBuf,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        Self {
+            kind: ExecutorKind::Auto,
+            default_image: None,
+            pull_policy: default_pull_policy(),
+            work_dir: default_work_dir(),
+        }
+    }
+}
+
+/// Facts about the instance; on EC2 these come from instance metadata.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub instance_type: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default)]
+    pub market: Option<String>,
+}
+
+fn default_server_name() -> String {
+    "servitor-coordinator".to_owned()
+}
+fn one() -> u32 {
+    1
+}
+fn default_pull_policy() -> String {
+    "if-not-present".to_owned()
+}
+fn default_work_dir() -> PathBuf {
+    PathBuf::from("/var/lib/servitor-agent/builds")
+}
+
+/// Pull policies gitlab-runner knows.
+pub const PULL_POLICIES: [&str; 3] = ["always", "if-not-present", "never"];
+
+impl AgentConfig {
+    /// Parses and validates a configuration text.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key and the fix.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: AgentConfig =
+            toml::from_str(text).map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        let fail = |msg: String| Err(ConfigError(format!("{origin}: {msg}")));
+        match (&config.ca_file, &config.ca_sha256) {
+            (None, None) => {
+                return fail("set ca_file (the coordinator's ca.pem) or ca_sha256 (its pin) so the agent knows which coordinator to trust".into())
+            }
+            (Some(_), Some(_)) => return fail("set only one of ca_file and ca_sha256".into()),
+            (None, Some(pin)) if !is_pin(pin) => {
+                return fail(format!("ca_sha256 {pin:?} must look like \"sha256:\" followed by 64 hex digits; `servitor-coordinator status` prints it"))
+            }
+            _ => {}
+        }
+        if config.capacity == 0 {
+            return fail("capacity must be at least 1".into());
+        }
+        if !config.coordinator.contains(':') {
+            return fail(format!(
+                "coordinator {:?} must be host:port, e.g. \"10.0.0.5:7443\"",
+                config.coordinator
+            ));
+        }
+        if !PULL_POLICIES.contains(&config.executor.pull_policy.as_str()) {
+            return fail(format!(
+                "executor.pull_policy {:?} must be one of {}",
+                config.executor.pull_policy,
+                PULL_POLICIES.join(", ")
+            ));
+        }
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a configuration file.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file, the key and the fix.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!(
+                "{} is not readable ({e}); pass --config with the agent's configuration file",
+                path.display()
+            ))
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+}
+
+fn is_pin(pin: &str) -> bool {
+    pin.strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../agent.example.toml");
+        let config = AgentConfig::from_toml_str(text, "agent.example.toml").unwrap();
+        assert_eq!(config.capacity, 1);
+        assert_eq!(config.executor.kind, ExecutorKind::Docker);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_fix() {
+        let base = "coordinator = \"c:1\"\njoin_token_file = \"/j\"\n";
+        let err = AgentConfig::from_toml_str(base, "a.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ca_file") && err.contains("ca_sha256"),
+            "{err}"
+        );
+        let err = AgentConfig::from_toml_str(&format!("{base}ca_sha256 = \"abc\"\n"), "a.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("64 hex digits"), "{err}");
+        let err = AgentConfig::from_toml_str(
+            &format!("{base}ca_file = \"/ca\"\n[executor]\npull_policy = \"sometimes\"\n"),
+            "a.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("if-not-present"), "{err}");
+        let err = AgentConfig::from_toml_str(
+            &format!("{base}ca_file = \"/ca\"\ncapacit = 2\n"),
+            "a.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("capacit"), "{err}");
+    }
+}

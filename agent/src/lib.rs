@@ -1,0 +1,164 @@
+//! The Servitor agent: dials its coordinator over QUIC with mutual TLS, pulls
+//! jobs, runs them with an [`executor`], and streams their output back.
+//!
+//! [`run_with_config`] is what the binary (and the coordinator's local fleet,
+//! through the same binary) calls; tests call it too.
+
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod config;
+pub mod executor;
+pub mod link;
+pub mod secret;
+pub mod session;
+pub mod signals;
+pub mod telemetry;
+
+use servitor_proto::agent::InstanceFacts;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{AgentConfig, ConfigError, ExecutorKind};
+use crate::executor::docker::{DockerConfig, DockerExecutor, PullPolicy};
+use crate::executor::shell::ShellExecutor;
+use crate::executor::AnyExecutor;
+use crate::link::{CaTrust, LinkSettings};
+use crate::secret::Secret;
+use crate::session::{AgentError, AgentSettings};
+
+/// Turns a validated configuration into settings: reads the trust anchor
+/// and join token, picks the executor.
+///
+/// # Errors
+/// Unreadable files and an executor that cannot start, named with the fix.
+pub async fn settings_from_config(config: &AgentConfig) -> Result<AgentSettings, ConfigError> {
+    let trust = match (&config.ca_file, &config.ca_sha256) {
+        (Some(path), _) => CaTrust::Pem(std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!(
+                "ca_file {} is not readable ({e}); copy the coordinator's ca.pem there",
+                path.display()
+            ))
+        })?),
+        (None, Some(pin)) => CaTrust::Sha256Pin(pin.clone()),
+        (None, None) => return Err(ConfigError("set ca_file or ca_sha256".into())),
+    };
+    let join_token =
+        Secret::from_file(&config.join_token_file, "join_token_file").map_err(ConfigError)?;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "agent".to_owned());
+    let instance = InstanceFacts {
+        instance_id: config.instance.id.clone().unwrap_or_else(|| hostname.clone()),
+        instance_type: config.instance.instance_type.clone().unwrap_or_default(),
+        availability_zone: config.instance.zone.clone().unwrap_or_default(),
+        market: config.instance.market.clone().unwrap_or_default(),
+        hostname,
+    };
+    let agent_name = config
+        .name
+        .clone()
+        .unwrap_or_else(|| instance.instance_id.clone());
+    let executor = pick_executor(config, &agent_name).await?;
+    std::fs::create_dir_all(&config.executor.work_dir).map_err(|e| {
+        ConfigError(format!(
+            "executor.work_dir {} cannot be created ({e})",
+            config.executor.work_dir.display()
+        ))
+    })?;
+    Ok(AgentSettings {
+        link: LinkSettings {
+            coordinator: config.coordinator.clone(),
+            server_name: config.server_name.clone(),
+            trust,
+            join_token,
+            agent_name,
+            state_dir: config.state_dir.clone(),
+        },
+        capacity: config.capacity,
+        executor,
+        work_dir: config.executor.work_dir.clone(),
+        instance,
+    })
+}
+
+async fn pick_executor(config: &AgentConfig, agent_name: &str) -> Result<AnyExecutor, ConfigError> {
+    let pull_policy: PullPolicy = config.executor.pull_policy.parse().map_err(|e| {
+        ConfigError(format!("executor.pull_policy: {e}"))
+    })?;
+    let docker_config = DockerConfig {
+        default_image: config.executor.default_image.clone(),
+        pull_policy,
+    };
+    let docker = match config.executor.kind {
+        ExecutorKind::Shell => return Ok(AnyExecutor::from(ShellExecutor::new())),
+        ExecutorKind::Docker => DockerExecutor::connect(docker_config)
+            .await
+            .map_err(|e| ConfigError(format!("executor.kind is docker but {e}")))?,
+        ExecutorKind::Auto => match DockerExecutor::connect(docker_config).await {
+            Ok(executor) => executor,
+            Err(e) => {
+                tracing::warn!(error = %e, "Docker is not available; running jobs with the shell executor");
+                return Ok(AnyExecutor::from(ShellExecutor::new()));
+            }
+        },
+    };
+    // Containers a previous run of this agent left behind (killed mid-job).
+    match docker.remove_leftovers(agent_name).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(count = n, "removed containers left by an earlier run"),
+        Err(e) => tracing::warn!(error = %e, "could not look for leftover containers"),
+    }
+    Ok(AnyExecutor::from(docker))
+}
+
+/// Runs the agent described by `config` until `shutdown`.
+///
+/// # Errors
+/// Configuration problems, and a coordinator that refuses this agent.
+pub async fn run_with_config(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let settings = settings_from_config(&config).await?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        agent = %settings.link.agent_name,
+        executor = settings.executor_name(),
+        capacity = settings.capacity,
+        "servitor agent starting"
+    );
+    session::run(settings, shutdown).await?;
+    Ok(())
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Agent(#[from] AgentError),
+}
+
+impl RunError {
+    /// Exit code for systemd: 64 for what a restart cannot fix.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Config(_) | RunError::Agent(AgentError::Refused(_)) => EXIT_CONFIG,
+            RunError::Agent(AgentError::Link(_)) => EXIT_TRANSIENT,
+        }
+    }
+}
+
+/// Exit code: transient failure, restart (systemd `Restart=on-failure`).
+pub const EXIT_TRANSIENT: u8 = 1;
+/// Exit code: bad configuration or usage (`RestartPreventExitStatus=64`).
+pub const EXIT_CONFIG: u8 = 64;
+
+impl AgentSettings {
+    /// The executor's name, for logs.
+    pub fn executor_name(&self) -> &'static str {
+        use crate::executor::Executor;
+        self.executor.name()
+    }
+}

@@ -1,0 +1,562 @@
+//! The agent's end of the agent link: a QUIC connection to the coordinator
+//! with mutual TLS, and the enrollment that gets the agent its client
+//! certificate in the first place.
+//!
+//! [`connect`] uses a stored client certificate while it has more than a
+//! tenth of its life left. Otherwise it generates a key pair, connects
+//! without a certificate, trades the join token and a certificate signing
+//! request for a short-lived certificate from the coordinator's CA, stores
+//! it, and connects again with it. It returns only once the coordinator has
+//! confirmed the handshake, that is, accepted the certificate; a certificate
+//! the coordinator rejects is discarded and the agent enrolls again. The
+//! coordinator is trusted only through the CA the operator configured
+//! ([`CaTrust`]), never the system's roots.
+//!
+//! Not responsible for what travels on the connection (the control and
+//! output streams belong to the caller) nor for retrying: a [`LinkError`]
+//! says whether a retry can help, and the caller waits with
+//! [`crate::backoff::Backoff`].
+
+mod der;
+mod identity;
+mod tls;
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use servitor_proto::agent::{enroll_response, EnrollRequest, EnrollResponse};
+use servitor_proto::frame::{read_frame, write_frame};
+
+use crate::secret::Secret;
+use identity::{Credentials, Store};
+use tls::{CoordinatorVerifier, Trust};
+
+pub use tls::PIN_PREFIX;
+
+/// The name the coordinator's server certificate always carries, whatever
+/// address the agent dials; agents verify against it by default.
+pub const DEFAULT_SERVER_NAME: &str = "servitor-coordinator";
+
+/// How often an idle link sends a keep-alive. Well under
+/// [`IDLE_TIMEOUT`] so one or two lost packets never end a healthy link.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A link silent for this long is dead. Short, because a lost agent must be
+/// noticed quickly: its jobs go back to the queue only once it is.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+// Several keep-alives must fit in the idle timeout, or a single lost packet
+// would end a healthy link.
+const _: () = assert!(KEEP_ALIVE_INTERVAL.as_secs() * 3 <= IDLE_TIMEOUT.as_secs());
+
+/// Longest the enrollment exchange may take once connected; the coordinator
+/// gives up on an unauthenticated connection after a similar time.
+pub const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest to wait, after the agent's side of the handshake is done, for the
+/// coordinator to confirm it. That takes one round trip; past this the
+/// network is failing.
+pub const HANDSHAKE_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often to look for the coordinator's confirmation. quinn counts it
+/// but offers nothing to wait on.
+const HANDSHAKE_CONFIRM_POLL: Duration = Duration::from_millis(10);
+
+/// Application close codes on the agent link, shared by both ends so each
+/// can tell the other why it hung up.
+pub mod close_code {
+    use quinn::VarInt;
+
+    /// Nothing wrong: enrollment finished, or the side is done.
+    pub const DONE: VarInt = VarInt::from_u32(0);
+    /// The coordinator refused the enrollment (the reason travelled in the
+    /// `EnrollResponse`).
+    pub const ENROLLMENT_REFUSED: VarInt = VarInt::from_u32(1);
+    /// The peer did something the protocol does not allow.
+    pub const PROTOCOL_VIOLATION: VarInt = VarInt::from_u32(2);
+    /// The peer took too long.
+    pub const TIMEOUT: VarInt = VarInt::from_u32(3);
+    /// The coordinator is shutting down.
+    pub const SHUTTING_DOWN: VarInt = VarInt::from_u32(4);
+}
+
+/// TLS alerts (RFC 8446 §6.2) a server sends when it rejects a client
+/// certificate: bad_certificate, unsupported_certificate,
+/// certificate_revoked, certificate_expired, certificate_unknown,
+/// unknown_ca, decrypt_error (rustls' answer to a certificate whose issuer
+/// has the right name but the wrong key, as after a CA was re-created) and
+/// certificate_required.
+const CERTIFICATE_ALERTS: &[u8] = &[42, 43, 44, 45, 46, 48, 51, 116];
+
+/// QUIC carries TLS alerts as transport error codes 0x100 + alert
+/// (RFC 9001 §4.8).
+const CRYPTO_ERROR_BASE: u64 = 0x100;
+
+/// The QUIC transport settings of the link, the same at both ends.
+pub fn transport_config() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
+            .expect("twenty seconds fits in a QUIC idle timeout"),
+    ));
+    transport
+}
+
+/// How the agent recognizes its coordinator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaTrust {
+    /// The coordinator CA's certificate, PEM (its `ca.pem`). Only this CA is
+    /// trusted.
+    Pem(String),
+    /// `sha256:` and the hex SHA-256 of the coordinator CA certificate's DER.
+    /// The coordinator presents its CA certificate after its own, and the
+    /// agent trusts the one with this hash.
+    Sha256Pin(String),
+}
+
+/// Where the coordinator is, how to trust it, and who the agent is.
+#[derive(Clone, Debug)]
+pub struct LinkSettings {
+    /// The coordinator's QUIC address, `host:port`.
+    pub coordinator: String,
+    /// The name to verify in the coordinator's certificate; normally
+    /// [`DEFAULT_SERVER_NAME`], which the coordinator's certificate always has.
+    pub server_name: String,
+    /// How to recognize the coordinator.
+    pub trust: CaTrust,
+    /// Proof, at enrollment, that the operator sent this agent.
+    pub join_token: Secret,
+    /// The name the agent asks to be known by; the coordinator derives the
+    /// agent id from it.
+    pub agent_name: String,
+    /// Where to keep the client certificate and key across restarts. `None`
+    /// keeps them in memory for this process only.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl LinkSettings {
+    /// Settings with the default server name and no state directory.
+    pub fn new(
+        coordinator: impl Into<String>,
+        trust: CaTrust,
+        join_token: Secret,
+        agent_name: impl Into<String>,
+    ) -> Self {
+        Self {
+            coordinator: coordinator.into(),
+            server_name: DEFAULT_SERVER_NAME.to_owned(),
+            trust,
+            join_token,
+            agent_name: agent_name.into(),
+            state_dir: None,
+        }
+    }
+
+    /// Where this agent's credentials are kept.
+    fn store(&self) -> Store {
+        let memory_key = format!(
+            "{}\n{}\n{}",
+            self.coordinator, self.server_name, self.agent_name
+        );
+        Store::new(self.state_dir.as_deref(), memory_key)
+    }
+}
+
+/// An authenticated connection to the coordinator.
+#[derive(Debug)]
+pub struct Link {
+    /// The QUIC connection; open the control stream on it.
+    pub connection: quinn::Connection,
+    /// The id the coordinator knows this agent by (the common name of the
+    /// certificate it issued).
+    pub agent_id: String,
+}
+
+/// Why the agent could not get a link to its coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The settings cannot work; the message names the fix.
+    #[error("agent link settings are invalid: {0}")]
+    Settings(String),
+    /// The coordinator's name did not resolve.
+    #[error("cannot resolve coordinator address {address}: {detail}; check the coordinator address and DNS")]
+    Resolve { address: String, detail: String },
+    /// No local UDP socket for the link.
+    #[error("cannot open a UDP socket for the agent link: {0}")]
+    Endpoint(#[source] std::io::Error),
+    /// The coordinator refused to enroll the agent. Retrying with the same
+    /// settings cannot help.
+    #[error("coordinator refused enrollment: {0}")]
+    Refused(String),
+    /// The coordinator's certificate does not match the configured CA or pin.
+    #[error("coordinator's certificate is not trusted ({0}); check ca_file / ca_sha256 against the coordinator's CA")]
+    Untrusted(String),
+    /// The coordinator rejected the agent's client certificate during the
+    /// handshake. The stored certificate has been discarded, so the next
+    /// attempt enrolls again.
+    #[error("coordinator rejected the agent's certificate ({0}); the agent enrolls again")]
+    CertificateRejected(String),
+    /// The coordinator did not confirm the handshake in time.
+    #[error("coordinator did not confirm the TLS handshake within {HANDSHAKE_CONFIRM_TIMEOUT:?}")]
+    Unconfirmed,
+    /// Local TLS set-up failed.
+    #[error("{0}")]
+    Tls(String),
+    /// The connection could not be started.
+    #[error("cannot start a connection to the coordinator: {0}")]
+    Connect(#[source] quinn::ConnectError),
+    /// The connection failed or was closed.
+    #[error("connection to the coordinator failed: {0}")]
+    Connection(#[source] quinn::ConnectionError),
+    /// The enrollment exchange went wrong on the wire.
+    #[error("enrollment exchange failed: {0}")]
+    Protocol(String),
+    /// The enrollment exchange took longer than [`ENROLL_TIMEOUT`].
+    #[error("coordinator did not answer the enrollment request within {ENROLL_TIMEOUT:?}")]
+    Timeout,
+    /// The credentials could not be stored or read.
+    #[error("cannot use agent state file {path}: {source}; make the state directory writable by the agent's user")]
+    Storage {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl LinkError {
+    /// Whether trying again later (with backoff) can succeed. Errors that
+    /// need the operator to change something are not retryable.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Settings(_)
+            | Self::Refused(_)
+            | Self::Untrusted(_)
+            | Self::Tls(_)
+            | Self::Storage { .. } => false,
+            Self::Resolve { .. }
+            | Self::Endpoint(_)
+            | Self::CertificateRejected(_)
+            | Self::Unconfirmed
+            | Self::Connect(_)
+            | Self::Connection(_)
+            | Self::Protocol(_)
+            | Self::Timeout => true,
+        }
+    }
+}
+
+/// Whether a connection ended because the coordinator rejected the agent's
+/// client certificate (a TLS alert about the certificate). [`connect`]
+/// handles this itself; it is public for callers that want to tell it apart
+/// in logs.
+pub fn is_certificate_rejection(error: &quinn::ConnectionError) -> bool {
+    let quinn::ConnectionError::ConnectionClosed(close) = error else {
+        return false;
+    };
+    let code = u64::from(close.error_code);
+    code.checked_sub(CRYPTO_ERROR_BASE)
+        .and_then(|alert| u8::try_from(alert).ok())
+        .is_some_and(|alert| CERTIFICATE_ALERTS.contains(&alert))
+}
+
+/// Discards the agent's stored certificate and key, so the next [`connect`]
+/// enrolls again (for example when the operator wants the agent to get a
+/// new id).
+///
+/// # Errors
+/// [`LinkError::Storage`] when a file in the state directory cannot be
+/// removed.
+pub fn forget_credentials(settings: &LinkSettings) -> Result<(), LinkError> {
+    settings.store().forget()
+}
+
+/// Connects to the coordinator with the agent's client certificate,
+/// enrolling first when there is no stored certificate with enough life
+/// left, or when the coordinator rejects the stored one (its CA was
+/// re-created, or its clock disagrees).
+///
+/// # Errors
+/// - [`LinkError::Settings`] for settings that cannot work.
+/// - [`LinkError::Refused`] when the coordinator refuses enrollment (wrong
+///   join token, incompatible protocol version).
+/// - [`LinkError::Untrusted`] when the coordinator's certificate does not
+///   match the configured CA or pin.
+/// - [`LinkError::Storage`] when the state directory is not writable.
+/// - Transport errors ([`LinkError::is_retryable`]) otherwise.
+pub async fn connect(settings: &LinkSettings) -> Result<Link, LinkError> {
+    let dialer = Dialer::new(settings).await?;
+    let store = settings.store();
+    let stored = store
+        .load()?
+        .filter(|creds| !creds.needs_renewal(identity::unix_now()));
+    if let Some(creds) = stored {
+        match dialer.dial(Some(&creds)).await {
+            Ok(connection) => return Ok(link(connection, creds)),
+            Err(LinkError::CertificateRejected(reason)) => {
+                tracing::info!(
+                    agent = %creds.agent_id,
+                    %reason,
+                    "coordinator no longer accepts the stored certificate; enrolling again"
+                );
+                store.forget()?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let creds = dialer.enroll(settings).await?;
+    store.save(&creds)?;
+    match dialer.dial(Some(&creds)).await {
+        Ok(connection) => Ok(link(connection, creds)),
+        Err(e) => {
+            if matches!(e, LinkError::CertificateRejected(_)) {
+                store.forget()?;
+            }
+            Err(e)
+        }
+    }
+}
+
+fn link(connection: quinn::Connection, creds: Credentials) -> Link {
+    Link {
+        connection,
+        agent_id: creds.agent_id,
+    }
+}
+
+/// What every connection attempt of one [`connect`] call shares.
+struct Dialer {
+    endpoint: quinn::Endpoint,
+    address: SocketAddr,
+    server_name: String,
+    trust: Trust,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl Dialer {
+    /// Validates the settings, resolves the coordinator and opens a socket.
+    async fn new(settings: &LinkSettings) -> Result<Self, LinkError> {
+        if settings.agent_name.trim().is_empty() {
+            return Err(LinkError::Settings(
+                "agent name is empty; set a name for the agent".into(),
+            ));
+        }
+        rustls::pki_types::ServerName::try_from(settings.server_name.as_str()).map_err(|_| {
+            LinkError::Settings(format!(
+                "server name {:?} is not a DNS name or IP address; leave it at {DEFAULT_SERVER_NAME}",
+                settings.server_name
+            ))
+        })?;
+        let trust = Trust::new(&settings.trust)?;
+        let address = resolve(&settings.coordinator).await?;
+        let local: SocketAddr = if address.is_ipv6() {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = quinn::Endpoint::client(local).map_err(LinkError::Endpoint)?;
+        Ok(Self {
+            endpoint,
+            address,
+            server_name: settings.server_name.clone(),
+            trust,
+            provider: tls::provider(),
+        })
+    }
+
+    /// One QUIC connection, with or without the agent's certificate. With
+    /// it, returns once the coordinator has accepted the certificate.
+    async fn dial(&self, identity: Option<&Credentials>) -> Result<quinn::Connection, LinkError> {
+        let verifier = Arc::new(CoordinatorVerifier::new(
+            self.trust.clone(),
+            self.provider.clone(),
+        ));
+        let config = tls::client_config(verifier.clone(), self.provider.clone(), identity)?;
+        let connecting = self
+            .endpoint
+            .connect_with(config, self.address, &self.server_name)
+            .map_err(LinkError::Connect)?;
+        let failed = |e: quinn::ConnectionError| {
+            if let Some(detail) = verifier.failure() {
+                LinkError::Untrusted(detail)
+            } else if identity.is_some() && is_certificate_rejection(&e) {
+                LinkError::CertificateRejected(e.to_string())
+            } else {
+                LinkError::Connection(e)
+            }
+        };
+        let connection = connecting.await.map_err(failed)?;
+        if identity.is_some() {
+            // QUIC lets the client finish its side of the handshake before
+            // the server has judged the client's certificate.
+            match confirmation(&connection).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    connection.close(close_code::TIMEOUT, b"handshake not confirmed");
+                    return Err(LinkError::Unconfirmed);
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        Ok(connection)
+    }
+
+    /// Trades the join token    /// Trades the join token and a fresh key's signing request for a client
+    /// certificate.
+    async fn enroll(&self, settings: &LinkSettings) -> Result<Credentials, LinkError> {
+        let (key, csr_pem) = identity::key_and_csr(&settings.agent_name)?;
+        let request = EnrollRequest {
+            join_token: settings.join_token.expose().to_owned(),
+            csr_pem,
+            agent_name: settings.agent_name.clone(),
+            protocol_version: servitor_proto::PROTOCOL_VERSION,
+        };
+        let connection = self.dial(None).await?;
+        let exchanged = tokio::time::timeout(ENROLL_TIMEOUT, exchange(&connection, &request)).await;
+        connection.close(close_code::DONE, b"enrollment done");
+        let response = exchanged.map_err(|_| LinkError::Timeout)??;
+        match response.result {
+            Some(enroll_response::Result::CertificatePem(pem)) => {
+                let creds = Credentials::new(&pem, &key).map_err(|e| {
+                    LinkError::Protocol(format!("coordinator issued an unusable certificate: {e}"))
+                })?;
+                tracing::info!(
+                    agent = %creds.agent_id,
+                    valid_for_secs = response.valid_for_secs,
+                    "enrolled with the coordinator"
+                );
+                Ok(creds)
+            }
+            Some(enroll_response::Result::Refused(reason)) => Err(LinkError::Refused(reason)),
+            None => Err(LinkError::Protocol(
+                "coordinator sent an enrollment response with neither certificate nor reason"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// Waits for the server's HANDSHAKE_DONE frame, which it sends only once it
+/// has completed the handshake, client certificate check included (RFC
+/// 9001 §4.1.2). `Ok(false)` after [`HANDSHAKE_CONFIRM_TIMEOUT`]; the
+/// connection's error if it closes first.
+async fn confirmation(connection: &quinn::Connection) -> Result<bool, quinn::ConnectionError> {
+    let deadline = tokio::time::sleep(HANDSHAKE_CONFIRM_TIMEOUT);
+    tokio::pin!(deadline);
+    loop {
+        if connection.stats().frame_rx.handshake_done > 0 {
+            return Ok(true);
+        }
+        tokio::select! {
+            error = connection.closed() => return Err(error),
+            () = tokio::time::sleep(HANDSHAKE_CONFIRM_POLL) => {}
+            () = &mut deadline => return Ok(false),
+        }
+    }
+}
+
+/// Sends the enrollment request on a new stream and reads the answer.
+async fn exchange(
+    connection: &quinn::Connection,
+    request: &EnrollRequest,
+) -> Result<EnrollResponse, LinkError> {
+    let lost = |detail: String| match connection.close_reason() {
+        Some(reason) => LinkError::Connection(reason),
+        None => LinkError::Protocol(detail),
+    };
+    let (mut send, mut recv) = connection.open_bi().await.map_err(LinkError::Connection)?;
+    write_frame(&mut send, request)
+        .await
+        .map_err(|e| lost(e.to_string()))?;
+    // The coordinator expects nothing more on this stream; if finishing fails
+    // the stream is already gone and reading the answer reports why.
+    let _ = send.finish();
+    match read_frame::<_, EnrollResponse>(&mut recv).await {
+        Ok(Some(response)) => Ok(response),
+        Ok(None) => Err(lost(
+            "coordinator ended the stream without answering".into(),
+        )),
+        Err(e) => Err(lost(e.to_string())),
+    }
+}
+
+/// Resolves `host:port` to the first address it names.
+async fn resolve(coordinator: &str) -> Result<SocketAddr, LinkError> {
+    let has_port = coordinator
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if !has_port {
+        return Err(LinkError::Settings(format!(
+            "coordinator address {coordinator:?} is not host:port; write it like coordinator.example.com:7443"
+        )));
+    }
+    let resolve_error = |detail: String| LinkError::Resolve {
+        address: coordinator.to_owned(),
+        detail,
+    };
+    tokio::net::lookup_host(coordinator)
+        .await
+        .map_err(|e| resolve_error(e.to_string()))?
+        .next()
+        .ok_or_else(|| resolve_error("it resolved to no address".into()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_alerts_are_told_apart_from_other_closes() {
+        let close = |code: u64| {
+            quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: quinn::TransportErrorCode::crypto(
+                    u8::try_from(code - CRYPTO_ERROR_BASE).unwrap(),
+                ),
+                frame_type: None,
+                reason: bytes::Bytes::new(),
+            })
+        };
+        assert!(is_certificate_rejection(&close(CRYPTO_ERROR_BASE + 48)));
+        assert!(is_certificate_rejection(&close(CRYPTO_ERROR_BASE + 42)));
+        // no_application_protocol: a wrong ALPN, not a certificate problem.
+        assert!(!is_certificate_rejection(&close(CRYPTO_ERROR_BASE + 120)));
+        assert!(!is_certificate_rejection(&quinn::ConnectionError::TimedOut));
+    }
+
+    #[tokio::test]
+    async fn bad_settings_fail_before_dialling() {
+        let settings = |coordinator: &str, name: &str, server: &str| {
+            let mut s = LinkSettings::new(
+                coordinator,
+                CaTrust::Sha256Pin(format!("sha256:{}", "00".repeat(32))),
+                Secret::new("token"),
+                name,
+            );
+            s.server_name = server.to_owned();
+            s
+        };
+        let cases = [
+            (
+                settings("coordinator.example", "box", DEFAULT_SERVER_NAME),
+                "host:port",
+            ),
+            (
+                settings("127.0.0.1:7443", " ", DEFAULT_SERVER_NAME),
+                "agent name is empty",
+            ),
+            (
+                settings("127.0.0.1:7443", "box", "not a name!"),
+                "server name",
+            ),
+        ];
+        for (s, want) in cases {
+            let err = connect(&s).await.unwrap_err();
+            assert!(matches!(err, LinkError::Settings(_)), "{err}");
+            assert!(err.to_string().contains(want), "{err}");
+            assert!(!err.is_retryable());
+        }
+    }
+}

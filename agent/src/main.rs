@@ -1,0 +1,61 @@
+//! `servitor-agent`: runs on an instance, dials the coordinator, runs jobs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use servitor_agent::config::AgentConfig;
+use servitor_agent::telemetry::{self, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+/// The Servitor agent.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The agent's configuration file.
+    #[arg(long, default_value = "/etc/servitor-agent/agent.toml")]
+    config: PathBuf,
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Plain)]
+    log_format: LogFormat,
+    /// Only check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format, "info");
+    let config = match AgentConfig::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("servitor-agent: {e}");
+            return ExitCode::from(servitor_agent::EXIT_CONFIG);
+        }
+    };
+    if cli.check_config {
+        println!("{}: ok", cli.config.display());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("servitor-agent: cannot start the async runtime: {e}");
+            return ExitCode::from(servitor_agent::EXIT_TRANSIENT);
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        if let Err(e) = servitor_agent::signals::cancel_on_signals(shutdown.clone()) {
+            eprintln!("servitor-agent: cannot install signal handlers: {e}");
+            return ExitCode::from(servitor_agent::EXIT_TRANSIENT);
+        }
+        match servitor_agent::run_with_config(config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "agent stopped");
+                ExitCode::from(e.exit_code())
+            }
+        }
+    })
+}

@@ -1,0 +1,496 @@
+//! The agent's life: dial the coordinator (reconnecting with backoff), say
+//! hello with the attempts still running here, pull work up to capacity, run
+//! each assignment with the executor while its output streams back on its
+//! own QUIC stream, and report each end.
+//!
+//! Running jobs do not depend on the connection: a dropped link is redialled
+//! while they go on, and their results are reported on the new connection.
+//! Not responsible for TLS and enrollment (`link`) or running scripts
+//! (`executor`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use servitor_proto::agent::{
+    agent_message, coordinator_message, AgentMessage, AttemptRef, CancelMode, CoordinatorMessage,
+    FailureKind, Finished, Heartbeat, Hello, InstanceFacts, Interrupting, Outcome, OutputHeader,
+    Pull, Rejected, Started,
+};
+use servitor_proto::frame::{read_frame, write_frame};
+use servitor_proto::job::JobPayload;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::executor::{AnyExecutor, CancelSignals, Executor, JobContext, JobResult};
+use crate::link::{connect, LinkError, LinkSettings};
+
+/// Reconnect backoff bounds: quick first retry, at most a minute apart.
+const RECONNECT_MIN: Duration = Duration::from_millis(250);
+const RECONNECT_MAX: Duration = Duration::from_secs(60);
+/// A session that lasted this long was healthy: reset the backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// Heartbeat cadence until the coordinator says otherwise.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Output chunks buffered between the executor and the stream.
+const OUTPUT_QUEUE: usize = 256;
+/// How long to wait for the coordinator to take an output stream's tail.
+const OUTPUT_FLUSH_WAIT: Duration = Duration::from_secs(5);
+/// How long running jobs get to stop when the agent itself is stopped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Why the agent stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the coordinator refused this agent: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Link(#[from] LinkError),
+}
+
+/// What the agent needs to run.
+#[derive(Debug)]
+pub struct AgentSettings {
+    pub link: LinkSettings,
+    pub capacity: u32,
+    pub executor: AnyExecutor,
+    pub work_dir: PathBuf,
+    pub instance: InstanceFacts,
+}
+
+/// A job attempt running here.
+#[derive(Debug)]
+struct Running {
+    cancel: CancelSignals,
+    slot: u32,
+}
+
+/// An attempt that ended, waiting to be reported.
+#[derive(Debug)]
+struct Done {
+    attempt: AttemptRef,
+    result: JobResult,
+    output_bytes: u64,
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// Reconnect.
+    Lost,
+    /// Stop the agent.
+    Exit,
+}
+
+/// Runs the agent until `shutdown` or until the coordinator tells it to
+/// exit.
+///
+/// # Errors
+/// Only what reconnecting cannot fix: an enrollment refusal.
+pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let settings = Arc::new(settings);
+    let mut state = AgentState {
+        running: HashMap::new(),
+        pending_reports: Vec::new(),
+        draining: false,
+        exit_when_idle: false,
+        done_tx: None,
+    };
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    state.done_tx = Some(done_tx);
+    let mut backoff = Backoff::try_new(RECONNECT_MIN, RECONNECT_MAX)
+        .expect("reconnect backoff bounds are valid constants");
+    loop {
+        if shutdown.is_cancelled() && state.running.is_empty() {
+            return Ok(());
+        }
+        let link = tokio::select! {
+            () = shutdown.cancelled(), if state.running.is_empty() => return Ok(()),
+            link = connect(&settings.link) => link,
+        };
+        let link = match link {
+            Ok(link) => link,
+            Err(e) if !e.is_retryable() => return Err(AgentError::Refused(e.to_string())),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot reach the coordinator");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled(), if state.running.is_empty() => return Ok(()),
+                    done = done_rx.recv() => if let Some(done) = done { state.finish(done); },
+                }
+                continue;
+            }
+        };
+        tracing::info!(agent_id = %link.agent_id, "connected to the coordinator");
+        let started = tokio::time::Instant::now();
+        let end = session(&settings, &link.connection, &mut state, &mut done_rx, &shutdown).await;
+        link.connection.close(0u32.into(), b"bye");
+        match end {
+            SessionEnd::Exit => return Ok(()),
+            SessionEnd::Lost => {
+                if started.elapsed() >= HEALTHY_SESSION {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(retry_in = ?delay, "lost the coordinator; reconnecting");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct AgentState {
+    running: HashMap<(i64, u32), Running>,
+    /// Results not yet delivered to a coordinator.
+    pending_reports: Vec<Finished>,
+    draining: bool,
+    exit_when_idle: bool,
+    done_tx: Option<mpsc::UnboundedSender<Done>>,
+}
+
+impl AgentState {
+    fn finish(&mut self, done: Done) {
+        self.running.remove(&(done.attempt.job_id, done.attempt.attempt));
+        self.pending_reports.push(finished_message(done));
+    }
+
+    fn free_slot(&self, capacity: u32) -> Option<u32> {
+        (0..capacity).find(|slot| !self.running.values().any(|r| r.slot == *slot))
+    }
+}
+
+fn finished_message(done: Done) -> Finished {
+    let (outcome, failure, exit_code, message) = match done.result {
+        JobResult::Success => (Outcome::Success, FailureKind::Unspecified, None, String::new()),
+        JobResult::Failed {
+            kind,
+            exit_code,
+            message,
+        } => (Outcome::Failed, kind, exit_code, message),
+        JobResult::Canceled { message } => {
+            (Outcome::Canceled, FailureKind::Unspecified, None, message)
+        }
+    };
+    Finished {
+        attempt: Some(done.attempt),
+        outcome: outcome.into(),
+        failure: failure.into(),
+        exit_code,
+        output_bytes: done.output_bytes,
+        message,
+    }
+}
+
+fn msg(m: agent_message::Msg) -> AgentMessage {
+    AgentMessage { msg: Some(m) }
+}
+
+async fn session(
+    settings: &Arc<AgentSettings>,
+    connection: &quinn::Connection,
+    state: &mut AgentState,
+    done_rx: &mut mpsc::UnboundedReceiver<Done>,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    let (mut send, mut recv) = match connection.open_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not open the control stream");
+            return SessionEnd::Lost;
+        }
+    };
+    let free = settings.capacity.saturating_sub(len_u32(state.running.len()));
+    let hello = Hello {
+        protocol_version: servitor_proto::PROTOCOL_VERSION,
+        agent_name: settings.link.agent_name.clone(),
+        instance: Some(settings.instance.clone()),
+        capacity: settings.capacity,
+        free_slots: if state.draining { 0 } else { free },
+        running: state
+            .running
+            .keys()
+            .map(|(j, a)| AttemptRef::new(*j, *a))
+            .collect(),
+        executor: settings.executor.name().to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    if write_frame(&mut send, &msg(agent_message::Msg::Hello(hello)))
+        .await
+        .is_err()
+    {
+        return SessionEnd::Lost;
+    }
+    // Results that finished while we were away.
+    for finished in std::mem::take(&mut state.pending_reports) {
+        if write_frame(&mut send, &msg(agent_message::Msg::Finished(finished.clone())))
+            .await
+            .is_err()
+        {
+            state.pending_reports.push(finished);
+            return SessionEnd::Lost;
+        }
+    }
+
+    let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
+    let mut sequence = 0u64;
+    let mut shutdown_deadline: Option<tokio::time::Instant> = None;
+    loop {
+        if state.exit_when_idle && state.running.is_empty() {
+            tracing::info!("drained and idle; exiting");
+            let _ = send.finish();
+            return SessionEnd::Exit;
+        }
+        if shutdown.is_cancelled() && state.running.is_empty() {
+            let _ = send.finish();
+            return SessionEnd::Exit;
+        }
+        tokio::select! {
+            () = shutdown.cancelled(), if shutdown_deadline.is_none() => {
+                tracing::info!(running = state.running.len(), "stopping: telling the coordinator and stopping jobs");
+                state.draining = true;
+                let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+                shutdown_deadline = Some(deadline);
+                let notice = Interrupting {
+                    reason: "agent stopping (SIGTERM)".into(),
+                    deadline_unix_ms: unix_ms_in(SHUTDOWN_GRACE),
+                };
+                if write_frame(&mut send, &msg(agent_message::Msg::Interrupting(notice))).await.is_err() {
+                    return SessionEnd::Lost;
+                }
+                for r in state.running.values() {
+                    r.cancel.graceful.cancel();
+                }
+            }
+            () = async { if let Some(d) = shutdown_deadline { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
+                for r in state.running.values() {
+                    r.cancel.abort.cancel();
+                }
+                shutdown_deadline = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
+            }
+            _ = heartbeat.tick() => {
+                sequence += 1;
+                if write_frame(&mut send, &msg(agent_message::Msg::Heartbeat(Heartbeat { sequence }))).await.is_err() {
+                    return SessionEnd::Lost;
+                }
+            }
+            done = done_rx.recv() => {
+                let Some(done) = done else { return SessionEnd::Exit };
+                tracing::info!(attempt = %done.attempt, result = ?done.result, "attempt ended");
+                state.finish(done);
+                for finished in std::mem::take(&mut state.pending_reports) {
+                    if write_frame(&mut send, &msg(agent_message::Msg::Finished(finished.clone()))).await.is_err() {
+                        state.pending_reports.push(finished);
+                        return SessionEnd::Lost;
+                    }
+                }
+                if !state.draining {
+                    let free = settings.capacity.saturating_sub(len_u32(state.running.len()));
+                    if write_frame(&mut send, &msg(agent_message::Msg::Pull(Pull { free_slots: free }))).await.is_err() {
+                        return SessionEnd::Lost;
+                    }
+                }
+            }
+            frame = read_frame::<_, CoordinatorMessage>(&mut recv) => {
+                let message = match frame {
+                    Ok(Some(m)) => m,
+                    Ok(None) => {
+                        tracing::warn!("coordinator closed the control stream");
+                        return SessionEnd::Lost;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control stream failed");
+                        return SessionEnd::Lost;
+                    }
+                };
+                let replies = handle(settings, connection, state, message);
+                for reply in replies {
+                    if write_frame(&mut send, &reply).await.is_err() {
+                        return SessionEnd::Lost;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Handles one coordinator message; returns the replies to send.
+fn handle(
+    settings: &Arc<AgentSettings>,
+    connection: &quinn::Connection,
+    state: &mut AgentState,
+    message: CoordinatorMessage,
+) -> Vec<AgentMessage> {
+    let mut replies = Vec::new();
+    match message.msg {
+        Some(coordinator_message::Msg::Welcome(welcome)) => {
+            for stale in welcome.stale {
+                if let Some(r) = state.running.get(&(stale.job_id, stale.attempt)) {
+                    tracing::warn!(attempt = %stale, "coordinator no longer wants this attempt; killing it");
+                    r.cancel.abort.cancel();
+                }
+            }
+        }
+        Some(coordinator_message::Msg::Assign(assign)) => {
+            let Some(attempt) = assign.attempt else {
+                return replies;
+            };
+            let reject = |reason: &str| {
+                msg(agent_message::Msg::Rejected(Rejected {
+                    attempt: Some(attempt),
+                    reason: reason.to_owned(),
+                }))
+            };
+            if state.draining {
+                replies.push(reject("agent is draining"));
+                return replies;
+            }
+            let Some(slot) = state.free_slot(settings.capacity) else {
+                replies.push(reject("no free slot"));
+                return replies;
+            };
+            let job = match JobPayload::from_json(&assign.job_json) {
+                Ok(job) => job,
+                Err(e) => {
+                    replies.push(reject(&format!("job payload unusable: {e}")));
+                    return replies;
+                }
+            };
+            let cancel = CancelSignals::default();
+            state.running.insert(
+                (attempt.job_id, attempt.attempt),
+                Running {
+                    cancel: cancel.clone(),
+                    slot,
+                },
+            );
+            let Some(done_tx) = state.done_tx.clone() else {
+                return replies;
+            };
+            tokio::spawn(run_attempt(
+                settings.clone(),
+                connection.clone(),
+                attempt,
+                job,
+                slot,
+                cancel,
+                done_tx,
+            ));
+            replies.push(msg(agent_message::Msg::Started(Started {
+                attempt: Some(attempt),
+            })));
+        }
+        Some(coordinator_message::Msg::Cancel(cancel)) => {
+            let Some(attempt) = cancel.attempt else {
+                return replies;
+            };
+            if let Some(r) = state.running.get(&(attempt.job_id, attempt.attempt)) {
+                tracing::info!(%attempt, reason = %cancel.reason, mode = ?cancel.mode(), "cancel");
+                match cancel.mode() {
+                    CancelMode::Abort => r.cancel.abort.cancel(),
+                    CancelMode::Graceful | CancelMode::Unspecified => r.cancel.graceful.cancel(),
+                }
+            }
+        }
+        Some(coordinator_message::Msg::Drain(drain)) => {
+            tracing::info!(reason = %drain.reason, exit_when_idle = drain.exit_when_idle, "draining");
+            state.draining = true;
+            state.exit_when_idle |= drain.exit_when_idle;
+        }
+        Some(coordinator_message::Msg::Heartbeat(_)) | None => {}
+    }
+    replies
+}
+
+/// Runs one attempt and streams its output on its own stream.
+async fn run_attempt(
+    settings: Arc<AgentSettings>,
+    connection: quinn::Connection,
+    attempt: AttemptRef,
+    job: JobPayload,
+    slot: u32,
+    cancel: CancelSignals,
+    done_tx: mpsc::UnboundedSender<Done>,
+) {
+    let work_dir = settings
+        .work_dir
+        .join(format!("{}-{}", attempt.job_id, attempt.attempt));
+    let ctx = JobContext {
+        job,
+        attempt: attempt.attempt,
+        work_dir: work_dir.clone(),
+        concurrent_id: slot,
+        agent_name: settings.link.agent_name.clone(),
+    };
+    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(OUTPUT_QUEUE);
+    let abort = cancel.abort.clone();
+    let forward = async move {
+        let mut stream = match open_output(&connection, attempt).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(%attempt, error = %e, "could not open the output stream");
+                None
+            }
+        };
+        let mut sent = 0u64;
+        while let Some(chunk) = out_rx.recv().await {
+            sent += chunk.len() as u64;
+            if let Some(s) = stream.as_mut() {
+                if let Err(e) = s.write_all(&chunk).await {
+                    // The coordinator stopped this stream: the attempt is
+                    // stale. Stop it; keep draining so the executor ends.
+                    tracing::warn!(%attempt, error = %e, "output stream refused; stopping the attempt");
+                    abort.cancel();
+                    stream = None;
+                }
+            }
+        }
+        if let Some(mut s) = stream {
+            let _ = s.finish();
+            // Let the coordinator read the tail before the result is sent;
+            // it copes either way, this only saves it a wait.
+            let _ = tokio::time::timeout(OUTPUT_FLUSH_WAIT, s.stopped()).await;
+        }
+        sent
+    };
+    let (result, output_bytes) = tokio::join!(settings.executor.run(ctx, out_tx, cancel), forward);
+    if let Err(e) = tokio::fs::remove_dir_all(&work_dir).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %work_dir.display(), error = %e, "could not remove the build directory");
+        }
+    }
+    let _ = done_tx.send(Done {
+        attempt,
+        result,
+        output_bytes,
+    });
+}
+
+async fn open_output(
+    connection: &quinn::Connection,
+    attempt: AttemptRef,
+) -> Result<quinn::SendStream, Box<dyn std::error::Error + Send + Sync>> {
+    let mut stream = connection.open_uni().await?;
+    write_frame(
+        &mut stream,
+        &OutputHeader {
+            attempt: Some(attempt),
+        },
+    )
+    .await?;
+    Ok(stream)
+}
+
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn unix_ms_in(d: Duration) -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from((now + d).as_millis()).unwrap_or(i64::MAX)
+}

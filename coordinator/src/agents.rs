@@ -1,0 +1,265 @@
+//! One task per connected agent: reads its control stream into the core,
+//! writes the core's messages back, and routes each attempt's output stream
+//! to the job it belongs to — or stops it, if the attempt is stale.
+//!
+//! Not responsible for TLS or enrollment (`link`), nor for deciding anything
+//! about jobs (`core`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use servitor_proto::agent::{
+    agent_message, coordinator_message, AgentMessage, CoordinatorMessage, Hello, OutputHeader,
+    Welcome,
+};
+use servitor_proto::frame::{read_frame, write_frame};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::core::{Core, JobEvent};
+use crate::link::{AgentConnection, LinkServer};
+
+/// How long a new connection has to open its control stream and say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heartbeat cadence asked of agents; QUIC keep-alives already detect a dead
+/// path, this also catches a frozen agent process.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// Largest read from an output stream at once.
+const OUTPUT_CHUNK_BYTES: usize = 64 * 1024;
+/// QUIC application error code: the attempt is no longer wanted.
+const STALE_ATTEMPT_CODE: u32 = 1;
+
+/// Accepts authenticated agent connections until `stop`, one task each.
+pub async fn serve_agents(
+    core: Arc<Core>,
+    link: Arc<LinkServer>,
+    lost_grace: Duration,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let conn = tokio::select! {
+            () = stop.cancelled() => return,
+            conn = link.accept() => match conn {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        let span = tracing::info_span!("agent", agent = %conn.agent_id, remote = %conn.remote);
+        let core = core.clone();
+        let stop = stop.clone();
+        let inner_tracker = tracker.clone();
+        tracker.spawn(
+            async move {
+                serve_agent(core, conn, lost_grace, stop, inner_tracker).await;
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn serve_agent(
+    core: Arc<Core>,
+    conn: AgentConnection,
+    lost_grace: Duration,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let agent_id = conn.agent_id.clone();
+    let connection = conn.connection.clone();
+    let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let (send, mut recv) = connection.accept_bi().await?;
+        let hello: Option<AgentMessage> = read_frame(&mut recv).await?;
+        Ok::<_, SessionError>((send, recv, hello))
+    })
+    .await;
+    let (mut send, mut recv, hello) = match opened {
+        Ok(Ok((send, recv, Some(AgentMessage { msg: Some(agent_message::Msg::Hello(h)) })))) => {
+            (send, recv, h)
+        }
+        Ok(Ok(_)) => {
+            tracing::warn!("agent did not start with hello; closing");
+            connection.close(2u32.into(), b"expected hello");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "agent session failed before hello");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("agent sent no hello in time; closing");
+            connection.close(2u32.into(), b"hello timeout");
+            return;
+        }
+    };
+    if hello.protocol_version != servitor_proto::PROTOCOL_VERSION {
+        tracing::error!(
+            theirs = hello.protocol_version,
+            ours = servitor_proto::PROTOCOL_VERSION,
+            "agent speaks another protocol version; upgrade the agent image"
+        );
+        connection.close(3u32.into(), b"protocol version mismatch");
+        return;
+    }
+    let Hello {
+        instance,
+        executor,
+        capacity,
+        free_slots,
+        running,
+        ..
+    } = hello;
+    let (tx, mut rx) = mpsc::unbounded_channel::<CoordinatorMessage>();
+    let (session, stale) = core.agent_connected(
+        &agent_id,
+        instance.unwrap_or_default(),
+        executor,
+        capacity,
+        free_slots,
+        &running,
+        conn.remote,
+        tx,
+    );
+    tracing::info!(capacity, running = running.len(), "agent connected");
+    let welcome = CoordinatorMessage {
+        msg: Some(coordinator_message::Msg::Welcome(Welcome {
+            agent_id: agent_id.clone(),
+            stale,
+            heartbeat_interval_ms: u32::try_from(HEARTBEAT_INTERVAL.as_millis()).unwrap_or(u32::MAX),
+        })),
+    };
+
+    // Output streams: one per attempt.
+    let outputs = {
+        let core = core.clone();
+        let connection = connection.clone();
+        let agent_id = agent_id.clone();
+        tracker.spawn(
+            async move {
+                while let Ok(stream) = connection.accept_uni().await {
+                    let core = core.clone();
+                    let agent_id = agent_id.clone();
+                    tokio::spawn(
+                        route_output(core, agent_id, stream).in_current_span(),
+                    );
+                }
+            }
+            .in_current_span(),
+        )
+    };
+
+    // Writer: the core's messages to the agent, in order.
+    let writer = tracker.spawn(
+        async move {
+            if write_frame(&mut send, &welcome).await.is_err() {
+                return;
+            }
+            while let Some(message) = rx.recv().await {
+                if let Err(e) = write_frame(&mut send, &message).await {
+                    tracing::debug!(error = %e, "control stream write failed");
+                    return;
+                }
+            }
+        }
+        .in_current_span(),
+    );
+
+    // Reader: the agent's messages into the core. Silence longer than a few
+    // heartbeats means a frozen agent even if QUIC still answers.
+    let silence_limit = HEARTBEAT_INTERVAL * 3;
+    let ended = loop {
+        tokio::select! {
+            () = stop.cancelled() => break "coordinator stopping",
+            frame = tokio::time::timeout(silence_limit, read_frame::<_, AgentMessage>(&mut recv)) => match frame {
+                Ok(Ok(Some(message))) => core.agent_message(&agent_id, session, message),
+                Ok(Ok(None)) => break "agent closed its control stream",
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "agent control stream failed");
+                    break "control stream failed";
+                }
+                Err(_) => break "agent stopped sending heartbeats",
+            },
+        }
+    };
+    tracing::info!(reason = ended, "agent disconnected");
+    connection.close(0u32.into(), ended.as_bytes());
+    writer.abort();
+    outputs.abort();
+    core.agent_disconnected(&agent_id, session);
+    if stop.is_cancelled() {
+        // Shutting down: leases survive, nothing is given up.
+        return;
+    }
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = tokio::time::sleep(lost_grace) => {
+            let reason = format!("agent {agent_id} was out of touch for {}", humantime::format_duration(lost_grace));
+            if core.agent_lost(&agent_id, session, &reason) {
+                tracing::warn!("agent did not come back; its jobs run again elsewhere");
+            }
+        }
+    }
+}
+
+/// Reads one attempt's output stream into its job, or stops it if the
+/// attempt is not the job's current one.
+async fn route_output(core: Arc<Core>, agent_id: String, mut stream: quinn::RecvStream) {
+    let header: OutputHeader = match read_frame(&mut stream).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "output stream without a valid header");
+            let _ = stream.stop(STALE_ATTEMPT_CODE.into());
+            return;
+        }
+    };
+    let Some(attempt) = header.attempt else {
+        let _ = stream.stop(STALE_ATTEMPT_CODE.into());
+        return;
+    };
+    let Some(events) = core.output_target(&agent_id, attempt) else {
+        tracing::warn!(%attempt, "output of a stale attempt refused; stopping it");
+        let _ = stream.stop(STALE_ATTEMPT_CODE.into());
+        core.stop_stale(&agent_id, attempt);
+        return;
+    };
+    loop {
+        match stream.read_chunk(OUTPUT_CHUNK_BYTES, true).await {
+            Ok(Some(chunk)) => {
+                let bytes: Bytes = chunk.bytes;
+                if events
+                    .send(JobEvent::Output {
+                        attempt: attempt.attempt,
+                        bytes,
+                    })
+                    .is_err()
+                {
+                    let _ = stream.stop(STALE_ATTEMPT_CODE.into());
+                    return;
+                }
+            }
+            Ok(None) => {
+                let _ = events.send(JobEvent::OutputEnd {
+                    attempt: attempt.attempt,
+                });
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(%attempt, error = %e, "output stream ended early");
+                return;
+            }
+        }
+    }
+}
+
+/// Errors of a session before it is established.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("{0}")]
+    Frame(#[from] servitor_proto::frame::FrameError),
+}

@@ -1,0 +1,283 @@
+//! The coordinator's configuration: a TOML file, checked in full before
+//! anything binds or dials, with errors that name the key and the fix.
+//!
+//! Not responsible for reading secrets' contents at parse time: token files
+//! are read by [`Config::load_secrets`] so that `check-config` can say which
+//! file is unreadable.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use servitor_agent::secret::Secret;
+
+/// A configuration problem. The message names the file, the key and the fix.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Top level of `coordinator.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the coordinator keeps its CA, system id and leases.
+    pub state_dir: PathBuf,
+    /// Most jobs held at once (gitlab-runner's `concurrent`).
+    #[serde(default = "default_concurrent")]
+    pub concurrent: u32,
+    pub gitlab: GitLabConfig,
+    pub agents: AgentsConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    pub fleet: FleetConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitLabConfig {
+    /// GitLab's URL, e.g. `https://gitlab.example.com`.
+    pub url: String,
+    /// File holding the runner authentication token (`glrt-…`).
+    pub token_file: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// UDP address the agent link (QUIC) listens on.
+    pub listen: SocketAddr,
+    /// File holding the join token agents present once to enroll.
+    pub join_token_file: PathBuf,
+    /// Extra DNS names or IPs for the server certificate (agents always
+    /// accept the fixed name `servitor-coordinator`).
+    #[serde(default)]
+    pub server_names: Vec<String>,
+    /// How long an agent's client certificate lives.
+    #[serde(default = "default_cert_validity", with = "humantime_serde_compat")]
+    pub cert_validity: Duration,
+    /// How long an agent may be out of touch before its attempts are re-run
+    /// elsewhere.
+    #[serde(default = "default_agent_grace", with = "humantime_serde_compat")]
+    pub lost_grace: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Unix socket of the admin gRPC API; relative paths are below `state_dir`.
+    #[serde(default = "default_admin_socket")]
+    pub socket: PathBuf,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            socket: default_admin_socket(),
+        }
+    }
+}
+
+/// Which fleet runs the agents.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FleetProvider {
+    /// Agent processes on this machine.
+    Local,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    pub provider: FleetProvider,
+    /// Job slots each instance offers.
+    #[serde(default = "one")]
+    pub capacity_per_instance: u32,
+    /// Most instances at once.
+    pub max_instances: u32,
+    /// Idle job slots to keep warm.
+    #[serde(default)]
+    pub idle_count: u32,
+    /// How long an instance may sit idle before it is removed.
+    #[serde(default = "default_idle_time", with = "humantime_serde_compat")]
+    pub idle_time: Duration,
+    #[serde(default)]
+    pub local: LocalFleetConfig,
+}
+
+/// How local agents run their jobs.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExecutorChoice {
+    /// Docker when the engine answers, else the shell executor.
+    #[default]
+    Auto,
+    Docker,
+    Shell,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalFleetConfig {
+    #[serde(default)]
+    pub executor: ExecutorChoice,
+    /// Image for jobs that name none.
+    #[serde(default)]
+    pub default_image: Option<String>,
+    /// Program and arguments that start an agent; by default this binary's
+    /// own `agent` subcommand.
+    #[serde(default)]
+    pub agent_command: Vec<String>,
+}
+
+fn default_concurrent() -> u32 {
+    4
+}
+fn one() -> u32 {
+    1
+}
+fn default_cert_validity() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_agent_grace() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_idle_time() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from("admin.sock")
+}
+
+/// Durations as humantime strings ("10m", "30s").
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration ({e}); write it like \"30s\", \"10m\" or \"1h\""
+            ))
+        })
+    }
+}
+
+/// Secrets named by the configuration, read from their files.
+#[derive(Clone, Debug)]
+pub struct Secrets {
+    pub runner_token: Secret,
+    pub join_token: Secret,
+}
+
+impl Config {
+    /// Parses and validates a configuration text. `origin` names the file in
+    /// messages.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the key and the fix.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a configuration file.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the file, the key and the fix.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!(
+                "{} is not readable ({e}); pass --config with the coordinator's configuration file",
+                path.display()
+            ))
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| Err(ConfigError(format!("{origin}: {key} {why}")));
+        if self.concurrent == 0 {
+            return fail("concurrent", "must be at least 1");
+        }
+        if !(self.gitlab.url.starts_with("http://") || self.gitlab.url.starts_with("https://")) {
+            return fail(
+                "gitlab.url",
+                &format!("{:?} must start with https:// (or http://)", self.gitlab.url),
+            );
+        }
+        if self.fleet.capacity_per_instance == 0 {
+            return fail("fleet.capacity_per_instance", "must be at least 1");
+        }
+        if self.fleet.max_instances == 0 {
+            return fail("fleet.max_instances", "must be at least 1");
+        }
+        if self.agents.cert_validity < Duration::from_secs(300) {
+            return fail(
+                "agents.cert_validity",
+                "must be at least 5m so agents can renew in time",
+            );
+        }
+        Ok(())
+    }
+
+    /// The admin socket path, resolved against the state directory.
+    pub fn admin_socket(&self) -> PathBuf {
+        if self.admin.socket.is_absolute() {
+            self.admin.socket.clone()
+        } else {
+            self.state_dir.join(&self.admin.socket)
+        }
+    }
+
+    /// Reads the token files.
+    ///
+    /// # Errors
+    /// Names the unreadable file and the setting that points at it.
+    pub fn load_secrets(&self) -> Result<Secrets, ConfigError> {
+        let runner_token =
+            Secret::from_file(&self.gitlab.token_file, "gitlab.token_file").map_err(ConfigError)?;
+        let join_token = Secret::from_file(&self.agents.join_token_file, "agents.join_token_file")
+            .map_err(ConfigError)?;
+        Ok(Secrets {
+            runner_token,
+            join_token,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../coordinator.example.toml");
+        let config = Config::from_toml_str(text, "coordinator.example.toml").unwrap();
+        assert_eq!(config.fleet.provider, FleetProvider::Local);
+        assert!(config.concurrent >= 1);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = include_str!("../coordinator.example.toml").replace("concurrent", "concurent");
+        let err = Config::from_toml_str(&text, "c.toml").unwrap_err().to_string();
+        assert!(err.contains("concurent"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_fix() {
+        let base = include_str!("../coordinator.example.toml");
+        let err = Config::from_toml_str(&base.replace("idle_time = \"5m\"", "idle_time = \"soon\""), "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a duration") && err.contains("30s"), "{err}");
+        let err = Config::from_toml_str(&base.replace("max_instances = 4", "max_instances = 0"), "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fleet.max_instances must be at least 1"), "{err}");
+    }
+}

@@ -1,0 +1,324 @@
+//! The self-contained demo behind the README's first command: a GitLab
+//! stand-in on loopback, the coordinator with its local fleet of real agent
+//! processes, and a small pipeline — a passing job, a failing one, one with
+//! `after_script` and a masked secret, and one canceled mid-run — shown live,
+//! then summarised.
+//!
+//! It is a harness, like the tests, so it reports with `anyhow`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use servitor_agent::executor::docker::{ensure_local_image, DockerConfig, DockerExecutor};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::standin::{JobRecord, JobSpec, StandIn, StandInConfig};
+
+/// Image the demo builds from the host's static busybox.
+const DEMO_IMAGE: &str = "servitor-demo:latest";
+/// The whole pipeline must be done by then.
+const DEMO_TIMEOUT: Duration = Duration::from_secs(180);
+/// Idle time of demo instances, short so scale-in shows.
+const DEMO_IDLE_TIME: &str = "3s";
+const SECRET: &str = "s3cr3t-deploy-key-7d1f";
+
+/// Which executor the demo's agents use, and why.
+async fn choose_executor() -> (&'static str, String) {
+    match DockerExecutor::connect(DockerConfig::default()).await {
+        Ok(docker) => match ensure_local_image(docker.client(), DEMO_IMAGE).await {
+            Ok(built) => (
+                "docker",
+                format!(
+                    "docker (image {DEMO_IMAGE}{})",
+                    if built { ", just built from the host's static busybox" } else { "" }
+                ),
+            ),
+            Err(e) => ("shell", format!("shell (Docker answers, but no job image: {e})")),
+        },
+        Err(e) => ("shell", format!("shell (Docker is not available: {e})")),
+    }
+}
+
+fn demo_config(dir: &Path, gitlab_url: &str, executor: &str) -> String {
+    format!(
+        r#"
+state_dir = {state:?}
+concurrent = 4
+
+[gitlab]
+url = {gitlab_url:?}
+token_file = {token:?}
+
+[agents]
+listen = "127.0.0.1:0"
+join_token_file = {join:?}
+
+[fleet]
+provider = "local"
+capacity_per_instance = 2
+max_instances = 2
+idle_time = "{DEMO_IDLE_TIME}"
+
+[fleet.local]
+executor = "{executor}"
+default_image = "{DEMO_IMAGE}"
+"#,
+        state = dir.join("state").display().to_string(),
+        token = dir.join("runner-token").display().to_string(),
+        join = dir.join("join-token").display().to_string(),
+    )
+}
+
+fn pipeline() -> Vec<(JobSpec, &'static str)> {
+    vec![
+        (
+            JobSpec::new("build").script([
+                "echo Compiling servitor...",
+                "sleep 1",
+                "echo Build finished",
+            ]),
+            "passes",
+        ),
+        (
+            JobSpec::new("test").script([
+                "echo running 3 tests",
+                "echo 'test 2 of 3 failed'",
+                "exit 3",
+                "echo never printed",
+            ]),
+            "fails with exit code 3",
+        ),
+        (
+            JobSpec::new("deploy")
+                .masked_variable("DEPLOY_KEY", SECRET)
+                .script(["echo deploying with key $DEPLOY_KEY", "sleep 1"])
+                .after_script(["echo after_script sees CI_JOB_STATUS=$CI_JOB_STATUS"]),
+            "passes; after_script runs; the key is masked",
+        ),
+        (
+            JobSpec::new("long-running")
+                .script(["for i in $(seq 1 60); do echo tick $i; sleep 1; done"])
+                .after_script(["echo after_script ran after the cancel"]),
+            "canceled mid-run; after_script still runs",
+        ),
+    ]
+}
+
+/// Runs the demo. Returns whether every job ended as the pipeline expects.
+///
+/// # Errors
+/// Anything that keeps the demo from running at all.
+pub async fn run(shutdown: CancellationToken) -> anyhow::Result<bool> {
+    let dir = std::env::temp_dir().join(format!("servitor-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = run_in(&dir, shutdown).await;
+    // Containers may leave root-owned files; what cannot be removed stays in
+    // the temporary directory.
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run_in(dir: &Path, shutdown: CancellationToken) -> anyhow::Result<bool> {
+    println!("Servitor demo");
+    println!("=============");
+    let (executor, why) = choose_executor().await;
+    println!("Executor: {why}");
+
+    let standin = StandIn::start(StandInConfig::default())
+        .await
+        .context("starting the GitLab stand-in")?;
+    println!("GitLab stand-in (runner API over HTTP): {}", standin.url());
+    std::fs::write(dir.join("runner-token"), crate::standin::DEFAULT_RUNNER_TOKEN)?;
+    std::fs::write(dir.join("join-token"), random_token())?;
+
+    let config = Config::from_toml_str(&demo_config(dir, &standin.url(), executor), "demo")?;
+    let secrets = config.load_secrets()?;
+    let stop = shutdown.child_token();
+    let coordinator = crate::start(config, secrets, crate::StartOptions::default(), stop.clone())
+        .await
+        .context("starting the coordinator")?;
+    println!(
+        "Coordinator: agent link on {} (QUIC, mutual TLS), admin socket {}",
+        coordinator.link_addr,
+        coordinator.admin_socket.display()
+    );
+
+    let mut jobs = Vec::new();
+    println!("\nPipeline:");
+    for (spec, expect) in pipeline() {
+        let name = spec.name.clone();
+        let id = standin.push_job(spec).await?;
+        println!("  #{id} {name:<14} {expect}");
+        jobs.push((id, name));
+    }
+    println!();
+
+    let started = tokio::time::Instant::now();
+    let mut canceled = false;
+    let mut last_line = String::new();
+    let all_final = loop {
+        if shutdown.is_cancelled() {
+            break false;
+        }
+        let records: Vec<JobRecord> = jobs.iter().filter_map(|(id, _)| standin.job(*id)).collect();
+        // Cancel the long job once it is visibly running.
+        if !canceled {
+            if let Some(long) = records.iter().find(|r| r.name == "long-running") {
+                if long.trace_text().contains("tick 3") {
+                    standin.cancel(long.id, true)?;
+                    println!("{:>5.1}s  canceling #{} long-running from GitLab", started.elapsed().as_secs_f32(), long.id);
+                    canceled = true;
+                }
+            }
+        }
+        let line = live_line(&coordinator, &records);
+        if line != last_line {
+            println!("{:>5.1}s  {line}", started.elapsed().as_secs_f32());
+            last_line = line;
+        }
+        if records.iter().all(|r| r.state.is_final()) {
+            break true;
+        }
+        if started.elapsed() > DEMO_TIMEOUT {
+            println!("the pipeline did not finish within {DEMO_TIMEOUT:?}");
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+
+    // Show scale-in: idle instances are drained and stopped.
+    if all_final {
+        let until = tokio::time::Instant::now() + Duration::from_secs(15);
+        while tokio::time::Instant::now() < until && !coordinator.fleet_view.get().is_empty() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let line = live_line(&coordinator, &[]);
+            if line != last_line {
+                println!("{:>5.1}s  {line}", started.elapsed().as_secs_f32());
+                last_line = line;
+            }
+        }
+    }
+
+    let records: Vec<JobRecord> = jobs.iter().filter_map(|(id, _)| standin.job(*id)).collect();
+    let ok = summary(&records);
+    coordinator.stop();
+    coordinator.wait().await;
+    Ok(ok && all_final)
+}
+
+fn live_line(coordinator: &crate::Coordinator, records: &[JobRecord]) -> String {
+    let instances: Vec<String> = coordinator
+        .fleet_view
+        .get()
+        .iter()
+        .map(|i| format!("{} {}", i.id, i.state))
+        .collect();
+    let jobs: Vec<String> = records
+        .iter()
+        .map(|r| format!("{} {}", r.name, r.state.as_str()))
+        .collect();
+    format!(
+        "instances [{}]  jobs [{}]",
+        if instances.is_empty() { "none".to_owned() } else { instances.join(", ") },
+        jobs.join(", ")
+    )
+}
+
+/// Prints the outcome of each job and checks it against the pipeline's
+/// expectations.
+fn summary(records: &[JobRecord]) -> bool {
+    use crate::standin::JobState;
+    println!("\nSummary");
+    println!("-------");
+    let mut all_ok = true;
+    for r in records {
+        let fin = r.final_update.as_ref();
+        let reason = fin.and_then(|f| f.failure_reason.clone()).unwrap_or_default();
+        let exit = fin.and_then(|f| f.exit_code);
+        let trace = r.trace_text();
+        let expected = match r.name.as_str() {
+            "build" => r.state == JobState::Success && trace.contains("Build finished"),
+            "test" => {
+                r.state == JobState::Failed
+                    && reason == "script_failure"
+                    && exit == Some(3)
+                    && !trace.contains("never printed")
+            }
+            "deploy" => {
+                r.state == JobState::Success
+                    && trace.contains("after_script sees CI_JOB_STATUS=success")
+                    && trace.contains("[MASKED]")
+                    && !trace.contains(SECRET)
+            }
+            "long-running" => {
+                r.state == JobState::Canceled && trace.contains("after_script ran after the cancel")
+            }
+            _ => true,
+        };
+        all_ok &= expected && r.checksum_ok != Some(false);
+        println!(
+            "  #{:<3} {:<14} {:<9} {:<16} exit {:<4} log {:>5} bytes, checksum {}  {}",
+            r.id,
+            r.name,
+            r.state.as_str(),
+            if reason.is_empty() { "-" } else { &reason },
+            exit.map_or("-".to_owned(), |e| e.to_string()),
+            r.trace.len(),
+            match r.checksum_ok {
+                Some(true) => "ok",
+                Some(false) => "MISMATCH",
+                None => "-",
+            },
+            if expected { "as expected" } else { "UNEXPECTED" }
+        );
+    }
+    if let Some(deploy) = records.iter().find(|r| r.name == "deploy") {
+        println!("\nJob log of #{} deploy, as GitLab stores it:", deploy.id);
+        for line in strip_ansi(&deploy.trace_text()).lines() {
+            println!("  | {line}");
+        }
+    }
+    println!(
+        "\n{}",
+        if all_ok {
+            "Every job ended as expected."
+        } else {
+            "Some jobs did not end as expected."
+        }
+    );
+    all_ok
+}
+
+/// Removes ANSI escapes and section markers for printing in a terminal.
+fn strip_ansi(text: &str) -> String {
+    // Section markers end with a carriage return: drop those pieces.
+    let unmarked: String = text
+        .split('\r')
+        .filter(|piece| !piece.starts_with("section_start:") && !piece.starts_with("section_end:"))
+        .collect();
+    let mut out = String::with_capacity(unmarked.len());
+    let mut chars = unmarked.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\x1b' {
+            out.push(c);
+            continue;
+        }
+        // CSI: ESC [ parameters, then a final byte in @..~
+        if chars.peek() == Some(&'[') {
+            chars.next();
+            for n in chars.by_ref() {
+                if ('@'..='~').contains(&n) {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn random_token() -> String {
+    let bytes: [u8; 24] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

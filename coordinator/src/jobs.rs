@@ -1,0 +1,329 @@
+//! Taking jobs from GitLab and seeing each one through: the poller asks for
+//! work only while a slot is free, and each held job gets a task that keeps
+//! GitLab informed (through its [`JobReporter`]) while the core finds it an
+//! agent, streams its output, and reports its end exactly once.
+//!
+//! Not responsible for the wire details of GitLab (`gitlab`) or of agents
+//! (`agents`), nor for choosing agents (`core`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use servitor_proto::agent::{CancelMode, FailureKind, Finished, Outcome};
+use servitor_proto::job::JobPayload;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::core::{Core, JobEvent};
+use crate::gitlab::{
+    FinalState, GitLabClient, GitLabError, JobReporter, ReceivedJob, RemoteEvent,
+};
+use servitor_agent::backoff::Backoff;
+
+/// Job request backoff bounds (gitlab-runner: 100 ms to 60 s).
+const REQUEST_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const REQUEST_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// How long to wait for the rest of an attempt's output after its result
+/// arrived (they travel on different streams).
+const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// ANSI styles gitlab-runner uses in job logs.
+const BOLD_GREEN: &str = "\x1b[32;1m";
+const BOLD_RED: &str = "\x1b[31;1m";
+const BOLD_CYAN: &str = "\x1b[36;1m";
+const BOLD_YELLOW: &str = "\x1b[0;33m";
+const RESET: &str = "\x1b[0;m";
+
+/// What the job tasks need.
+#[derive(Clone, Debug)]
+pub struct JobsContext {
+    pub core: Arc<Core>,
+    pub gitlab: Arc<GitLabClient>,
+    /// Shown in each job log's first line.
+    pub coordinator_name: String,
+    pub max_attempts: u32,
+}
+
+/// Asks GitLab for jobs while fewer than `concurrent` are held, until
+/// `stop` is cancelled. Held jobs are not affected by `stop`: they run on
+/// under `jobs_cancel`.
+pub async fn poll_gitlab(
+    ctx: JobsContext,
+    concurrent: u32,
+    stop: CancellationToken,
+    jobs_cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(
+        usize::try_from(concurrent).unwrap_or(usize::MAX),
+    ));
+    let mut backoff = Backoff::try_new(REQUEST_BACKOFF_MIN, REQUEST_BACKOFF_MAX)
+        .expect("job request backoff bounds are valid constants");
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => return,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let requested = tokio::select! {
+            () = stop.cancelled() => return,
+            r = ctx.gitlab.next_job(&mut backoff, &stop) => r,
+        };
+        match requested {
+            Ok(job) => {
+                let ctx = ctx.clone();
+                let cancel = jobs_cancel.child_token();
+                tracker.spawn(async move {
+                    take_job(ctx, job, cancel, permit).await;
+                });
+            }
+            Err(GitLabError::Cancelled) => return,
+            Err(e) => {
+                // next_job retries everything worth retrying; what remains
+                // (a rejected runner token) needs the operator.
+                tracing::error!(error = %e, "stopped asking GitLab for jobs");
+                return;
+            }
+        }
+    }
+}
+
+async fn take_job(
+    ctx: JobsContext,
+    job: ReceivedJob,
+    cancel: CancellationToken,
+    permit: OwnedSemaphorePermit,
+) {
+    match job.payload {
+        Ok(payload) => {
+            let span = tracing::info_span!("job", job_id = payload.id, name = %payload.display_name());
+            run_job(ctx, Arc::from(payload), job.raw, cancel)
+                .instrument(span)
+                .await;
+        }
+        Err(unusable) => {
+            // GitLab already considers the job running on us: fail it with a
+            // log line that says why, rather than leaving it to time out.
+            match (unusable.id, unusable.token.as_ref()) {
+                (Some(id), Some(token)) => {
+                    tracing::error!(job_id = id, error = %unusable.error, "job payload is unusable; failing it");
+                    let message = format!(
+                        "Job failed (system failure): the job payload could not be read: {}",
+                        unusable.error
+                    );
+                    if let Err(e) = ctx.gitlab.reject_job(id, token, &message).await {
+                        tracing::error!(job_id = id, error = %e, "failed to report an unusable job");
+                    }
+                }
+                _ => tracing::error!(
+                    error = %unusable.error,
+                    "GitLab sent a job without an id or token; it cannot be run or reported, GitLab will time it out"
+                ),
+            }
+        }
+    }
+    drop(permit);
+}
+
+/// What the job is waiting for.
+#[derive(Debug, Default)]
+struct AttemptProgress {
+    attempt: u32,
+    output_bytes: u64,
+    output_ended: bool,
+    result: Option<Finished>,
+}
+
+/// Sees one held job through to its single final report.
+async fn run_job(ctx: JobsContext, payload: Arc<JobPayload>, raw: Bytes, cancel: CancellationToken) {
+    let job_id = payload.id;
+    let (reporter, mut remote) = JobReporter::start(ctx.gitlab.clone(), &payload, cancel.clone());
+    reporter.append(Bytes::from(format!(
+        "{BOLD_CYAN}Running with servitor {} on {}{RESET}\n",
+        env!("CARGO_PKG_VERSION"),
+        ctx.coordinator_name
+    )));
+    let mut events = ctx.core.hold_job(payload.clone(), raw);
+    tracing::info!("holding job");
+
+    let mut progress = AttemptProgress::default();
+    let mut canceling = false;
+    let mut waiting_said = false;
+    let wait_note = tokio::time::sleep(Duration::from_millis(500));
+    tokio::pin!(wait_note);
+
+    let final_state = loop {
+        tokio::select! {
+            () = cancel.cancelled() => {
+                // The coordinator is shutting down: the lease stays with us
+                // (the job keeps running on its agent), nothing is reported.
+                ctx.core.release_job(job_id);
+                return;
+            }
+            () = &mut wait_note, if !waiting_said && progress.attempt == 0 => {
+                waiting_said = true;
+                reporter.append(Bytes::from(format!("{BOLD_YELLOW}Waiting for a free agent slot...{RESET}\n")));
+            }
+            event = remote.recv() => match event {
+                Some(RemoteEvent::Canceling) => {
+                    canceling = true;
+                    reporter.append(Bytes::from(format!("{BOLD_YELLOW}Job is being canceled{RESET}\n")));
+                    if !ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab")
+                        && ctx.core.unqueue_job(job_id)
+                    {
+                        // Never ran: nothing to stop, report right away.
+                        break FinalState::Canceled;
+                    }
+                }
+                Some(RemoteEvent::Abort(reason)) => {
+                    tracing::info!(%reason, "GitLab ended the job; stopping it without a final update");
+                    ctx.core.cancel_job(job_id, CancelMode::Abort, "canceled in GitLab");
+                    ctx.core.release_job(job_id);
+                    return;
+                }
+                None => {}
+            },
+            event = events.recv() => match event {
+                None => return,
+                Some(JobEvent::Assigned { attempt, agent, instance, executor }) => {
+                    progress = AttemptProgress { attempt, ..AttemptProgress::default() };
+                    let place = if instance.instance_id.is_empty() { agent.clone() } else { format!("{agent} (instance {})", instance.instance_id) };
+                    reporter.append(Bytes::from(format!(
+                        "{BOLD_CYAN}Attempt {attempt} of {}: running on agent {place} with the {executor} executor{RESET}\n",
+                        ctx.max_attempts
+                    )));
+                    if canceling {
+                        ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab");
+                    }
+                }
+                Some(JobEvent::Started { .. }) => {}
+                Some(JobEvent::Output { attempt, bytes }) if attempt == progress.attempt => {
+                    progress.output_bytes += bytes.len() as u64;
+                    reporter.append(bytes);
+                }
+                Some(JobEvent::Output { .. }) => {}
+                Some(JobEvent::OutputEnd { attempt }) if attempt == progress.attempt => {
+                    progress.output_ended = true;
+                }
+                Some(JobEvent::OutputEnd { .. }) => {}
+                Some(JobEvent::Finished { attempt, result }) if attempt == progress.attempt => {
+                    let state = final_state_for(&result, canceling);
+                    progress.result = Some(result);
+                    // The rest of the output may still be in flight.
+                    let deadline = tokio::time::Instant::now() + OUTPUT_DRAIN_TIMEOUT;
+                    drain_output(&mut events, &mut progress, &reporter, deadline).await;
+                    break state;
+                }
+                Some(JobEvent::Finished { .. }) => {}
+                Some(JobEvent::Lost { attempt, reason, requeued }) => {
+                    if requeued {
+                        reporter.append(Bytes::from(format!(
+                            "\n{BOLD_YELLOW}Attempt {attempt} was interrupted: {reason}. Running the job again.{RESET}\n"
+                        )));
+                        progress = AttemptProgress::default();
+                    } else {
+                        reporter.append(Bytes::from(format!(
+                            "\n{BOLD_RED}Attempt {attempt} was interrupted: {reason}. No attempts left ({} used).{RESET}\n",
+                            ctx.max_attempts
+                        )));
+                        break FinalState::Failed { kind: FailureKind::RunnerSystem, exit_code: None };
+                    }
+                }
+            },
+        }
+    };
+
+    reporter.append(Bytes::from(closing_line(&final_state, progress.result.as_ref())));
+    match reporter.finish(final_state).await {
+        Ok(report) => tracing::info!(
+            failure_reason = report.failure_reason.unwrap_or("none"),
+            bytes = report.output.bytesize,
+            "reported the job's end to GitLab"
+        ),
+        Err(e) => tracing::error!(error = %e, "failed to report the job's end to GitLab"),
+    }
+    ctx.core.release_job(job_id);
+}
+
+/// After a result: wait for the output to catch up, up to a deadline.
+async fn drain_output(
+    events: &mut mpsc::UnboundedReceiver<JobEvent>,
+    progress: &mut AttemptProgress,
+    reporter: &crate::gitlab::JobReporterHandle,
+    deadline: tokio::time::Instant,
+) {
+    loop {
+        let Some(result) = progress.result.as_ref() else {
+            return;
+        };
+        if progress.output_ended || progress.output_bytes >= result.output_bytes {
+            return;
+        }
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) | Ok(None) => {
+                tracing::warn!(
+                    expected = result.output_bytes,
+                    got = progress.output_bytes,
+                    "output of the attempt did not arrive in full"
+                );
+                return;
+            }
+            Ok(Some(JobEvent::Output { attempt, bytes })) if attempt == progress.attempt => {
+                progress.output_bytes += bytes.len() as u64;
+                reporter.append(bytes);
+            }
+            Ok(Some(JobEvent::OutputEnd { attempt })) if attempt == progress.attempt => {
+                progress.output_ended = true;
+            }
+            Ok(Some(_)) => {}
+        }
+    }
+}
+
+/// Maps an agent's result to what GitLab is told.
+fn final_state_for(result: &Finished, canceling: bool) -> FinalState {
+    match result.outcome() {
+        Outcome::Success if !canceling => FinalState::Success,
+        Outcome::Canceled => FinalState::Canceled,
+        Outcome::Success => FinalState::Canceled,
+        Outcome::Failed | Outcome::Unspecified => {
+            let kind = match result.failure() {
+                FailureKind::Unspecified => FailureKind::RunnerSystem,
+                k => k,
+            };
+            FinalState::Failed {
+                kind,
+                exit_code: result.exit_code,
+            }
+        }
+    }
+}
+
+/// The last line of the job log, in gitlab-runner's words.
+fn closing_line(state: &FinalState, result: Option<&Finished>) -> String {
+    let detail = result
+        .map(|r| r.message.clone())
+        .filter(|m| !m.is_empty());
+    match state {
+        FinalState::Success => format!("{BOLD_GREEN}Job succeeded{RESET}\n"),
+        FinalState::Canceled => format!("{BOLD_RED}ERROR: Job failed: canceled{RESET}\n"),
+        FinalState::Failed { kind, exit_code } => {
+            let what = detail.unwrap_or_else(|| match exit_code {
+                Some(code) => format!("exit code {code}"),
+                None => "see the log above".to_owned(),
+            });
+            let system = matches!(kind, FailureKind::RunnerSystem);
+            if system {
+                format!("{BOLD_RED}ERROR: Job failed (system failure): {what}{RESET}\n")
+            } else {
+                format!("{BOLD_RED}ERROR: Job failed: {what}{RESET}\n")
+            }
+        }
+    }
+}

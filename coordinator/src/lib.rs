@@ -1,0 +1,289 @@
+//! The Servitor coordinator: a GitLab runner that takes jobs, holds their
+//! leases, and runs them on agents that dial in over QUIC with mutual TLS.
+//!
+//! [`start`] wires the pieces together and is what the binary, the demo and
+//! the end-to-end tests call:
+//! - [`jobs`] asks GitLab for work and sees each held job through;
+//! - [`core`] holds the leases and dispatches attempts to agents;
+//! - [`agents`] serves agent connections accepted by [`link`];
+//! - [`fleet`] sizes the set of instances to the work;
+//! - [`admin`] answers the operator on a Unix socket.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod agents;
+pub mod config;
+pub mod core;
+pub mod demo;
+pub mod fleet;
+pub mod gitlab;
+pub mod jobs;
+pub mod lease;
+pub mod link;
+pub mod pki;
+pub mod standin;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ConfigError, ExecutorChoice, FleetProvider, Secrets};
+use crate::core::{Core, CoreSettings};
+use crate::fleet::local::{LocalFleet, LocalFleetSettings};
+use crate::fleet::{FleetView, SizingPolicy};
+
+/// Attempts a job gets before it fails for good.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// Why the coordinator could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("state directory {path}: {source}; create it and give it to the user the service runs as")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Pki(#[from] pki::PkiError),
+    #[error("{0}")]
+    Link(#[from] link::LinkError),
+    #[error("{0}")]
+    GitLab(#[from] gitlab::GitLabError),
+    #[error("{0}")]
+    Admin(#[from] admin::AdminError),
+}
+
+impl CoordinatorError {
+    /// Exit code for systemd: 64 for what a restart cannot fix, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CoordinatorError::Config(_) | CoordinatorError::StateDir { .. } => {
+                servitor_agent::EXIT_CONFIG
+            }
+            CoordinatorError::GitLab(e) if !e.is_retryable() => servitor_agent::EXIT_CONFIG,
+            _ => servitor_agent::EXIT_TRANSIENT,
+        }
+    }
+}
+
+/// Overrides for embedding the coordinator (demo, tests).
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    /// Program and arguments that start a local agent, instead of the
+    /// configured or default one.
+    pub agent_command: Option<Vec<String>>,
+}
+
+/// A running coordinator.
+#[derive(Debug)]
+pub struct Coordinator {
+    pub core: Arc<Core>,
+    pub fleet: Arc<LocalFleet>,
+    pub fleet_view: Arc<FleetView>,
+    /// The agent link's bound address.
+    pub link_addr: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub system_id: String,
+    pub ca_pem_path: PathBuf,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Coordinator {
+    /// Waits until shutdown is requested and every task has stopped. Held
+    /// jobs are not reported on shutdown: their leases survive.
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Requests shutdown.
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn ensure_private_dir(path: &std::path::Path) -> Result<(), CoordinatorError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |source| CoordinatorError::StateDir {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(fail)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+    Ok(())
+}
+
+/// Starts the coordinator: state, PKI, GitLab verification, agent link,
+/// fleet, poller and admin API. Returns once everything listens.
+///
+/// # Errors
+/// Anything that stops it from starting, named with the fix.
+pub async fn start(
+    config: Config,
+    secrets: Secrets,
+    options: StartOptions,
+    shutdown: CancellationToken,
+) -> Result<Coordinator, CoordinatorError> {
+    ensure_private_dir(&config.state_dir)?;
+    let system_id = gitlab::load_or_create_system_id(&config.state_dir)?;
+    let pki = pki::Pki::load_or_create(&config.state_dir, &config.agents.server_names)?;
+    let ca_pem_path = config.state_dir.join("ca.pem");
+    std::fs::write(&ca_pem_path, pki.ca_pem()).map_err(|source| CoordinatorError::StateDir {
+        path: ca_pem_path.clone(),
+        source,
+    })?;
+
+    let gitlab = Arc::new(gitlab::GitLabClient::new(gitlab::GitLabSettings::new(
+        config.gitlab.url.clone(),
+        secrets.runner_token.clone(),
+        system_id.clone(),
+    ))?);
+    gitlab.verify().await?;
+    tracing::info!(url = %config.gitlab.url, %system_id, "runner token verified with GitLab");
+
+    let link = Arc::new(link::LinkServer::bind(
+        config.agents.listen,
+        &pki,
+        secrets.join_token.clone(),
+        config.agents.cert_validity,
+    )?);
+    let link_addr = link.local_addr();
+    tracing::info!(addr = %link_addr, ca_pin = %pki.ca_sha256_pin(), "agent link listening");
+
+    let core = Core::new(CoreSettings {
+        max_attempts: DEFAULT_MAX_ATTEMPTS,
+    });
+    let tracker = TaskTracker::new();
+    let fleet_view = Arc::new(FleetView::default());
+
+    // Local agents dial loopback when the link listens on every address.
+    let dial = if link_addr.ip().is_unspecified() {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), link_addr.port())
+    } else {
+        link_addr
+    };
+    let FleetProvider::Local = config.fleet.provider;
+    let command = match (&options.agent_command, config.fleet.local.agent_command.is_empty()) {
+        (Some(c), _) => c.clone(),
+        (None, false) => config.fleet.local.agent_command.clone(),
+        (None, true) => {
+            let exe = std::env::current_exe().map_err(|source| CoordinatorError::StateDir {
+                path: PathBuf::from("current executable"),
+                source,
+            })?;
+            vec![exe.display().to_string(), "agent".to_owned()]
+        }
+    };
+    let fleet = Arc::new(LocalFleet::new(LocalFleetSettings {
+        command,
+        base_dir: config.state_dir.join("local-fleet"),
+        coordinator: dial,
+        ca_file: ca_pem_path.clone(),
+        join_token_file: config.agents.join_token_file.clone(),
+        executor: match config.fleet.local.executor {
+            ExecutorChoice::Auto => "auto",
+            ExecutorChoice::Docker => "docker",
+            ExecutorChoice::Shell => "shell",
+        }
+        .to_owned(),
+        default_image: config.fleet.local.default_image.clone(),
+        capacity: config.fleet.capacity_per_instance,
+    }));
+
+    let stop_polling = shutdown.child_token();
+    let admin_socket = config.admin_socket();
+    let admin_state = admin::AdminState {
+        core: core.clone(),
+        fleet: fleet_view.clone(),
+        system_id: system_id.clone(),
+        concurrent: config.concurrent,
+        stop_polling: stop_polling.clone(),
+    };
+    {
+        let path = admin_socket.clone();
+        let stop = shutdown.clone();
+        // Bind before returning so `status` works as soon as start() does.
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        tracker.spawn(async move {
+            let served = admin::serve_with_ready(&path, admin_state, stop, ready_tx).await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        });
+        if let Ok(Err(e)) = ready_rx.await {
+            return Err(e.into());
+        }
+    }
+
+    tracker.spawn(agents::serve_agents(
+        core.clone(),
+        link.clone(),
+        config.agents.lost_grace,
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    tracker.spawn(fleet::reconcile(
+        fleet.clone(),
+        core.clone(),
+        SizingPolicy {
+            capacity_per_instance: config.fleet.capacity_per_instance,
+            max_instances: config.fleet.max_instances,
+            idle_count: config.fleet.idle_count,
+            idle_time: config.fleet.idle_time,
+        },
+        fleet_view.clone(),
+        shutdown.clone(),
+    ));
+    let jobs_ctx = jobs::JobsContext {
+        core: core.clone(),
+        gitlab,
+        coordinator_name: format!("coordinator {system_id}"),
+        max_attempts: DEFAULT_MAX_ATTEMPTS,
+    };
+    tracker.spawn(jobs::poll_gitlab(
+        jobs_ctx,
+        config.concurrent,
+        stop_polling,
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    {
+        let link = link.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            shutdown.cancelled().await;
+            link.close();
+        });
+    }
+
+    Ok(Coordinator {
+        core,
+        fleet,
+        fleet_view,
+        link_addr,
+        admin_socket,
+        system_id,
+        ca_pem_path,
+        shutdown,
+        tracker,
+    })
+}
+
+/// Loads the configuration and secrets, reporting problems as a
+/// [`ConfigError`].
+///
+/// # Errors
+/// Unreadable or invalid configuration or token files.
+pub fn load(path: &std::path::Path) -> Result<(Config, Secrets), ConfigError> {
+    let config = Config::load(path)?;
+    let secrets = config.load_secrets()?;
+    Ok((config, secrets))
+}

@@ -1,0 +1,367 @@
+//! Enrollment: how an agent without a certificate gets one. On a connection
+//! without a client certificate the agent opens one bidirectional stream and
+//! sends an `EnrollRequest` (join token, certificate signing request, name,
+//! protocol version); the coordinator answers with one `EnrollResponse`
+//! (a certificate or the reason for refusing) and closes the connection.
+//! Anything else on such a connection closes it.
+//!
+//! Not responsible for authenticating agents that have a certificate (TLS
+//! does that) nor for signing (`pki`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use prost::Message as _;
+use quinn::VarInt;
+use servitor_agent::link::close_code;
+use servitor_agent::secret::Secret;
+use servitor_proto::agent::{enroll_response, EnrollRequest, EnrollResponse};
+use servitor_proto::frame::write_frame;
+use servitor_proto::PROTOCOL_VERSION;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use super::ENROLL_TIMEOUT;
+use crate::pki::Pki;
+
+/// What an agent with the wrong join token is told. It names the fix,
+/// because the operator reads it in the agent's log.
+pub const JOIN_TOKEN_REJECTED: &str = "join token rejected: the agent's join token does not match the coordinator's join_token_file; copy the current token to the agent";
+
+/// Why an unauthenticated connection that did something else was closed.
+const ONLY_ENROLLMENT: &str = "a connection without a client certificate may only enroll: one bidirectional stream carrying one EnrollRequest";
+
+/// Largest enrollment request read. A P-256 signing request is well under
+/// 1 KiB; this bound keeps an unauthenticated peer from making us buffer
+/// more than that by much.
+const MAX_ENROLL_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Bytes read from the stream at a time.
+const READ_CHUNK_BYTES: usize = 4096;
+
+/// A varint length prefix is at most ten bytes.
+const MAX_LENGTH_PREFIX_BYTES: usize = 10;
+
+/// After answering, how long to wait for the agent to hang up before we do:
+/// closing at once could discard the answer before it arrives.
+const LINGER: Duration = Duration::from_secs(5);
+
+/// Longest agent name kept in an agent id; with the suffix it stays well
+/// inside a certificate common name's 64 characters.
+const MAX_AGENT_NAME_LEN: usize = 40;
+
+/// Random bytes after the name in an agent id (six hex digits): enough that
+/// two agents with the same name do not collide, short enough to read.
+const AGENT_ID_SUFFIX_BYTES: usize = 3;
+
+/// Agent id stem when the requested name has nothing usable in it.
+const FALLBACK_AGENT_NAME: &str = "agent";
+
+/// Handles unauthenticated connections.
+pub(super) struct Enroller {
+    pki: Pki,
+    /// SHA-256 of the join token; `None` (empty token) refuses everyone.
+    join_token_digest: Option<[u8; 32]>,
+    cert_validity: Duration,
+}
+
+/// How an enrollment connection ends.
+struct Verdict {
+    code: VarInt,
+    reason: String,
+}
+
+impl Verdict {
+    fn new(code: VarInt, reason: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    fn violation(remote: SocketAddr, what: &str) -> Self {
+        tracing::warn!(%remote, what, "closed an unauthenticated connection that did not enroll");
+        Self::new(close_code::PROTOCOL_VIOLATION, ONLY_ENROLLMENT)
+    }
+}
+
+impl Enroller {
+    pub fn new(pki: Pki, join_token: &Secret, cert_validity: Duration) -> Self {
+        let token = join_token.expose();
+        Self {
+            pki,
+            join_token_digest: (!token.is_empty()).then(|| Sha256::digest(token).into()),
+            cert_validity,
+        }
+    }
+
+    /// Serves one connection without a client certificate, then closes it.
+    pub async fn serve(
+        &self,
+        connection: quinn::Connection,
+        remote: SocketAddr,
+        shutdown: &CancellationToken,
+    ) {
+        let verdict = tokio::select! {
+            () = shutdown.cancelled() => {
+                Verdict::new(close_code::SHUTTING_DOWN, "coordinator shutting down")
+            }
+            done = tokio::time::timeout(ENROLL_TIMEOUT, self.converse(&connection, remote)) => {
+                done.unwrap_or_else(|_| {
+                    tracing::info!(%remote, timeout = ?ENROLL_TIMEOUT, "enrollment timed out");
+                    Verdict::new(close_code::TIMEOUT, "enrollment took too long")
+                })
+            }
+        };
+        connection.close(verdict.code, verdict.reason.as_bytes());
+    }
+
+    async fn converse(&self, connection: &quinn::Connection, remote: SocketAddr) -> Verdict {
+        let (mut send, mut recv) = tokio::select! {
+            bi = connection.accept_bi() => match bi {
+                Ok(streams) => streams,
+                Err(e) => return gone(remote, &e),
+            },
+            uni = connection.accept_uni() => return match uni {
+                Ok(_) => Verdict::violation(remote, "opened a unidirectional stream"),
+                Err(e) => gone(remote, &e),
+            },
+        };
+        // While the request is read and answered, any further stream is a
+        // violation too.
+        let request = tokio::select! {
+            request = read_request(&mut recv) => request,
+            other = another_stream(connection) => return match other {
+                Ok(kind) => Verdict::violation(remote, kind),
+                Err(e) => gone(remote, &e),
+            },
+        };
+        let request = match request {
+            Ok(request) => request,
+            Err(what) => return Verdict::violation(remote, &what),
+        };
+        let (response, verdict) = match self.decide(&request, remote) {
+            Ok(certificate_pem) => (
+                EnrollResponse {
+                    result: Some(enroll_response::Result::CertificatePem(certificate_pem)),
+                    valid_for_secs: self.cert_validity.as_secs(),
+                },
+                Verdict::new(close_code::DONE, "enrolled"),
+            ),
+            Err(reason) => (
+                EnrollResponse {
+                    result: Some(enroll_response::Result::Refused(reason)),
+                    valid_for_secs: 0,
+                },
+                Verdict::new(close_code::ENROLLMENT_REFUSED, "enrollment refused"),
+            ),
+        };
+        if let Err(e) = write_frame(&mut send, &response).await {
+            tracing::info!(%remote, error = %e, "could not send the enrollment answer");
+            return verdict;
+        }
+        // The stream is finished only if the agent is still there; either
+        // way there is nothing left to do but close.
+        let _ = send.finish();
+        // Give the agent the chance to read the answer and hang up first.
+        let _ = tokio::time::timeout(LINGER, connection.closed()).await;
+        verdict
+    }
+
+    /// Checks the request and signs its certificate, or says why not.
+    fn decide(&self, request: &EnrollRequest, remote: SocketAddr) -> Result<String, String> {
+        let name = sanitize_agent_name(&request.agent_name);
+        let token_ok = self
+            .join_token_digest
+            .is_some_and(|want| digests_equal(&want, &Sha256::digest(&request.join_token).into()));
+        if !token_ok {
+            tracing::warn!(%remote, agent_name = %name, "refused enrollment: the agent's join token does not match join_token_file");
+            return Err(JOIN_TOKEN_REJECTED.to_owned());
+        }
+        if request.protocol_version != PROTOCOL_VERSION {
+            tracing::warn!(%remote, agent_name = %name, agent_protocol = request.protocol_version, "refused enrollment: incompatible link protocol");
+            return Err(format!(
+                "the agent speaks link protocol {} but the coordinator speaks {PROTOCOL_VERSION}; run matching releases of the agent and the coordinator",
+                request.protocol_version
+            ));
+        }
+        let agent_id = agent_id(&name);
+        match self
+            .pki
+            .issue_client_cert(&request.csr_pem, &agent_id, self.cert_validity)
+        {
+            Ok(pem) => {
+                tracing::info!(%remote, agent = %agent_id, valid_for = ?self.cert_validity, "enrolled an agent");
+                Ok(pem)
+            }
+            Err(e) => {
+                tracing::warn!(%remote, agent_name = %name, error = %e, "refused enrollment: cannot issue a certificate");
+                Err(format!(
+                    "the coordinator cannot sign this agent's request: {e}"
+                ))
+            }
+        }
+    }
+}
+
+/// The connection went away before it did anything wrong.
+fn gone(remote: SocketAddr, error: &quinn::ConnectionError) -> Verdict {
+    tracing::debug!(%remote, %error, "unauthenticated connection ended");
+    Verdict::new(close_code::DONE, "")
+}
+
+/// Resolves when the peer opens any further stream.
+async fn another_stream(
+    connection: &quinn::Connection,
+) -> Result<&'static str, quinn::ConnectionError> {
+    tokio::select! {
+        bi = connection.accept_bi() => bi.map(|_| "opened a second stream"),
+        uni = connection.accept_uni() => uni.map(|_| "opened a unidirectional stream"),
+    }
+}
+
+/// Reads one length-delimited `EnrollRequest`. Unlike the general frame
+/// reader, this refuses a length over [`MAX_ENROLL_REQUEST_BYTES`] before
+/// buffering anything, since the peer is not authenticated yet.
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<EnrollRequest, String> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; READ_CHUNK_BYTES];
+    loop {
+        match prost::decode_length_delimiter(buf.as_slice()) {
+            Ok(len) => {
+                if len > MAX_ENROLL_REQUEST_BYTES {
+                    return Err(format!(
+                        "sent a {len} byte frame, over the {MAX_ENROLL_REQUEST_BYTES} byte enrollment limit"
+                    ));
+                }
+                let start = prost::length_delimiter_len(len);
+                if let Some(frame) = buf.get(start..start + len) {
+                    let request = EnrollRequest::decode(frame).map_err(|e| {
+                        format!("sent a frame that is not an enrollment request ({e})")
+                    })?;
+                    return if is_enrollment(&request) {
+                        Ok(request)
+                    } else {
+                        Err("sent a frame that is not an enrollment request".into())
+                    };
+                }
+            }
+            Err(_) if buf.len() >= MAX_LENGTH_PREFIX_BYTES => {
+                return Err("sent a malformed frame length".into());
+            }
+            // The length prefix is still incomplete.
+            Err(_) => {}
+        }
+        match recv.read(&mut chunk).await {
+            Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(None) => return Err("ended the stream before a whole enrollment request".into()),
+            Err(e) => return Err(format!("broke off the stream ({e})")),
+        }
+    }
+}
+
+/// Protobuf decodes many messages as many others; an enrollment request
+/// must at least carry a protocol version and a signing request.
+fn is_enrollment(request: &EnrollRequest) -> bool {
+    request.protocol_version != 0 && !request.csr_pem.trim().is_empty()
+}
+
+/// Compares two digests in time that does not depend on where they differ.
+fn digests_equal(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The requested name reduced to lowercase letters, digits and single
+/// hyphens, at most [`MAX_AGENT_NAME_LEN`] long.
+fn sanitize_agent_name(requested: &str) -> String {
+    let mut name = String::with_capacity(requested.len().min(MAX_AGENT_NAME_LEN));
+    for c in requested.chars() {
+        if name.len() >= MAX_AGENT_NAME_LEN {
+            break;
+        }
+        if c.is_ascii_alphanumeric() {
+            name.push(c.to_ascii_lowercase());
+        } else if !name.is_empty() && !name.ends_with('-') {
+            name.push('-');
+        }
+    }
+    let name = name.trim_end_matches('-');
+    if name.is_empty() {
+        FALLBACK_AGENT_NAME.to_owned()
+    } else {
+        name.to_owned()
+    }
+}
+
+/// `name` plus a random suffix: what the agent is known by from now on.
+fn agent_id(name: &str) -> String {
+    let suffix: [u8; AGENT_ID_SUFFIX_BYTES] = rand::random();
+    let mut id = format!("{name}-");
+    for byte in suffix {
+        id.push_str(&format!("{byte:02x}"));
+    }
+    id
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_names_are_sanitized() {
+        let long = "x".repeat(100);
+        let cases = [
+            ("build-box-1", "build-box-1"),
+            ("Build Box #7", "build-box-7"),
+            ("  i-0abc.ec2.internal ", "i-0abc-ec2-internal"),
+            ("--weird__name--", "weird-name"),
+            ("", FALLBACK_AGENT_NAME),
+            ("///", FALLBACK_AGENT_NAME),
+            ("ünïcode", "n-code"),
+            (long.as_str(), &long[..MAX_AGENT_NAME_LEN]),
+        ];
+        for (requested, want) in cases {
+            assert_eq!(sanitize_agent_name(requested), want, "{requested:?}");
+        }
+    }
+
+    #[test]
+    fn agent_ids_get_a_short_random_suffix() {
+        let a = agent_id("box");
+        let b = agent_id("box");
+        assert_ne!(a, b);
+        let suffix = a.strip_prefix("box-").unwrap();
+        assert_eq!(suffix.len(), AGENT_ID_SUFFIX_BYTES * 2);
+        assert!(suffix
+            .bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    }
+
+    #[test]
+    fn digest_comparison() {
+        let a: [u8; 32] = Sha256::digest("token").into();
+        let b: [u8; 32] = Sha256::digest("token").into();
+        let c: [u8; 32] = Sha256::digest("tokem").into();
+        assert!(digests_equal(&a, &b));
+        assert!(!digests_equal(&a, &c));
+    }
+
+    #[test]
+    fn empty_join_token_refuses_everyone() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path(), &[]).unwrap();
+        let enroller = Enroller::new(pki, &Secret::new(""), Duration::from_secs(3600));
+        let request = EnrollRequest {
+            join_token: String::new(),
+            csr_pem: "x".into(),
+            agent_name: "box".into(),
+            protocol_version: PROTOCOL_VERSION,
+        };
+        let remote: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(
+            enroller.decide(&request, remote).unwrap_err(),
+            JOIN_TOKEN_REJECTED
+        );
+    }
+}

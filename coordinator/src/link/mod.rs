@@ -1,0 +1,365 @@
+//! The coordinator's end of the agent link: a QUIC endpoint with mutual TLS
+//! that hands authenticated agent connections to the caller and enrolls
+//! agents that do not have a certificate yet.
+//!
+//! Every incoming connection gets its own task, bounded by a timeout, so a
+//! slow or hostile peer never holds up anyone else. A connection whose
+//! client certificate chains to the coordinator's CA becomes an
+//! [`AgentConnection`] named by the certificate's common name. A connection
+//! without a certificate may do one thing, enroll (see `enroll`), and is
+//! then closed. A certificate from any other CA fails the TLS handshake.
+//!
+//! Not responsible for what agents say once connected (the caller runs the
+//! control stream) nor for the certificates themselves (`pki`).
+
+mod enroll;
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use servitor_agent::link::close_code;
+use servitor_agent::secret::Secret;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer;
+
+use crate::pki::Pki;
+use enroll::Enroller;
+pub use enroll::JOIN_TOKEN_REJECTED;
+
+/// Longest a TLS handshake may take. Handshakes on a working network take a
+/// few round trips; this only stops a silent peer from keeping a task alive.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest an unauthenticated connection may stay open, enrollment included.
+/// Enrolling is one request and one answer; the agent allows itself as long.
+pub const ENROLL_TIMEOUT: Duration = servitor_agent::link::ENROLL_TIMEOUT;
+
+/// Authenticated connections waiting for [`LinkServer::accept`]. Small: the
+/// caller accepts continuously, and a full queue only delays handshakes
+/// that already finished.
+const ACCEPT_QUEUE: usize = 64;
+
+/// Errors setting up the agent link.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The certificates do not make a usable TLS configuration.
+    #[error("cannot set up TLS for the agent link: {0}")]
+    Tls(String),
+    /// The client certificate validity is out of range.
+    #[error("agents.cert_validity {0:?} must be more than zero and at most {max:?}", max = crate::pki::MAX_CLIENT_CERT_VALIDITY)]
+    CertValidity(Duration),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen for agents on {addr}: {source}; check that agents.listen is a local address and the port is free")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl LinkError {
+    /// Whether binding again later can succeed (a port still held by a
+    /// previous process can free up; a bad TLS set-up cannot fix itself).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Bind { .. })
+    }
+}
+
+/// An agent that proved who it is with a certificate from the coordinator's
+/// CA.
+#[derive(Debug)]
+pub struct AgentConnection {
+    /// The common name of the agent's verified client certificate: the id
+    /// the coordinator gave it at enrollment.
+    pub agent_id: String,
+    /// Where the connection comes from.
+    pub remote: SocketAddr,
+    /// The connection; the agent opens the control stream on it.
+    pub connection: quinn::Connection,
+}
+
+/// The agent link's QUIC endpoint.
+pub struct LinkServer {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    accepted: tokio::sync::Mutex<mpsc::Receiver<AgentConnection>>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for LinkServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkServer")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinkServer {
+    /// Listens for agents on `addr` (UDP), presenting the server certificate
+    /// from `pki` and accepting client certificates from its CA. Agents
+    /// without a certificate may enroll with `join_token` and get one valid
+    /// for `cert_validity`. Must be called inside a Tokio runtime.
+    ///
+    /// # Errors
+    /// [`LinkError::Bind`] when the socket cannot be bound,
+    /// [`LinkError::Tls`] when the certificates do not make a TLS set-up,
+    /// [`LinkError::CertValidity`] when `cert_validity` is zero or over
+    /// [`crate::pki::MAX_CLIENT_CERT_VALIDITY`].
+    pub fn bind(
+        addr: SocketAddr,
+        pki: &Pki,
+        join_token: Secret,
+        cert_validity: Duration,
+    ) -> Result<Self, LinkError> {
+        // Checked here rather than at the first enrollment, where the
+        // operator would only see it in agents' refusals.
+        if cert_validity.is_zero() || cert_validity > crate::pki::MAX_CLIENT_CERT_VALIDITY {
+            return Err(LinkError::CertValidity(cert_validity));
+        }
+        let server_config = server_config(pki)?;
+        let endpoint = quinn::Endpoint::server(server_config, addr)
+            .map_err(|source| LinkError::Bind { addr, source })?;
+        let local_addr = endpoint
+            .local_addr()
+            .map_err(|source| LinkError::Bind { addr, source })?;
+        let (queue, accepted) = mpsc::channel(ACCEPT_QUEUE);
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let enroller = Arc::new(Enroller::new(pki.clone(), &join_token, cert_validity));
+        tasks.spawn(
+            accept_loop(
+                endpoint.clone(),
+                enroller,
+                queue,
+                shutdown.clone(),
+                tasks.clone(),
+            )
+            .instrument(tracing::info_span!("agent_link", listen = %local_addr)),
+        );
+        tracing::info!(listen = %local_addr, "agent link listening");
+        Ok(Self {
+            endpoint,
+            local_addr,
+            accepted: tokio::sync::Mutex::new(accepted),
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The address the endpoint is bound to (with the real port when bound
+    /// to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The next authenticated agent connection. Unauthenticated connections
+    /// are enrolled in the background and never returned. `None` once the
+    /// server is closed.
+    pub async fn accept(&self) -> Option<AgentConnection> {
+        let mut accepted = self.accepted.lock().await;
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => None,
+            conn = accepted.recv() => conn,
+        }
+    }
+
+    /// Stops accepting, ends enrollments in progress and closes every
+    /// connection on the endpoint, agents' included.
+    pub fn close(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.endpoint
+            .close(close_code::SHUTTING_DOWN, b"coordinator shutting down");
+    }
+
+    /// Waits until [`close`](Self::close) has finished: background tasks
+    /// ended and every connection's close acknowledged or timed out.
+    pub async fn closed(&self) {
+        self.tasks.wait().await;
+        self.endpoint.wait_idle().await;
+    }
+}
+
+impl Drop for LinkServer {
+    fn drop(&mut self) {
+        // Connections already handed out stay up; only new ones stop.
+        self.shutdown.cancel();
+        self.endpoint.set_server_config(None);
+    }
+}
+
+/// TLS 1.3 with the link's ALPN, the server certificate and CA from `pki`,
+/// and client certificates optional but, when present, verified against the
+/// coordinator's CA.
+fn server_config(pki: &Pki) -> Result<quinn::ServerConfig, LinkError> {
+    let tls = |e: &dyn std::fmt::Display| LinkError::Tls(e.to_string());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der().clone()).map_err(|e| tls(&e))?;
+    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    // Agents without a certificate yet may connect, but only to enroll.
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| tls(&e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls(&e))?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(pki.server_cert_chain(), pki.server_key())
+        .map_err(|e| tls(&e))?;
+    config.alpn_protocols = vec![servitor_proto::ALPN.to_vec()];
+    // No 0-RTT (rustls' default): early data could be replayed, and an
+    // enrollment must happen exactly once.
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(|e| tls(&e))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(Arc::new(servitor_agent::link::transport_config()));
+    Ok(server)
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    enroller: Arc<Enroller>,
+    queue: mpsc::Sender<AgentConnection>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let incoming = tokio::select! {
+            () = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let remote = incoming.remote_address();
+        tasks.spawn(
+            handle_incoming(
+                incoming,
+                remote,
+                enroller.clone(),
+                queue.clone(),
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("connection", %remote)),
+        );
+    }
+}
+
+/// Runs one connection's handshake, then hands it over or enrolls it.
+async fn handle_incoming(
+    incoming: quinn::Incoming,
+    remote: SocketAddr,
+    enroller: Arc<Enroller>,
+    queue: mpsc::Sender<AgentConnection>,
+    shutdown: CancellationToken,
+) {
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(e) => {
+            tracing::debug!(%remote, error = %e, "dropped an incoming connection");
+            return;
+        }
+    };
+    let handshake = tokio::select! {
+        () = shutdown.cancelled() => return,
+        handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting) => handshake,
+    };
+    let connection = match handshake {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => {
+            log_handshake_failure(remote, &e);
+            return;
+        }
+        Err(_) => {
+            // Dropping the handshake closes the connection.
+            tracing::info!(%remote, timeout = ?HANDSHAKE_TIMEOUT, "TLS handshake timed out");
+            return;
+        }
+    };
+    match peer_agent_id(&connection) {
+        Peer::Anonymous => enroller.serve(connection, remote, &shutdown).await,
+        Peer::Agent(agent_id) => {
+            tracing::info!(%remote, agent = %agent_id, "agent connected");
+            let agent = AgentConnection {
+                agent_id,
+                remote,
+                connection,
+            };
+            tokio::select! {
+                // Dropping the connection closes it.
+                () = shutdown.cancelled() => {}
+                sent = queue.send(agent) => if let Err(unsent) = sent {
+                    unsent.0.connection.close(close_code::SHUTTING_DOWN, b"coordinator shutting down");
+                },
+            }
+        }
+        Peer::Unusable(reason) => {
+            tracing::warn!(%remote, %reason, "refused a verified client certificate");
+            connection.close(close_code::PROTOCOL_VIOLATION, reason.as_bytes());
+        }
+    }
+}
+
+/// A certificate from another CA, an expired one, or a client that does not
+/// trust us all end here. The first two are worth an operator's attention,
+/// so TLS failures are warnings; network trouble is not.
+fn log_handshake_failure(remote: SocketAddr, error: &quinn::ConnectionError) {
+    match error {
+        quinn::ConnectionError::TransportError(e) => {
+            tracing::warn!(%remote, error = %e, "refused a connection in the TLS handshake");
+        }
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            tracing::warn!(%remote, error = %close, "peer abandoned the TLS handshake (does it trust this coordinator's CA?)");
+        }
+        other => {
+            tracing::debug!(%remote, error = %other, "connection ended during the TLS handshake");
+        }
+    }
+}
+
+/// Who is on the other end of a finished handshake.
+enum Peer {
+    /// No client certificate: may only enroll.
+    Anonymous,
+    /// A verified certificate naming this agent.
+    Agent(String),
+    /// A verified certificate we cannot use (no common name).
+    Unusable(String),
+}
+
+fn peer_agent_id(connection: &quinn::Connection) -> Peer {
+    let Some(identity) = connection.peer_identity() else {
+        return Peer::Anonymous;
+    };
+    let Ok(chain) = identity.downcast::<Vec<CertificateDer<'static>>>() else {
+        return Peer::Unusable("client identity is not a certificate chain".into());
+    };
+    let Some(leaf) = chain.first() else {
+        return Peer::Anonymous;
+    };
+    let common_name = X509Certificate::from_der(leaf).ok().and_then(|(_, cert)| {
+        cert.subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned)
+    });
+    match common_name {
+        Some(cn) if !cn.is_empty() => Peer::Agent(cn),
+        _ => Peer::Unusable("client certificate has no common name".into()),
+    }
+}

@@ -1,0 +1,467 @@
+//! The agent link over real QUIC and real TLS on 127.0.0.1: the coordinator's
+//! `LinkServer` against the agent's `connect`, and against raw clients that
+//! misbehave.
+
+use std::sync::{Arc, Mutex};
+
+use servitor_agent::link::{connect, CaTrust, LinkError as AgentLinkError, LinkSettings};
+use servitor_proto::agent::{
+    agent_message, coordinator_message, AgentMessage, CoordinatorMessage, Heartbeat, Hello, Welcome,
+};
+use servitor_proto::frame::{read_frame, write_frame};
+
+use super::enroll::JOIN_TOKEN_REJECTED;
+use super::*;
+use crate::pki::DEFAULT_CLIENT_CERT_VALIDITY;
+
+const JOIN_TOKEN: &str = "join-token-for-tests";
+/// How long a test waits for something that should happen now.
+const PROMPT: Duration = Duration::from_secs(10);
+/// How long a test watches for something that must not happen.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// A coordinator with its own state directory, listening on 127.0.0.1.
+struct Coordinator {
+    _state: tempfile::TempDir,
+    pki: Pki,
+    server: LinkServer,
+}
+
+fn coordinator() -> Coordinator {
+    let state = tempfile::tempdir().unwrap();
+    let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    let pki = Pki::load_or_create(state.path(), &names).unwrap();
+    let server = LinkServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &pki,
+        Secret::new(JOIN_TOKEN),
+        DEFAULT_CLIENT_CERT_VALIDITY,
+    )
+    .unwrap();
+    Coordinator {
+        _state: state,
+        pki,
+        server,
+    }
+}
+
+impl Coordinator {
+    fn settings(&self, agent_name: &str, state_dir: Option<&std::path::Path>) -> LinkSettings {
+        let mut settings = LinkSettings::new(
+            self.server.local_addr().to_string(),
+            CaTrust::Pem(self.pki.ca_pem().to_owned()),
+            Secret::new(JOIN_TOKEN),
+            agent_name,
+        );
+        settings.state_dir = state_dir.map(std::path::Path::to_path_buf);
+        settings
+    }
+
+    async fn accept_promptly(&self) -> AgentConnection {
+        tokio::time::timeout(PROMPT, self.server.accept())
+            .await
+            .expect("an agent connection within the time limit")
+            .expect("the server is open")
+    }
+
+    async fn accept_nothing(&self) {
+        if let Ok(conn) = tokio::time::timeout(QUIET, self.server.accept()).await {
+            panic!("accept() yielded {conn:?}");
+        }
+    }
+}
+
+/// Log lines from everything on this test's thread (the tests run on a
+/// current-thread runtime, so the coordinator's tasks log here too).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+        let logs = Self::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|line| line.contains("WARN"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// A QUIC client that trusts the coordinator's CA and presents `identity`
+/// if given: for tests that must misbehave in ways the agent never would.
+async fn raw_client(
+    coordinator: &Coordinator,
+    identity: Option<(
+        CertificateDer<'static>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(coordinator.pki.ca_der().clone()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![servitor_proto::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(quic)),
+            coordinator.server.local_addr(),
+            servitor_agent::link::DEFAULT_SERVER_NAME,
+        )
+        .unwrap()
+        .await
+}
+
+/// The application close a raw client got, within the time limit.
+async fn application_close(connection: &quinn::Connection) -> quinn::ApplicationClose {
+    match tokio::time::timeout(PROMPT, connection.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => close,
+        other => panic!("expected an application close, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn enrolled_agent_is_accepted_and_frames_round_trip() {
+    let coordinator = coordinator();
+    let agent_state = tempfile::tempdir().unwrap();
+    let settings = coordinator.settings("Build Box #7", Some(agent_state.path()));
+
+    let link = connect(&settings).await.unwrap();
+    assert!(
+        link.agent_id.starts_with("build-box-7-"),
+        "{}",
+        link.agent_id
+    );
+    let agent = coordinator.accept_promptly().await;
+    assert_eq!(agent.agent_id, link.agent_id);
+    assert_eq!(agent.remote.ip(), std::net::Ipv4Addr::LOCALHOST);
+
+    let (mut send, mut recv) = link.connection.open_bi().await.unwrap();
+    let hello = AgentMessage {
+        msg: Some(agent_message::Msg::Hello(Hello {
+            protocol_version: servitor_proto::PROTOCOL_VERSION,
+            agent_name: settings.agent_name.clone(),
+            capacity: 2,
+            free_slots: 2,
+            ..Hello::default()
+        })),
+    };
+    write_frame(&mut send, &hello).await.unwrap();
+    let (mut server_send, mut server_recv) = agent.connection.accept_bi().await.unwrap();
+    let got: AgentMessage = read_frame(&mut server_recv).await.unwrap().unwrap();
+    assert_eq!(got, hello);
+    let welcome = CoordinatorMessage {
+        msg: Some(coordinator_message::Msg::Welcome(Welcome {
+            agent_id: agent.agent_id.clone(),
+            ..Welcome::default()
+        })),
+    };
+    write_frame(&mut server_send, &welcome).await.unwrap();
+    let got: CoordinatorMessage = read_frame(&mut recv).await.unwrap().unwrap();
+    assert_eq!(got, welcome);
+
+    // The certificate and key were stored privately ...
+    let mut stored = 0;
+    for entry in std::fs::read_dir(agent_state.path()).unwrap() {
+        let entry = entry.unwrap();
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&entry.metadata().unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "{:?}", entry.path());
+        stored += 1;
+    }
+    assert_eq!(stored, 2);
+    // ... and the next connection uses them instead of enrolling again.
+    let again = connect(&settings).await.unwrap();
+    assert_eq!(again.agent_id, link.agent_id);
+    assert_eq!(coordinator.accept_promptly().await.agent_id, link.agent_id);
+}
+
+#[tokio::test]
+async fn memory_only_agent_reuses_its_certificate_within_the_process() {
+    let coordinator = coordinator();
+    let settings = coordinator.settings("memory-box", None);
+    let first = connect(&settings).await.unwrap();
+    let second = connect(&settings).await.unwrap();
+    assert_eq!(first.agent_id, second.agent_id);
+    assert_eq!(coordinator.accept_promptly().await.agent_id, first.agent_id);
+    assert_eq!(coordinator.accept_promptly().await.agent_id, first.agent_id);
+}
+
+#[tokio::test]
+async fn wrong_join_token_is_refused_and_logged() {
+    let (logs, _guard) = Logs::capture();
+    let coordinator = coordinator();
+    let agent_state = tempfile::tempdir().unwrap();
+    let mut settings = coordinator.settings("box", Some(agent_state.path()));
+    settings.join_token = Secret::new("not-the-token");
+
+    let err = connect(&settings).await.unwrap_err();
+    match &err {
+        AgentLinkError::Refused(reason) => assert_eq!(reason, JOIN_TOKEN_REJECTED),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    assert!(!err.is_retryable());
+    coordinator.accept_nothing().await;
+    assert_eq!(std::fs::read_dir(agent_state.path()).unwrap().count(), 0);
+
+    let warnings = logs.warnings();
+    let local = loopback();
+    assert!(
+        warnings
+            .iter()
+            .any(|line| line.contains("join token") && line.contains(&local)),
+        "{warnings:#?}"
+    );
+    assert!(
+        !warnings.iter().any(|line| line.contains("not-the-token")),
+        "the token must never be logged: {warnings:#?}"
+    );
+}
+
+fn loopback() -> String {
+    std::net::Ipv4Addr::LOCALHOST.to_string()
+}
+
+#[tokio::test]
+async fn certificate_from_another_ca_fails_the_handshake() {
+    let (logs, _guard) = Logs::capture();
+    let coordinator = coordinator();
+
+    // A CA the coordinator has never heard of, and a client certificate from
+    // it that is otherwise exactly what the coordinator issues.
+    let foreign_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params.distinguished_name = rcgen::DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, crate::pki::CA_COMMON_NAME);
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let foreign_ca = rcgen::CertifiedIssuer::self_signed(ca_params, foreign_key).unwrap();
+    let client_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "intruder-abcdef");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client_cert = params.signed_by(&client_key, &foreign_ca).unwrap();
+    let identity = (
+        client_cert.der().clone(),
+        rustls::pki_types::PrivateKeyDer::Pkcs8(client_key.serialize_der().into()),
+    );
+
+    // QUIC lets the client finish its side of the handshake before the
+    // server has judged its certificate, so the refusal may come either as a
+    // failed connect or as the connection closing straight after.
+    let refusal = match raw_client(&coordinator, Some(identity)).await {
+        Err(e) => e,
+        Ok(connection) => tokio::time::timeout(PROMPT, connection.closed())
+            .await
+            .expect("the coordinator closes the connection"),
+    };
+    assert!(
+        servitor_agent::link::is_certificate_rejection(&refusal),
+        "{refusal:?}"
+    );
+    coordinator.accept_nothing().await;
+    let warnings = logs.warnings();
+    assert!(
+        warnings
+            .iter()
+            .any(|line| line.contains("TLS handshake") && line.contains(&loopback())),
+        "{warnings:#?}"
+    );
+}
+
+#[tokio::test]
+async fn unauthenticated_non_enrollment_frame_gets_only_a_close() {
+    let coordinator = coordinator();
+    let connection = raw_client(&coordinator, None).await.unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let heartbeat = AgentMessage {
+        msg: Some(agent_message::Msg::Heartbeat(Heartbeat { sequence: 1 })),
+    };
+    write_frame(&mut send, &heartbeat).await.unwrap();
+    send.finish().unwrap();
+    let answer = read_frame::<_, servitor_proto::agent::EnrollResponse>(&mut recv).await;
+    assert!(!matches!(answer, Ok(Some(_))), "got an answer: {answer:?}");
+    let close = application_close(&connection).await;
+    assert_eq!(close.error_code, close_code::PROTOCOL_VIOLATION);
+    assert!(
+        String::from_utf8_lossy(&close.reason).contains("may only enroll"),
+        "{close:?}"
+    );
+    coordinator.accept_nothing().await;
+}
+
+#[tokio::test]
+async fn unauthenticated_unidirectional_stream_is_closed() {
+    let coordinator = coordinator();
+    let connection = raw_client(&coordinator, None).await.unwrap();
+    let mut send = connection.open_uni().await.unwrap();
+    send.write_all(b"output").await.unwrap();
+    let close = application_close(&connection).await;
+    assert_eq!(close.error_code, close_code::PROTOCOL_VIOLATION);
+    coordinator.accept_nothing().await;
+}
+
+#[tokio::test]
+async fn unauthenticated_second_stream_is_closed() {
+    let coordinator = coordinator();
+    let connection = raw_client(&coordinator, None).await.unwrap();
+    // Half a length prefix keeps the first stream waiting for its request.
+    let (mut first, _first_recv) = connection.open_bi().await.unwrap();
+    first.write_all(&[0x80]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut second, _second_recv) = connection.open_bi().await.unwrap();
+    second.write_all(&[0x00]).await.unwrap();
+    let close = application_close(&connection).await;
+    assert_eq!(close.error_code, close_code::PROTOCOL_VIOLATION);
+    coordinator.accept_nothing().await;
+}
+
+#[tokio::test]
+async fn oversized_enrollment_frame_is_refused_unread() {
+    let coordinator = coordinator();
+    let connection = raw_client(&coordinator, None).await.unwrap();
+    let (mut send, _recv) = connection.open_bi().await.unwrap();
+    let mut prefix = Vec::new();
+    prost::encoding::encode_varint(1 << 20, &mut prefix);
+    send.write_all(&prefix).await.unwrap();
+    let close = application_close(&connection).await;
+    assert_eq!(close.error_code, close_code::PROTOCOL_VIOLATION);
+}
+
+#[tokio::test]
+async fn stalled_enrollment_does_not_hold_up_other_agents() {
+    let coordinator = coordinator();
+    // Connected, no certificate, says nothing.
+    let _silent = raw_client(&coordinator, None).await.unwrap();
+    let settings = coordinator.settings("prompt-box", None);
+    let link = tokio::time::timeout(PROMPT, connect(&settings))
+        .await
+        .expect("connect is not held up")
+        .unwrap();
+    assert_eq!(coordinator.accept_promptly().await.agent_id, link.agent_id);
+}
+
+#[tokio::test]
+async fn pinned_ca_is_trusted_and_a_wrong_pin_is_not() {
+    let coordinator = coordinator();
+    let mut settings = coordinator.settings("pinned-box", None);
+    settings.trust = CaTrust::Sha256Pin(coordinator.pki.ca_sha256_pin());
+    let link = connect(&settings).await.unwrap();
+    assert_eq!(coordinator.accept_promptly().await.agent_id, link.agent_id);
+
+    let mut wrong = coordinator.settings("wrong-pin-box", None);
+    wrong.trust = CaTrust::Sha256Pin(format!("sha256:{}", "0".repeat(64)));
+    let err = connect(&wrong).await.unwrap_err();
+    assert!(matches!(err, AgentLinkError::Untrusted(_)), "{err:?}");
+    assert!(err.to_string().contains("ca_sha256"), "{err}");
+    assert!(!err.is_retryable());
+    coordinator.accept_nothing().await;
+}
+
+#[tokio::test]
+async fn another_coordinators_ca_is_untrusted() {
+    let coordinator = coordinator();
+    let other = self::coordinator();
+    let mut settings = coordinator.settings("box", None);
+    settings.trust = CaTrust::Pem(other.pki.ca_pem().to_owned());
+    let err = connect(&settings).await.unwrap_err();
+    assert!(matches!(err, AgentLinkError::Untrusted(_)), "{err:?}");
+    assert!(err.to_string().contains("ca_file"), "{err}");
+    coordinator.accept_nothing().await;
+}
+
+#[tokio::test]
+async fn wrong_server_name_is_untrusted() {
+    let coordinator = coordinator();
+    let mut settings = coordinator.settings("box", None);
+    settings.server_name = "somebody-else.example".into();
+    let err = connect(&settings).await.unwrap_err();
+    assert!(matches!(err, AgentLinkError::Untrusted(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn agent_enrolls_again_when_the_coordinator_ca_changed() {
+    let agent_state = tempfile::tempdir().unwrap();
+    let old = coordinator();
+    let first = connect(&old.settings("box", Some(agent_state.path())))
+        .await
+        .unwrap();
+    drop(old);
+
+    // A coordinator rebuilt from scratch: new CA, which the operator has
+    // given the agent; the stored certificate is from the old CA.
+    let new = coordinator();
+    let second = connect(&new.settings("box", Some(agent_state.path())))
+        .await
+        .unwrap();
+    assert_ne!(second.agent_id, first.agent_id);
+    assert_eq!(new.accept_promptly().await.agent_id, second.agent_id);
+}
+
+#[tokio::test]
+async fn closed_server_accepts_nothing_more() {
+    let coordinator = coordinator();
+    let settings = coordinator.settings("box", None);
+    coordinator.server.close();
+    assert!(coordinator.server.accept().await.is_none());
+    tokio::time::timeout(PROMPT, coordinator.server.closed())
+        .await
+        .expect("close finishes");
+    let err = tokio::time::timeout(PROMPT, connect(&settings))
+        .await
+        .expect("connect gives up in time")
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+}
+
+#[tokio::test]
+async fn out_of_range_certificate_validity_is_refused_at_bind() {
+    let state = tempfile::tempdir().unwrap();
+    let pki = Pki::load_or_create(state.path(), &[]).unwrap();
+    for validity in [Duration::ZERO, crate::pki::MAX_CLIENT_CERT_VALIDITY * 2] {
+        let err = LinkServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &pki,
+            Secret::new(JOIN_TOKEN),
+            validity,
+        )
+        .unwrap_err();
+        assert!(matches!(err, LinkError::CertValidity(_)), "{err}");
+        assert!(err.to_string().contains("agents.cert_validity"), "{err}");
+        assert!(!err.is_retryable());
+    }
+}

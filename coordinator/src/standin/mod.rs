@@ -1,0 +1,774 @@
+//! A GitLab stand-in that speaks the runner API over HTTP on 127.0.0.1, for
+//! the demo and end-to-end tests: the same paths, headers, status codes and
+//! edge cases as GitLab (Rails behind Workhorse), a job state machine like
+//! Rails', and git's smart HTTP protocol for the jobs' repositories (through
+//! `git http-backend`, authenticated by job token as GitLab does).
+//!
+//! Tests drive it from Rust: queue jobs ([`StandIn::push_job`]), cancel
+//! them, read what the runner sent ([`StandIn::job`]), and inject faults
+//! (rate limits, server errors, 416s, 202s on the final update).
+//!
+//! It is not GitLab: no pipelines, artifacts, caches, services, runner
+//! registration or web UI, and it stores the trace exactly as received
+//! (GitLab would also hide the job token in it; not doing so lets tests see
+//! whether the runner masked it).
+
+mod api;
+mod git;
+mod payload;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use servitor_agent::secret::Secret;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// The runner token a default stand-in accepts.
+pub const DEFAULT_RUNNER_TOKEN: &str = "glrt-servitor-standin";
+
+/// How long a job request is held when nothing is queued; short so tests
+/// do not wait on it (GitLab's Workhorse holds ~50 s).
+pub const DEFAULT_LONG_POLL: Duration = Duration::from_secs(2);
+
+/// `X-GitLab-Trace-Update-Interval` in seconds: what GitLab sends while
+/// someone watches the job's log.
+pub const DEFAULT_TRACE_UPDATE_INTERVAL: u64 = 3;
+
+/// Project path jobs belong to unless their spec names one.
+pub const DEFAULT_PROJECT_PATH: &str = "servitor/demo";
+
+/// Why the stand-in cannot do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StandInError {
+    #[error("cannot listen on 127.0.0.1:{port} ({source}); pick a free port or 0")]
+    Bind {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no job {0} in the stand-in")]
+    NoSuchJob(i64),
+    #[error("job {job_id} is {state:?}; {action} needs it {needs}")]
+    WrongState {
+        job_id: i64,
+        state: JobState,
+        action: &'static str,
+        needs: &'static str,
+    },
+    #[error("git repository {dir} cannot be served ({reason}); create it with `git init` and commit to it")]
+    Repository { dir: PathBuf, reason: String },
+    #[error("job {job_id} did not reach {what} within {timeout:?}")]
+    Timeout {
+        job_id: i64,
+        what: &'static str,
+        timeout: Duration,
+    },
+}
+
+impl StandInError {
+    /// Nothing the stand-in refuses gets better by asking again.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// How to run a stand-in.
+#[derive(Clone, Debug)]
+pub struct StandInConfig {
+    /// Runner tokens accepted; any other gets 403.
+    pub runner_tokens: Vec<String>,
+    /// Longest hold of a job request that carries the current `last_update`.
+    pub long_poll: Duration,
+    /// `X-GitLab-Trace-Update-Interval` sent on PUT and PATCH answers (seconds).
+    pub trace_update_interval: u64,
+    /// Port on 127.0.0.1; 0 picks a free one.
+    pub port: u16,
+}
+
+impl Default for StandInConfig {
+    fn default() -> Self {
+        Self {
+            runner_tokens: vec![DEFAULT_RUNNER_TOKEN.to_owned()],
+            long_poll: DEFAULT_LONG_POLL,
+            trace_update_interval: DEFAULT_TRACE_UPDATE_INTERVAL,
+            port: 0,
+        }
+    }
+}
+
+/// A job variable as a project would define it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VariableSpec {
+    pub key: String,
+    pub value: String,
+    pub masked: bool,
+    /// A file-type variable.
+    pub file: bool,
+}
+
+/// A job's image.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageSpec {
+    pub name: String,
+    /// `always`, `if-not-present` or `never`; empty leaves it to the runner.
+    pub pull_policy: Vec<String>,
+}
+
+/// A repository served to the job over git's smart HTTP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GitSpec {
+    /// A local repository (work tree or bare) with at least one commit.
+    pub repo_dir: PathBuf,
+    /// The branch the job runs for; the repository's current branch if `None`.
+    pub branch: Option<String>,
+    /// `GIT_DEPTH`; 0 fetches everything.
+    pub depth: i64,
+}
+
+/// A job to queue, in `.gitlab-ci.yml` terms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobSpec {
+    pub name: String,
+    pub stage: String,
+    pub script: Vec<String>,
+    pub after_script: Vec<String>,
+    pub variables: Vec<VariableSpec>,
+    pub image: Option<ImageSpec>,
+    pub timeout: Duration,
+    /// `namespace/project`: the repository URL path and `CI_PROJECT_PATH`.
+    pub project_path: String,
+    pub git: Option<GitSpec>,
+    /// `features.token_mask_prefixes` of the payload.
+    pub token_mask_prefixes: Vec<String>,
+}
+
+impl JobSpec {
+    /// A job with GitLab's defaults: stage `test`, a 1-hour timeout.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            stage: "test".to_owned(),
+            script: Vec::new(),
+            after_script: Vec::new(),
+            variables: Vec::new(),
+            image: None,
+            timeout: Duration::from_secs(3600),
+            project_path: DEFAULT_PROJECT_PATH.to_owned(),
+            git: None,
+            token_mask_prefixes: Vec::new(),
+        }
+    }
+
+    #[must_use]
+    pub fn script<I: IntoIterator<Item = S>, S: Into<String>>(mut self, lines: I) -> Self {
+        self.script = lines.into_iter().map(Into::into).collect();
+        self
+    }
+
+    #[must_use]
+    pub fn after_script<I: IntoIterator<Item = S>, S: Into<String>>(mut self, lines: I) -> Self {
+        self.after_script = lines.into_iter().map(Into::into).collect();
+        self
+    }
+
+    #[must_use]
+    pub fn variable(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.variables.push(VariableSpec {
+            key: key.into(),
+            value: value.into(),
+            ..VariableSpec::default()
+        });
+        self
+    }
+
+    #[must_use]
+    pub fn masked_variable(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.variables.push(VariableSpec {
+            key: key.into(),
+            value: value.into(),
+            masked: true,
+            file: false,
+        });
+        self
+    }
+
+    #[must_use]
+    pub fn file_variable(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.variables.push(VariableSpec {
+            key: key.into(),
+            value: value.into(),
+            masked: false,
+            file: true,
+        });
+        self
+    }
+
+    #[must_use]
+    pub fn image(mut self, name: impl Into<String>) -> Self {
+        self.image = Some(ImageSpec {
+            name: name.into(),
+            pull_policy: Vec::new(),
+        });
+        self
+    }
+
+    /// Sets the image's pull policy (after [`Self::image`]).
+    #[must_use]
+    pub fn pull_policy(mut self, policy: impl Into<String>) -> Self {
+        if let Some(image) = &mut self.image {
+            image.pull_policy = vec![policy.into()];
+        }
+        self
+    }
+
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    #[must_use]
+    pub fn project_path(mut self, path: impl Into<String>) -> Self {
+        self.project_path = path.into();
+        self
+    }
+
+    /// Serves `repo_dir` to the job, on its current branch, depth 20
+    /// (GitLab's project default).
+    #[must_use]
+    pub fn git(mut self, repo_dir: impl Into<PathBuf>) -> Self {
+        self.git = Some(GitSpec {
+            repo_dir: repo_dir.into(),
+            branch: None,
+            depth: 20,
+        });
+        self
+    }
+}
+
+/// A job's status, as GitLab's `Job-Status` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobState {
+    Pending,
+    Running,
+    Canceling,
+    Canceled,
+    Success,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Canceling => "canceling",
+            Self::Canceled => "canceled",
+            Self::Success => "success",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Job-token calls are allowed in these states (Rails' `EXECUTING_STATUSES`).
+    pub fn is_executing(self) -> bool {
+        matches!(self, Self::Running | Self::Canceling)
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Canceled | Self::Success | Self::Failed)
+    }
+}
+
+/// One `PUT /jobs/:id` as received.
+#[derive(Clone, Debug)]
+pub struct UpdateRecord {
+    pub at: Instant,
+    pub state: String,
+    pub failure_reason: Option<String>,
+    /// `None` when the field was absent.
+    pub exit_code: Option<i64>,
+    pub checksum: Option<String>,
+    pub bytesize: Option<u64>,
+    /// The status the stand-in answered.
+    pub status: u16,
+    /// The body (its `token` replaced with `***`).
+    pub body: serde_json::Value,
+}
+
+/// One `PATCH /jobs/:id/trace` as received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PatchRecord {
+    pub at: Instant,
+    /// The start of `Content-Range`, when it parsed.
+    pub start: Option<u64>,
+    pub len: usize,
+    pub status: u16,
+}
+
+/// Everything the stand-in knows about a job.
+#[derive(Clone, Debug)]
+pub struct JobRecord {
+    pub id: i64,
+    pub name: String,
+    pub token: Secret,
+    pub state: JobState,
+    /// The trace as stored (exactly the accepted PATCH bodies, in order).
+    pub trace: Vec<u8>,
+    pub updates: Vec<UpdateRecord>,
+    /// The final update GitLab applied.
+    pub final_update: Option<UpdateRecord>,
+    /// Whether the final update's checksum matched the stored trace.
+    pub checksum_ok: Option<bool>,
+    /// Whether the final update's bytesize matched the stored trace.
+    pub bytesize_ok: Option<bool>,
+    pub patches: Vec<PatchRecord>,
+    /// The 201 body the runner got (`null` while pending).
+    pub payload: serde_json::Value,
+    /// The runner manager the job went to.
+    pub system_id: Option<String>,
+    /// Whether that runner advertised `cancel_gracefully`.
+    pub supports_canceling: bool,
+}
+
+impl JobRecord {
+    /// The trace as text (lossy), for assertions.
+    pub fn trace_text(&self) -> String {
+        String::from_utf8_lossy(&self.trace).into_owned()
+    }
+}
+
+/// One `POST /jobs/request` as received.
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    pub at: Instant,
+    pub system_id: Option<String>,
+    pub last_update: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+    /// The status answered (0 while the request is held).
+    pub status: u16,
+}
+
+/// One `POST /runners/verify` as received.
+#[derive(Clone, Debug)]
+pub struct VerifyRecord {
+    pub at: Instant,
+    pub system_id: Option<String>,
+    pub info: serde_json::Value,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+    pub status: u16,
+}
+
+/// An endpoint faults can be injected into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Route {
+    Verify,
+    RequestJob,
+    UpdateJob(i64),
+    PatchTrace(i64),
+}
+
+/// An injected answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub status: u16,
+    /// `Retry-After` in seconds.
+    pub retry_after: Option<u64>,
+}
+
+impl Fault {
+    pub fn status(status: u16) -> Self {
+        Self {
+            status,
+            retry_after: None,
+        }
+    }
+
+    /// 429 with `Retry-After`.
+    pub fn rate_limited(retry_after_secs: u64) -> Self {
+        Self {
+            status: 429,
+            retry_after: Some(retry_after_secs),
+        }
+    }
+}
+
+/// A job and what only the stand-in needs about it.
+struct Job {
+    record: JobRecord,
+    spec: JobSpec,
+    pipeline_id: i64,
+    /// Repository commit and branch, when the job has a repository.
+    sha: Option<String>,
+    branch: String,
+    /// Answer the next PATCHes 416 regardless of offset.
+    force_416: u32,
+    /// Answer the next final updates 202.
+    not_accepted: u32,
+}
+
+/// A runner manager seen on verify or job request.
+#[derive(Clone, Debug, Default)]
+struct Manager {
+    cancel_gracefully: bool,
+}
+
+struct Inner {
+    next_job_id: i64,
+    jobs: BTreeMap<i64, Job>,
+    queue: VecDeque<i64>,
+    /// The runner queue version (`X-GitLab-Last-Update`).
+    queue_value: String,
+    managers: HashMap<String, Manager>,
+    requests: Vec<RequestRecord>,
+    verifies: Vec<VerifyRecord>,
+    faults: HashMap<Route, VecDeque<Fault>>,
+}
+
+struct State {
+    config: StandInConfig,
+    base_url: String,
+    inner: Mutex<Inner>,
+    /// Bumped on every change, for long polls and waiters.
+    changed: watch::Sender<u64>,
+}
+
+impl State {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn take_fault(&self, route: Route) -> Option<Fault> {
+        self.lock().faults.get_mut(&route)?.pop_front()
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// A running stand-in. Dropping it stops the server.
+pub struct StandIn {
+    state: Arc<State>,
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for StandIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StandIn").field("addr", &self.addr).finish()
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl StandIn {
+    /// Starts serving on 127.0.0.1.
+    ///
+    /// # Errors
+    /// [`StandInError::Bind`] when the port is taken.
+    pub async fn start(config: StandInConfig) -> Result<Self, StandInError> {
+        let port = config.port;
+        let bind = |source| StandInError::Bind { port, source };
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .map_err(bind)?;
+        let addr = listener.local_addr().map_err(bind)?;
+        let (changed, _) = watch::channel(0);
+        let state = Arc::new(State {
+            config,
+            base_url: format!("http://{addr}"),
+            inner: Mutex::new(Inner {
+                next_job_id: 1,
+                jobs: BTreeMap::new(),
+                queue: VecDeque::new(),
+                queue_value: random_hex(16),
+                managers: HashMap::new(),
+                requests: Vec::new(),
+                verifies: Vec::new(),
+                faults: HashMap::new(),
+            }),
+            changed,
+        });
+        let stop = CancellationToken::new();
+        let router = api::router(Arc::clone(&state));
+        let shutdown = stop.clone().cancelled_owned();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::warn!(error = %e, "gitlab stand-in stopped serving");
+            }
+        });
+        Ok(Self { state, addr, stop })
+    }
+
+    /// The GitLab URL to configure the runner with, `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        self.state.base_url.clone()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Queues a job as GitLab does when a pipeline creates it; the next job
+    /// request gets it. With a repository, the pipeline's persistent ref
+    /// (`refs/pipelines/<id>`) is created in it, as GitLab does.
+    ///
+    /// # Errors
+    /// [`StandInError::Repository`] when the repository has no commit or
+    /// git cannot read it.
+    pub async fn push_job(&self, spec: JobSpec) -> Result<i64, StandInError> {
+        let (id, pipeline_id) = {
+            let mut inner = self.state.lock();
+            let id = inner.next_job_id;
+            inner.next_job_id += 1;
+            (id, 1000 + id)
+        };
+        let (sha, branch) = match &spec.git {
+            Some(git) => {
+                let (sha, branch) = git::head(&git.repo_dir, git.branch.as_deref()).await?;
+                git::create_pipeline_ref(&git.repo_dir, pipeline_id, &sha).await?;
+                (Some(sha), branch)
+            }
+            None => (None, "main".to_owned()),
+        };
+        let token = format!("glcbt-{}", payload::random_token(20));
+        let job = Job {
+            record: JobRecord {
+                id,
+                name: spec.name.clone(),
+                token: Secret::new(token),
+                state: JobState::Pending,
+                trace: Vec::new(),
+                updates: Vec::new(),
+                final_update: None,
+                checksum_ok: None,
+                bytesize_ok: None,
+                patches: Vec::new(),
+                payload: serde_json::Value::Null,
+                system_id: None,
+                supports_canceling: false,
+            },
+            spec,
+            pipeline_id,
+            sha,
+            branch,
+            force_416: 0,
+            not_accepted: 0,
+        };
+        {
+            let mut inner = self.state.lock();
+            inner.jobs.insert(id, job);
+            inner.queue.push_back(id);
+            // A new job ticks the runner queue, as Rails' `tick_runner_queue`.
+            inner.queue_value = random_hex(16);
+        }
+        self.state.bump();
+        Ok(id)
+    }
+
+    /// Cancels a job as the UI does. Graceful: a running job goes to
+    /// `canceling` when its runner advertised `cancel_gracefully`, else
+    /// straight to `canceled`. Forced: `canceled` at once.
+    ///
+    /// # Errors
+    /// [`StandInError::NoSuchJob`], or [`StandInError::WrongState`] for a
+    /// job already finished.
+    pub fn cancel(&self, job_id: i64, graceful: bool) -> Result<JobState, StandInError> {
+        let new_state = {
+            let mut inner = self.state.lock();
+            let job = inner
+                .jobs
+                .get_mut(&job_id)
+                .ok_or(StandInError::NoSuchJob(job_id))?;
+            let state = job.record.state;
+            let new_state = match state {
+                JobState::Pending => JobState::Canceled,
+                JobState::Running if graceful && job.record.supports_canceling => {
+                    JobState::Canceling
+                }
+                JobState::Running | JobState::Canceling => JobState::Canceled,
+                _ => {
+                    return Err(StandInError::WrongState {
+                        job_id,
+                        state,
+                        action: "cancel",
+                        needs: "pending, running or canceling",
+                    })
+                }
+            };
+            job.record.state = new_state;
+            if state == JobState::Pending {
+                inner.queue.retain(|id| *id != job_id);
+            }
+            new_state
+        };
+        self.state.bump();
+        Ok(new_state)
+    }
+
+    /// Marks a job failed from GitLab's side (as a stuck-job or timeout
+    /// sweep does); the runner then sees `Job-Status: failed` / 403.
+    ///
+    /// # Errors
+    /// [`StandInError::NoSuchJob`].
+    pub fn drop_job(&self, job_id: i64) -> Result<(), StandInError> {
+        self.with_job(job_id, |job| job.record.state = JobState::Failed)
+    }
+
+    /// A snapshot of one job.
+    pub fn job(&self, job_id: i64) -> Option<JobRecord> {
+        self.state
+            .lock()
+            .jobs
+            .get(&job_id)
+            .map(|j| j.record.clone())
+    }
+
+    /// Snapshots of all jobs, by id.
+    pub fn jobs(&self) -> Vec<JobRecord> {
+        self.state
+            .lock()
+            .jobs
+            .values()
+            .map(|j| j.record.clone())
+            .collect()
+    }
+
+    /// Waits until `check` holds for the job.
+    ///
+    /// # Errors
+    /// [`StandInError::NoSuchJob`], or [`StandInError::Timeout`] naming `what`.
+    pub async fn wait_for(
+        &self,
+        job_id: i64,
+        what: &'static str,
+        timeout: Duration,
+        check: impl Fn(&JobRecord) -> bool,
+    ) -> Result<JobRecord, StandInError> {
+        let mut changes = self.state.changed.subscribe();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let record = self.job(job_id).ok_or(StandInError::NoSuchJob(job_id))?;
+            if check(&record) {
+                return Ok(record);
+            }
+            let changed = tokio::time::timeout_at(deadline, changes.changed()).await;
+            if changed.is_err() {
+                return Err(StandInError::Timeout {
+                    job_id,
+                    what,
+                    timeout,
+                });
+            }
+        }
+    }
+
+    /// Waits until the job is success, failed or canceled.
+    ///
+    /// # Errors
+    /// As [`Self::wait_for`].
+    pub async fn wait_for_final(
+        &self,
+        job_id: i64,
+        timeout: Duration,
+    ) -> Result<JobRecord, StandInError> {
+        self.wait_for(job_id, "a final state", timeout, |j| j.state.is_final())
+            .await
+    }
+
+    /// Answers the next calls to `route` with `faults`, in order.
+    pub fn fail_next(&self, route: Route, faults: Vec<Fault>) {
+        self.state
+            .lock()
+            .faults
+            .entry(route)
+            .or_default()
+            .extend(faults);
+    }
+
+    /// Answers the next job requests with `faults`, in order.
+    pub fn fail_next_requests(&self, faults: Vec<Fault>) {
+        self.fail_next(Route::RequestJob, faults);
+    }
+
+    /// Cuts the stored trace to `len` bytes, so the runner's next PATCH
+    /// gets a 416 and must resend from there.
+    ///
+    /// # Errors
+    /// [`StandInError::NoSuchJob`].
+    pub fn truncate_trace(&self, job_id: i64, len: usize) -> Result<(), StandInError> {
+        self.with_job(job_id, |job| job.record.trace.truncate(len))
+    }
+
+    /// Answers the job's next PATCH 416 whatever its offset.
+    ///
+    /// # Errors
+    /// [`StandInError::NoSuchJob`].
+    pub fn next_patch_416(&self, job_id: i64) -> Result<(), StandInError> {
+        self.with_job(job_id, |job| job.force_416 += 1)
+    }
+
+    /// Answers the job's next `count` final updates 202 (trace still being
+    /// persisted), as Rails does.
+    ///
+    /// # Errors
+    /// [`StandInError::NoSuchJob`].
+    pub fn accept_final_after(&self, job_id: i64, count: u32) -> Result<(), StandInError> {
+        self.with_job(job_id, |job| job.not_accepted = count)
+    }
+
+    /// Every job request so far, oldest first.
+    pub fn request_log(&self) -> Vec<RequestRecord> {
+        self.state.lock().requests.clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.state.lock().requests.len()
+    }
+
+    /// Every verify call so far.
+    pub fn verify_log(&self) -> Vec<VerifyRecord> {
+        self.state.lock().verifies.clone()
+    }
+
+    /// The current runner queue version (`X-GitLab-Last-Update`).
+    pub fn queue_value(&self) -> String {
+        self.state.lock().queue_value.clone()
+    }
+
+    fn with_job(&self, job_id: i64, f: impl FnOnce(&mut Job)) -> Result<(), StandInError> {
+        {
+            let mut inner = self.state.lock();
+            let job = inner
+                .jobs
+                .get_mut(&job_id)
+                .ok_or(StandInError::NoSuchJob(job_id))?;
+            f(job);
+        }
+        self.state.bump();
+        Ok(())
+    }
+}

@@ -1,0 +1,261 @@
+//! The GitLab job payload (`POST /api/v4/jobs/request` → 201), as serde types.
+//!
+//! GitLab adds fields between releases and leaves out the ones that do not
+//! apply, so every field is optional or defaulted and unknown fields are
+//! ignored. Only `id` and `token` are required: without them a job can be
+//! neither run nor reported.
+
+use serde::{Deserialize, Serialize};
+
+/// A job as GitLab hands it to a runner.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobPayload {
+    pub id: i64,
+    /// The job token (`CI_JOB_TOKEN`). Never log it.
+    #[serde(deserialize_with = "nullable")]
+    pub token: String,
+    pub allow_git_fetch: bool,
+    #[serde(deserialize_with = "nullable")]
+    pub job_info: JobInfo,
+    #[serde(deserialize_with = "nullable")]
+    pub git_info: GitInfo,
+    #[serde(deserialize_with = "nullable")]
+    pub runner_info: RunnerInfo,
+    #[serde(deserialize_with = "nullable")]
+    pub variables: Vec<JobVariable>,
+    #[serde(deserialize_with = "nullable")]
+    pub steps: Vec<Step>,
+    #[serde(deserialize_with = "nullable")]
+    pub hooks: Vec<Hook>,
+    pub image: Option<Image>,
+    #[serde(deserialize_with = "nullable")]
+    pub services: Vec<serde_json::Value>,
+    #[serde(deserialize_with = "nullable")]
+    pub artifacts: Vec<serde_json::Value>,
+    #[serde(deserialize_with = "nullable")]
+    pub cache: Vec<serde_json::Value>,
+    #[serde(deserialize_with = "nullable")]
+    pub credentials: Vec<serde_json::Value>,
+    #[serde(deserialize_with = "nullable")]
+    pub dependencies: Vec<serde_json::Value>,
+    #[serde(deserialize_with = "nullable")]
+    pub features: JobFeatures,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobInfo {
+    pub id: i64,
+    #[serde(deserialize_with = "nullable")]
+    pub name: String,
+    #[serde(deserialize_with = "nullable")]
+    pub stage: String,
+    pub project_id: i64,
+    #[serde(deserialize_with = "nullable")]
+    pub project_name: String,
+    #[serde(deserialize_with = "nullable")]
+    pub project_full_path: String,
+    pub pipeline_id: i64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GitInfo {
+    /// Project URL with `gitlab-ci-token:<job token>@` userinfo. Never log it.
+    #[serde(deserialize_with = "nullable")]
+    pub repo_url: String,
+    #[serde(rename = "ref")]
+    #[serde(deserialize_with = "nullable")]
+    pub git_ref: String,
+    #[serde(deserialize_with = "nullable")]
+    pub sha: String,
+    #[serde(deserialize_with = "nullable")]
+    pub before_sha: String,
+    #[serde(deserialize_with = "nullable")]
+    pub ref_type: String,
+    #[serde(deserialize_with = "nullable")]
+    pub refspecs: Vec<String>,
+    pub depth: i64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunnerInfo {
+    /// Job timeout in seconds; 0 or less means the default.
+    pub timeout: i64,
+}
+
+/// Job timeout gitlab-runner applies when GitLab sends none (common/build.go).
+pub const DEFAULT_JOB_TIMEOUT_SECS: u64 = 7200;
+
+impl RunnerInfo {
+    /// The job timeout, with GitLab's default when none is set.
+    pub fn timeout(&self) -> std::time::Duration {
+        let secs = u64::try_from(self.timeout)
+            .ok()
+            .filter(|s| *s > 0)
+            .unwrap_or(DEFAULT_JOB_TIMEOUT_SECS);
+        std::time::Duration::from_secs(secs)
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobVariable {
+    #[serde(deserialize_with = "nullable")]
+    pub key: String,
+    #[serde(deserialize_with = "nullable")]
+    pub value: String,
+    pub public: bool,
+    pub masked: bool,
+    /// A file-type variable: the value is written to a file and the variable
+    /// holds the file's path.
+    pub file: bool,
+    /// Not expanded.
+    pub raw: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Step {
+    /// `script`, `release`, `after_script`.
+    #[serde(deserialize_with = "nullable")]
+    pub name: String,
+    #[serde(deserialize_with = "nullable")]
+    pub script: Vec<String>,
+    pub timeout: i64,
+    /// `on_success`, `on_failure` or `always`.
+    #[serde(deserialize_with = "nullable")]
+    pub when: String,
+    pub allow_failure: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Hook {
+    #[serde(deserialize_with = "nullable")]
+    pub name: String,
+    #[serde(deserialize_with = "nullable")]
+    pub script: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Image {
+    #[serde(deserialize_with = "nullable")]
+    pub name: String,
+    #[serde(deserialize_with = "nullable")]
+    pub entrypoint: Vec<String>,
+    /// `always`, `if-not-present`, `never`; the first is used.
+    #[serde(deserialize_with = "nullable")]
+    pub pull_policy: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobFeatures {
+    pub trace_sections: bool,
+    /// The failure reasons this GitLab accepts.
+    #[serde(deserialize_with = "nullable")]
+    pub failure_reasons: Vec<String>,
+    #[serde(deserialize_with = "nullable")]
+    pub token_mask_prefixes: Vec<String>,
+}
+
+/// Reads `null` as the type's default: GitLab sends `null` for empty lists
+/// and strings in some versions.
+fn nullable<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// Why a job payload cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("job payload is not valid JSON for a GitLab job: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("job payload has no {0}; GitLab always sends it, so the response did not come from a GitLab runner API")]
+    Missing(&'static str),
+}
+
+impl JobPayload {
+    /// Parses a payload and checks the fields every job needs.
+    ///
+    /// # Errors
+    /// Fails on invalid JSON or a missing `id` or `token`.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, PayloadError> {
+        let job: JobPayload = serde_json::from_slice(bytes)?;
+        if job.id <= 0 {
+            return Err(PayloadError::Missing("id"));
+        }
+        if job.token.is_empty() {
+            return Err(PayloadError::Missing("token"));
+        }
+        Ok(job)
+    }
+
+    /// The step with this name (`script`, `after_script`, …).
+    pub fn step(&self, name: &str) -> Option<&Step> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// The value of a job variable, last definition wins as in GitLab.
+    pub fn variable(&self, key: &str) -> Option<&str> {
+        self.variables
+            .iter()
+            .rev()
+            .find(|v| v.key == key)
+            .map(|v| v.value.as_str())
+    }
+
+    /// A human name for logs: the job name, or its id.
+    pub fn display_name(&self) -> String {
+        if self.job_info.name.is_empty() {
+            format!("job {}", self.id)
+        } else {
+            self.job_info.name.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_payload_parses_with_defaults() {
+        let job = JobPayload::from_json(br#"{"id": 5, "token": "glcbt-abc", "new_field": [1]}"#).unwrap();
+        assert_eq!(job.id, 5);
+        assert!(job.steps.is_empty());
+        assert_eq!(job.runner_info.timeout().as_secs(), DEFAULT_JOB_TIMEOUT_SECS);
+    }
+
+    #[test]
+    fn payload_without_token_is_refused_with_the_field_named() {
+        let err = JobPayload::from_json(br#"{"id": 5}"#).unwrap_err();
+        assert!(err.to_string().contains("no token"), "{err}");
+        let err = JobPayload::from_json(b"not json").unwrap_err();
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn nulls_and_gitlab_shapes_parse() {
+        let job = JobPayload::from_json(
+            br#"{"id": 9, "token": "t", "image": null, "services": null, "job_info": null,
+                 "variables": [{"key": "A", "value": "1", "public": true, "masked": false},
+                               {"key": "A", "value": "2", "public": true, "masked": false}],
+                 "steps": [{"name": "script", "script": ["echo hi"], "timeout": 3600, "when": "on_success", "allow_failure": false}],
+                 "runner_info": {"timeout": 60, "runner_session_url": null},
+                 "git_info": {"ref": "main", "refspecs": ["+refs/heads/main:refs/remotes/origin/main"], "depth": 20}}"#,
+        )
+        .unwrap();
+        assert_eq!(job.variable("A"), Some("2"));
+        assert_eq!(job.step("script").unwrap().script, vec!["echo hi"]);
+        assert_eq!(job.runner_info.timeout().as_secs(), 60);
+        assert_eq!(job.git_info.git_ref, "main");
+    }
+}

@@ -1,0 +1,272 @@
+//! The end-to-end harness: a GitLab stand-in over real HTTP, the real
+//! coordinator started in process through the same `start` the binary uses,
+//! and real agent processes (the built `servitor-agent` binary) that dial it
+//! over QUIC with mutual TLS and run jobs in the real Docker engine.
+//!
+//! A prerequisite that is missing (Docker, the job image, the agent binary)
+//! fails the test with a message naming it; nothing passes silently.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use servitor_coordinator::config::Config;
+use servitor_coordinator::standin::{JobRecord, StandIn, StandInConfig};
+use servitor_coordinator::{Coordinator, StartOptions};
+use tokio_util::sync::CancellationToken;
+
+/// The job image tests run in, built from the host's static busybox.
+pub const TEST_IMAGE: &str = "servitor-test-job:latest";
+
+/// Test logs on stderr when `RUST_LOG` asks for them.
+pub fn init_tracing() {
+    servitor_agent::telemetry::init(servitor_agent::telemetry::LogFormat::Plain, "warn");
+}
+
+/// The built agent binary. `tests/run.sh` builds it before the tests.
+///
+/// # Errors
+/// Names the build command when it is missing.
+pub fn agent_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test binary")?;
+    // target/<profile>/deps/<test> → target/<profile>/
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary has no target directory")?;
+    let agent = dir.join("servitor-agent");
+    if !agent.is_file() {
+        bail!(
+            "{} is missing: build it first with `cargo build --workspace --bins` (tests/run.sh does)",
+            agent.display()
+        );
+    }
+    Ok(agent)
+}
+
+/// The built coordinator binary.
+///
+/// # Errors
+/// Names the build command when it is missing.
+pub fn coordinator_binary() -> anyhow::Result<PathBuf> {
+    let agent = agent_binary()?;
+    let coordinator = agent.with_file_name("servitor-coordinator");
+    if !coordinator.is_file() {
+        bail!(
+            "{} is missing: build it first with `cargo build --workspace --bins` (tests/run.sh does)",
+            coordinator.display()
+        );
+    }
+    Ok(coordinator)
+}
+
+/// Makes sure Docker answers and the test job image exists.
+///
+/// # Errors
+/// Names what is missing: the engine, or a static busybox to build the image.
+pub async fn ensure_test_image() -> anyhow::Result<()> {
+    use servitor_agent::executor::docker::{ensure_local_image, DockerConfig, DockerExecutor};
+    let docker = DockerExecutor::connect(DockerConfig::default())
+        .await
+        .context("these tests need the Docker engine")?;
+    ensure_local_image(docker.client(), TEST_IMAGE)
+        .await
+        .context("these tests need the job image (Debian's busybox-static on the host)")?;
+    Ok(())
+}
+
+/// Knobs of one harness.
+#[derive(Clone, Debug)]
+pub struct HarnessOptions {
+    /// `docker` or `shell`.
+    pub executor: &'static str,
+    pub concurrent: u32,
+    pub max_instances: u32,
+    pub capacity_per_instance: u32,
+    pub idle_time: &'static str,
+    pub lost_grace: &'static str,
+    pub standin: StandInConfig,
+}
+
+impl Default for HarnessOptions {
+    fn default() -> Self {
+        Self {
+            executor: "docker",
+            concurrent: 4,
+            max_instances: 2,
+            capacity_per_instance: 2,
+            idle_time: "5m",
+            lost_grace: "30s",
+            standin: StandInConfig::default(),
+        }
+    }
+}
+
+/// A GitLab stand-in and a coordinator with its local fleet.
+#[derive(Debug)]
+pub struct Harness {
+    pub standin: StandIn,
+    pub coordinator: Option<Coordinator>,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    shutdown: CancellationToken,
+}
+
+impl Harness {
+    /// Starts the stand-in and the coordinator.
+    ///
+    /// # Errors
+    /// Any prerequisite or start failure, named.
+    pub async fn start(options: HarnessOptions) -> anyhow::Result<Self> {
+        init_tracing();
+        if options.executor == "docker" {
+            ensure_test_image().await?;
+        }
+        let dir = tempfile::tempdir().context("creating a temporary directory")?;
+        let standin = StandIn::start(options.standin.clone())
+            .await
+            .context("starting the GitLab stand-in")?;
+        let token = options
+            .standin
+            .runner_tokens
+            .first()
+            .cloned()
+            .unwrap_or_default();
+        std::fs::write(dir.path().join("runner-token"), token)?;
+        std::fs::write(dir.path().join("join-token"), "test-join-token-0123456789")?;
+        let config_text = format!(
+            r#"
+state_dir = {state:?}
+concurrent = {concurrent}
+
+[gitlab]
+url = {url:?}
+token_file = {token:?}
+
+[agents]
+listen = "127.0.0.1:0"
+join_token_file = {join:?}
+lost_grace = "{lost_grace}"
+
+[fleet]
+provider = "local"
+capacity_per_instance = {capacity}
+max_instances = {max}
+idle_time = "{idle}"
+
+[fleet.local]
+executor = "{executor}"
+default_image = "{TEST_IMAGE}"
+"#,
+            state = dir.path().join("state").display().to_string(),
+            concurrent = options.concurrent,
+            url = standin.url(),
+            token = dir.path().join("runner-token").display().to_string(),
+            join = dir.path().join("join-token").display().to_string(),
+            lost_grace = options.lost_grace,
+            capacity = options.capacity_per_instance,
+            max = options.max_instances,
+            idle = options.idle_time,
+            executor = options.executor,
+        );
+        let config_path = dir.path().join("coordinator.toml");
+        std::fs::write(&config_path, &config_text)?;
+        let config = Config::from_toml_str(&config_text, "test config")?;
+        let secrets = config.load_secrets()?;
+        let shutdown = CancellationToken::new();
+        let agent = agent_binary()?;
+        let coordinator = servitor_coordinator::start(
+            config,
+            secrets,
+            StartOptions {
+                agent_command: Some(vec![agent.display().to_string()]),
+            },
+            shutdown.clone(),
+        )
+        .await
+        .context("starting the coordinator")?;
+        Ok(Self {
+            standin,
+            coordinator: Some(coordinator),
+            dir,
+            config_path,
+            shutdown,
+        })
+    }
+
+    /// The running coordinator.
+    pub fn coordinator(&self) -> &Coordinator {
+        self.coordinator
+            .as_ref()
+            .expect("the coordinator runs until the harness is stopped")
+    }
+
+    /// Waits for a job's final state, with its log in the error if it does
+    /// not get there.
+    ///
+    /// # Errors
+    /// Timeout, with the job's state and log so far.
+    pub async fn wait_final(&self, job_id: i64, timeout: Duration) -> anyhow::Result<JobRecord> {
+        match self.standin.wait_for_final(job_id, timeout).await {
+            Ok(record) => Ok(record),
+            Err(e) => {
+                let record = self.standin.job(job_id);
+                bail!(
+                    "{e}; job is {:?}, log so far:\n{}\nagent logs:\n{}",
+                    record.as_ref().map(|r| r.state),
+                    record.map(|r| r.trace_text()).unwrap_or_default(),
+                    self.agent_logs()
+                )
+            }
+        }
+    }
+
+    /// Waits until the job's log contains `text`.
+    ///
+    /// # Errors
+    /// Timeout, with the log so far.
+    pub async fn wait_trace(&self, job_id: i64, text: &str, timeout: Duration) -> anyhow::Result<JobRecord> {
+        let wanted = text.to_owned();
+        match self
+            .standin
+            .wait_for(job_id, "a line in the log", timeout, move |r| r.trace_text().contains(&wanted))
+            .await
+        {
+            Ok(r) => Ok(r),
+            Err(e) => bail!(
+                "{e} ({text:?}); log so far:\n{}\nagent logs:\n{}",
+                self.standin.job(job_id).map(|r| r.trace_text()).unwrap_or_default(),
+                self.agent_logs()
+            ),
+        }
+    }
+
+    /// Every local agent's stderr, for failure messages.
+    pub fn agent_logs(&self) -> String {
+        let base = self.dir.path().join("state").join("local-fleet");
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(&base) {
+            for entry in entries.flatten() {
+                let log = entry.path().join("agent.log");
+                if let Ok(text) = std::fs::read_to_string(&log) {
+                    out.push_str(&format!("--- {}\n{text}\n", log.display()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Stops the coordinator and waits for its tasks.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(c) = self.coordinator.take() {
+            c.wait().await;
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
