@@ -48,7 +48,11 @@ pub async fn settings_from_config(config: &AgentConfig) -> Result<AgentSettings,
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "agent".to_owned());
     let instance = InstanceFacts {
-        instance_id: config.instance.id.clone().unwrap_or_else(|| hostname.clone()),
+        instance_id: config
+            .instance
+            .id
+            .clone()
+            .unwrap_or_else(|| hostname.clone()),
         instance_type: config.instance.instance_type.clone().unwrap_or_default(),
         availability_zone: config.instance.zone.clone().unwrap_or_default(),
         market: config.instance.market.clone().unwrap_or_default(),
@@ -58,13 +62,19 @@ pub async fn settings_from_config(config: &AgentConfig) -> Result<AgentSettings,
         .name
         .clone()
         .unwrap_or_else(|| instance.instance_id.clone());
-    let executor = pick_executor(config, &agent_name).await?;
     std::fs::create_dir_all(&config.executor.work_dir).map_err(|e| {
         ConfigError(format!(
             "executor.work_dir {} cannot be created ({e})",
             config.executor.work_dir.display()
         ))
     })?;
+    let work_dir = std::fs::canonicalize(&config.executor.work_dir).map_err(|e| {
+        ConfigError(format!(
+            "executor.work_dir {} cannot be resolved ({e})",
+            config.executor.work_dir.display()
+        ))
+    })?;
+    let executor = pick_executor(config, &owner_key(&work_dir)).await?;
     Ok(AgentSettings {
         link: LinkSettings {
             coordinator: config.coordinator.clone(),
@@ -76,15 +86,17 @@ pub async fn settings_from_config(config: &AgentConfig) -> Result<AgentSettings,
         },
         capacity: config.capacity,
         executor,
-        work_dir: config.executor.work_dir.clone(),
+        work_dir,
         instance,
     })
 }
 
-async fn pick_executor(config: &AgentConfig, agent_name: &str) -> Result<AnyExecutor, ConfigError> {
-    let pull_policy: PullPolicy = config.executor.pull_policy.parse().map_err(|e| {
-        ConfigError(format!("executor.pull_policy: {e}"))
-    })?;
+async fn pick_executor(config: &AgentConfig, owner: &str) -> Result<AnyExecutor, ConfigError> {
+    let pull_policy: PullPolicy = config
+        .executor
+        .pull_policy
+        .parse()
+        .map_err(|e| ConfigError(format!("executor.pull_policy: {e}")))?;
     let docker_config = DockerConfig {
         default_image: config.executor.default_image.clone(),
         pull_policy,
@@ -103,7 +115,7 @@ async fn pick_executor(config: &AgentConfig, agent_name: &str) -> Result<AnyExec
         },
     };
     // Containers a previous run of this agent left behind (killed mid-job).
-    match docker.remove_leftovers(agent_name).await {
+    match docker.remove_leftovers(owner).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(count = n, "removed containers left by an earlier run"),
         Err(e) => tracing::warn!(error = %e, "could not look for leftover containers"),
@@ -155,7 +167,18 @@ pub const EXIT_TRANSIENT: u8 = 1;
 /// Exit code: bad configuration or usage (`RestartPreventExitStatus=64`).
 pub const EXIT_CONFIG: u8 = 64;
 
+/// The key that marks this agent installation's containers: its work
+/// directory, which no two agents on one host share.
+fn owner_key(work_dir: &std::path::Path) -> String {
+    work_dir.display().to_string()
+}
+
 impl AgentSettings {
+    /// See [`executor::JobContext::owner`].
+    pub fn owner(&self) -> String {
+        owner_key(&self.work_dir)
+    }
+
     /// The executor's name, for logs.
     pub fn executor_name(&self) -> &'static str {
         use crate::executor::Executor;

@@ -126,7 +126,14 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         };
         tracing::info!(agent_id = %link.agent_id, "connected to the coordinator");
         let started = tokio::time::Instant::now();
-        let end = session(&settings, &link.connection, &mut state, &mut done_rx, &shutdown).await;
+        let end = session(
+            &settings,
+            &link.connection,
+            &mut state,
+            &mut done_rx,
+            &shutdown,
+        )
+        .await;
         link.connection.close(0u32.into(), b"bye");
         match end {
             SessionEnd::Exit => return Ok(()),
@@ -154,7 +161,8 @@ struct AgentState {
 
 impl AgentState {
     fn finish(&mut self, done: Done) {
-        self.running.remove(&(done.attempt.job_id, done.attempt.attempt));
+        self.running
+            .remove(&(done.attempt.job_id, done.attempt.attempt));
         self.pending_reports.push(finished_message(done));
     }
 
@@ -165,7 +173,12 @@ impl AgentState {
 
 fn finished_message(done: Done) -> Finished {
     let (outcome, failure, exit_code, message) = match done.result {
-        JobResult::Success => (Outcome::Success, FailureKind::Unspecified, None, String::new()),
+        JobResult::Success => (
+            Outcome::Success,
+            FailureKind::Unspecified,
+            None,
+            String::new(),
+        ),
         JobResult::Failed {
             kind,
             exit_code,
@@ -203,7 +216,9 @@ async fn session(
             return SessionEnd::Lost;
         }
     };
-    let free = settings.capacity.saturating_sub(len_u32(state.running.len()));
+    let free = settings
+        .capacity
+        .saturating_sub(len_u32(state.running.len()));
     let hello = Hello {
         protocol_version: servitor_proto::PROTOCOL_VERSION,
         agent_name: settings.link.agent_name.clone(),
@@ -226,9 +241,12 @@ async fn session(
     }
     // Results that finished while we were away.
     for finished in std::mem::take(&mut state.pending_reports) {
-        if write_frame(&mut send, &msg(agent_message::Msg::Finished(finished.clone())))
-            .await
-            .is_err()
+        if write_frame(
+            &mut send,
+            &msg(agent_message::Msg::Finished(finished.clone())),
+        )
+        .await
+        .is_err()
         {
             state.pending_reports.push(finished);
             return SessionEnd::Lost;
@@ -424,6 +442,7 @@ async fn run_attempt(
         work_dir: work_dir.clone(),
         concurrent_id: slot,
         agent_name: settings.link.agent_name.clone(),
+        owner: settings.owner(),
     };
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(OUTPUT_QUEUE);
     let abort = cancel.abort.clone();

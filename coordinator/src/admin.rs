@@ -174,7 +174,14 @@ pub async fn connect(path: &Path) -> Result<AdminClient<tonic::transport::Channe
             }
         }))
         .await
-        .map_err(|e| fail(format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default())))?;
+        .map_err(|e| {
+            fail(format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ))
+        })?;
     Ok(AdminClient::new(channel))
 }
 
@@ -193,7 +200,11 @@ pub fn render_status(status: &StatusResponse) -> String {
     );
     let _ = writeln!(out, "\nINSTANCES ({})", status.instances.len());
     for i in &status.instances {
-        let _ = writeln!(out, "  {:<20} {:<10} up {}s", i.instance_id, i.state, i.age_secs);
+        let _ = writeln!(
+            out,
+            "  {:<20} {:<10} up {}s",
+            i.instance_id, i.state, i.age_secs
+        );
     }
     let _ = writeln!(out, "\nAGENTS ({})", status.agents.len());
     for a in &status.agents {
@@ -219,7 +230,11 @@ pub fn render_status(status: &StatusResponse) -> String {
             j.name,
             j.attempt,
             j.state,
-            if j.agent_id.is_empty() { "-" } else { &j.agent_id },
+            if j.agent_id.is_empty() {
+                "-"
+            } else {
+                &j.agent_id
+            },
             j.age_secs
         );
     }

@@ -77,9 +77,13 @@ async fn serve_agent(
     })
     .await;
     let (mut send, mut recv, hello) = match opened {
-        Ok(Ok((send, recv, Some(AgentMessage { msg: Some(agent_message::Msg::Hello(h)) })))) => {
-            (send, recv, h)
-        }
+        Ok(Ok((
+            send,
+            recv,
+            Some(AgentMessage {
+                msg: Some(agent_message::Msg::Hello(h)),
+            }),
+        ))) => (send, recv, h),
         Ok(Ok(_)) => {
             tracing::warn!("agent did not start with hello; closing");
             connection.close(2u32.into(), b"expected hello");
@@ -128,7 +132,8 @@ async fn serve_agent(
         msg: Some(coordinator_message::Msg::Welcome(Welcome {
             agent_id: agent_id.clone(),
             stale,
-            heartbeat_interval_ms: u32::try_from(HEARTBEAT_INTERVAL.as_millis()).unwrap_or(u32::MAX),
+            heartbeat_interval_ms: u32::try_from(HEARTBEAT_INTERVAL.as_millis())
+                .unwrap_or(u32::MAX),
         })),
     };
 
@@ -142,9 +147,7 @@ async fn serve_agent(
                 while let Ok(stream) = connection.accept_uni().await {
                     let core = core.clone();
                     let agent_id = agent_id.clone();
-                    tokio::spawn(
-                        route_output(core, agent_id, stream).in_current_span(),
-                    );
+                    tokio::spawn(route_output(core, agent_id, stream).in_current_span());
                 }
             }
             .in_current_span(),

@@ -206,7 +206,10 @@ impl Config {
         if !(self.gitlab.url.starts_with("http://") || self.gitlab.url.starts_with("https://")) {
             return fail(
                 "gitlab.url",
-                &format!("{:?} must start with https:// (or http://)", self.gitlab.url),
+                &format!(
+                    "{:?} must start with https:// (or http://)",
+                    self.gitlab.url
+                ),
             );
         }
         if self.fleet.capacity_per_instance == 0 {
@@ -264,20 +267,34 @@ mod tests {
     #[test]
     fn unknown_key_is_named() {
         let text = include_str!("../coordinator.example.toml").replace("concurrent", "concurent");
-        let err = Config::from_toml_str(&text, "c.toml").unwrap_err().to_string();
+        let err = Config::from_toml_str(&text, "c.toml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("concurent"), "{err}");
     }
 
     #[test]
     fn bad_values_name_key_and_fix() {
         let base = include_str!("../coordinator.example.toml");
-        let err = Config::from_toml_str(&base.replace("idle_time = \"5m\"", "idle_time = \"soon\""), "c.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("not a duration") && err.contains("30s"), "{err}");
-        let err = Config::from_toml_str(&base.replace("max_instances = 4", "max_instances = 0"), "c.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("fleet.max_instances must be at least 1"), "{err}");
+        let err = Config::from_toml_str(
+            &base.replace("idle_time = \"5m\"", "idle_time = \"soon\""),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("not a duration") && err.contains("30s"),
+            "{err}"
+        );
+        let err = Config::from_toml_str(
+            &base.replace("max_instances = 4", "max_instances = 0"),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("fleet.max_instances must be at least 1"),
+            "{err}"
+        );
     }
 }

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use servitor_proto::agent::{
-    coordinator_message, AgentMessage, Assign, AttemptRef, Cancel, CancelMode,
-    CoordinatorMessage, Drain, Finished, InstanceFacts,
+    coordinator_message, AgentMessage, Assign, AttemptRef, Cancel, CancelMode, CoordinatorMessage,
+    Drain, Finished, InstanceFacts,
 };
 use servitor_proto::job::JobPayload;
 use tokio::sync::{mpsc, Notify};
@@ -369,7 +369,11 @@ impl Core {
                 let Some(a) = started.attempt else { return };
                 let key = (a.job_id, a.attempt);
                 if let Some(entry) = state.agents.get_mut(agent_id) {
-                    entry.unacked.remove(&key);
+                    // The slot this attempt took was counted in the agent's
+                    // last pull; the next pull reports afresh.
+                    if entry.unacked.remove(&key) {
+                        entry.free_reported = entry.free_reported.saturating_sub(1);
+                    }
                 }
                 let applied = state.jobs.get_mut(&a.job_id).map(|job| {
                     job.lease
@@ -419,11 +423,21 @@ impl Core {
                 let key = (a.job_id, a.attempt);
                 if let Some(entry) = state.agents.get_mut(agent_id) {
                     entry.unacked.remove(&key);
+                    // It refused: this pull's credit is spent.
+                    entry.free_reported = 0;
                     let held = entry.attempts.remove(&key);
                     touch_idle(entry);
                     if held {
-                        let reason = format!("agent {agent_id} refused it: {}", rejected.reason);
-                        lose_attempt(&mut state, key, &reason);
+                        tracing::warn!(agent = %agent_id, attempt = %a, reason = %rejected.reason, "agent refused an assignment; queueing it again");
+                        if let Some(job) = state.jobs.get_mut(&a.job_id) {
+                            let refused = job.lease.apply(LeaseEvent::Refused {
+                                agent: agent_id.to_owned(),
+                                attempt: a.attempt,
+                            });
+                            if refused.is_ok() {
+                                state.queue.push_front(a.job_id);
+                            }
+                        }
                     }
                 }
             }
@@ -707,11 +721,36 @@ mod tests {
         }
         assert_eq!(assigns(&mut rx), vec![AttemptRef::new(1, 1)]);
         // A repeated pull before the agent acknowledged does not add credit.
-        core.agent_message("a", session, AgentMessage { msg: Some(Msg::Pull(Pull { free_slots: 1 })) });
+        core.agent_message(
+            "a",
+            session,
+            AgentMessage {
+                msg: Some(Msg::Pull(Pull { free_slots: 1 })),
+            },
+        );
         assert!(assigns(&mut rx).is_empty());
         // Acknowledged, then a pull with a free slot again: the next job.
-        core.agent_message("a", session, AgentMessage { msg: Some(Msg::Started(Started { attempt: Some(AttemptRef::new(1, 1)) })) });
-        core.agent_message("a", session, AgentMessage { msg: Some(Msg::Pull(Pull { free_slots: 1 })) });
+        core.agent_message(
+            "a",
+            session,
+            AgentMessage {
+                msg: Some(Msg::Started(Started {
+                    attempt: Some(AttemptRef::new(1, 1)),
+                })),
+            },
+        );
+        // Started spends the slot of the earlier pull: nothing more yet.
+        assert!(
+            assigns(&mut rx).is_empty(),
+            "a started attempt used the only slot"
+        );
+        core.agent_message(
+            "a",
+            session,
+            AgentMessage {
+                msg: Some(Msg::Pull(Pull { free_slots: 1 })),
+            },
+        );
         assert_eq!(assigns(&mut rx), vec![AttemptRef::new(2, 1)]);
     }
 
@@ -730,7 +769,14 @@ mod tests {
         assert!(core.output_target("a", AttemptRef::new(7, 1)).is_none());
         let mut lost = false;
         while let Ok(e) = events.try_recv() {
-            lost |= matches!(e, JobEvent::Lost { attempt: 1, requeued: true, .. });
+            lost |= matches!(
+                e,
+                JobEvent::Lost {
+                    attempt: 1,
+                    requeued: true,
+                    ..
+                }
+            );
         }
         assert!(lost);
     }
@@ -755,7 +801,10 @@ mod tests {
             tx,
         );
         assert_eq!(stale, vec![AttemptRef::new(99, 4)]);
-        assert!(!core.agent_lost("a", s1, "old session"), "the old session's grace timer must not fire");
+        assert!(
+            !core.agent_lost("a", s1, "old session"),
+            "the old session's grace timer must not fire"
+        );
         assert!(core.output_target("a", AttemptRef::new(7, 1)).is_some());
         assert!(s2 > s1);
     }

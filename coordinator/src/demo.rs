@@ -32,10 +32,17 @@ async fn choose_executor() -> (&'static str, String) {
                 "docker",
                 format!(
                     "docker (image {DEMO_IMAGE}{})",
-                    if built { ", just built from the host's static busybox" } else { "" }
+                    if built {
+                        ", just built from the host's static busybox"
+                    } else {
+                        ""
+                    }
                 ),
             ),
-            Err(e) => ("shell", format!("shell (Docker answers, but no job image: {e})")),
+            Err(e) => (
+                "shell",
+                format!("shell (Docker answers, but no job image: {e})"),
+            ),
         },
         Err(e) => ("shell", format!("shell (Docker is not available: {e})")),
     }
@@ -130,15 +137,23 @@ async fn run_in(dir: &Path, shutdown: CancellationToken) -> anyhow::Result<bool>
         .await
         .context("starting the GitLab stand-in")?;
     println!("GitLab stand-in (runner API over HTTP): {}", standin.url());
-    std::fs::write(dir.join("runner-token"), crate::standin::DEFAULT_RUNNER_TOKEN)?;
+    std::fs::write(
+        dir.join("runner-token"),
+        crate::standin::DEFAULT_RUNNER_TOKEN,
+    )?;
     std::fs::write(dir.join("join-token"), random_token())?;
 
     let config = Config::from_toml_str(&demo_config(dir, &standin.url(), executor), "demo")?;
     let secrets = config.load_secrets()?;
     let stop = shutdown.child_token();
-    let coordinator = crate::start(config, secrets, crate::StartOptions::default(), stop.clone())
-        .await
-        .context("starting the coordinator")?;
+    let coordinator = crate::start(
+        config,
+        secrets,
+        crate::StartOptions::default(),
+        stop.clone(),
+    )
+    .await
+    .context("starting the coordinator")?;
     println!(
         "Coordinator: agent link on {} (QUIC, mutual TLS), admin socket {}",
         coordinator.link_addr,
@@ -168,7 +183,11 @@ async fn run_in(dir: &Path, shutdown: CancellationToken) -> anyhow::Result<bool>
             if let Some(long) = records.iter().find(|r| r.name == "long-running") {
                 if long.trace_text().contains("tick 3") {
                     standin.cancel(long.id, true)?;
-                    println!("{:>5.1}s  canceling #{} long-running from GitLab", started.elapsed().as_secs_f32(), long.id);
+                    println!(
+                        "{:>5.1}s  canceling #{} long-running from GitLab",
+                        started.elapsed().as_secs_f32(),
+                        long.id
+                    );
                     canceled = true;
                 }
             }
@@ -221,7 +240,11 @@ fn live_line(coordinator: &crate::Coordinator, records: &[JobRecord]) -> String 
         .collect();
     format!(
         "instances [{}]  jobs [{}]",
-        if instances.is_empty() { "none".to_owned() } else { instances.join(", ") },
+        if instances.is_empty() {
+            "none".to_owned()
+        } else {
+            instances.join(", ")
+        },
         jobs.join(", ")
     )
 }
@@ -235,7 +258,9 @@ fn summary(records: &[JobRecord]) -> bool {
     let mut all_ok = true;
     for r in records {
         let fin = r.final_update.as_ref();
-        let reason = fin.and_then(|f| f.failure_reason.clone()).unwrap_or_default();
+        let reason = fin
+            .and_then(|f| f.failure_reason.clone())
+            .unwrap_or_default();
         let exit = fin.and_then(|f| f.exit_code);
         let trace = r.trace_text();
         let expected = match r.name.as_str() {
@@ -271,7 +296,11 @@ fn summary(records: &[JobRecord]) -> bool {
                 Some(false) => "MISMATCH",
                 None => "-",
             },
-            if expected { "as expected" } else { "UNEXPECTED" }
+            if expected {
+                "as expected"
+            } else {
+                "UNEXPECTED"
+            }
         );
     }
     if let Some(deploy) = records.iter().find(|r| r.name == "deploy") {

@@ -18,9 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::core::{Core, JobEvent};
-use crate::gitlab::{
-    FinalState, GitLabClient, GitLabError, JobReporter, ReceivedJob, RemoteEvent,
-};
+use crate::gitlab::{FinalState, GitLabClient, GitLabError, JobReporter, ReceivedJob, RemoteEvent};
 use servitor_agent::backoff::Backoff;
 
 /// Job request backoff bounds (gitlab-runner: 100 ms to 60 s).
@@ -102,7 +100,8 @@ async fn take_job(
 ) {
     match job.payload {
         Ok(payload) => {
-            let span = tracing::info_span!("job", job_id = payload.id, name = %payload.display_name());
+            let span =
+                tracing::info_span!("job", job_id = payload.id, name = %payload.display_name());
             run_job(ctx, Arc::from(payload), job.raw, cancel)
                 .instrument(span)
                 .await;
@@ -141,7 +140,12 @@ struct AttemptProgress {
 }
 
 /// Sees one held job through to its single final report.
-async fn run_job(ctx: JobsContext, payload: Arc<JobPayload>, raw: Bytes, cancel: CancellationToken) {
+async fn run_job(
+    ctx: JobsContext,
+    payload: Arc<JobPayload>,
+    raw: Bytes,
+    cancel: CancellationToken,
+) {
     let job_id = payload.id;
     let (reporter, mut remote) = JobReporter::start(ctx.gitlab.clone(), &payload, cancel.clone());
     reporter.append(Bytes::from(format!(
@@ -239,7 +243,10 @@ async fn run_job(ctx: JobsContext, payload: Arc<JobPayload>, raw: Bytes, cancel:
         }
     };
 
-    reporter.append(Bytes::from(closing_line(&final_state, progress.result.as_ref())));
+    reporter.append(Bytes::from(closing_line(
+        &final_state,
+        progress.result.as_ref(),
+    )));
     match reporter.finish(final_state).await {
         Ok(report) => tracing::info!(
             failure_reason = report.failure_reason.unwrap_or("none"),
@@ -307,9 +314,7 @@ fn final_state_for(result: &Finished, canceling: bool) -> FinalState {
 
 /// The last line of the job log, in gitlab-runner's words.
 fn closing_line(state: &FinalState, result: Option<&Finished>) -> String {
-    let detail = result
-        .map(|r| r.message.clone())
-        .filter(|m| !m.is_empty());
+    let detail = result.map(|r| r.message.clone()).filter(|m| !m.is_empty());
     match state {
         FinalState::Success => format!("{BOLD_GREEN}Job succeeded{RESET}\n"),
         FinalState::Canceled => format!("{BOLD_RED}ERROR: Job failed: canceled{RESET}\n"),

@@ -45,22 +45,43 @@ impl LeaseState {
 /// Something that happened to a job.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaseEvent {
-    Assign { agent: String },
-    Started { agent: String, attempt: u32 },
-    Finished { agent: String, attempt: u32 },
-    /// The agent refused the assignment or went away; run it again elsewhere.
-    Lost { attempt: u32 },
+    Assign {
+        agent: String,
+    },
+    Started {
+        agent: String,
+        attempt: u32,
+    },
+    Finished {
+        agent: String,
+        attempt: u32,
+    },
+    /// The agent refused the assignment before starting it: queue the same
+    /// attempt again (it never ran, so it costs no attempt).
+    Refused {
+        agent: String,
+        attempt: u32,
+    },
+    /// The agent went away while holding the attempt; run it again elsewhere.
+    Lost {
+        attempt: u32,
+    },
 }
 
 /// Why an event was not applied.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LeaseError {
-    #[error("event for attempt {got} but the job is on attempt {current}: stale attempt fenced off")]
+    #[error(
+        "event for attempt {got} but the job is on attempt {current}: stale attempt fenced off"
+    )]
     StaleAttempt { got: u32, current: u32 },
     #[error("event from agent {got} but attempt is held by {holder}")]
     WrongAgent { got: String, holder: String },
     #[error("event {event} does not apply to a job that is {state}")]
-    Invalid { event: &'static str, state: &'static str },
+    Invalid {
+        event: &'static str,
+        state: &'static str,
+    },
     #[error("job has used all {max} attempts")]
     AttemptsExhausted { max: u32 },
 }
@@ -110,6 +131,10 @@ impl Lease {
                 self.check(attempt, holder, &agent)?;
                 self.state = LeaseState::Finished;
             }
+            (LeaseState::Assigned { agent: holder }, LeaseEvent::Refused { agent, attempt }) => {
+                self.check(attempt, holder, &agent)?;
+                self.state = LeaseState::Queued;
+            }
             (
                 LeaseState::Assigned { .. } | LeaseState::Running { .. },
                 LeaseEvent::Lost { attempt },
@@ -133,6 +158,7 @@ impl Lease {
                     LeaseEvent::Assign { .. } => "assign",
                     LeaseEvent::Started { attempt, .. }
                     | LeaseEvent::Finished { attempt, .. }
+                    | LeaseEvent::Refused { attempt, .. }
                     | LeaseEvent::Lost { attempt }
                         if attempt != self.attempt =>
                     {
@@ -143,6 +169,7 @@ impl Lease {
                     }
                     LeaseEvent::Started { .. } => "started",
                     LeaseEvent::Finished { .. } => "finished",
+                    LeaseEvent::Refused { .. } => "refused",
                     LeaseEvent::Lost { .. } => "lost",
                 };
                 return Err(LeaseError::Invalid {
@@ -179,10 +206,16 @@ mod tests {
         LeaseEvent::Assign { agent: a.into() }
     }
     fn started(a: &str, n: u32) -> LeaseEvent {
-        LeaseEvent::Started { agent: a.into(), attempt: n }
+        LeaseEvent::Started {
+            agent: a.into(),
+            attempt: n,
+        }
     }
     fn finished(a: &str, n: u32) -> LeaseEvent {
-        LeaseEvent::Finished { agent: a.into(), attempt: n }
+        LeaseEvent::Finished {
+            agent: a.into(),
+            attempt: n,
+        }
     }
 
     #[test]
@@ -208,12 +241,43 @@ mod tests {
             Err(LeaseError::StaleAttempt { got: 1, current: 2 })
         );
         // Another agent cannot speak for b's attempt.
-        assert!(matches!(l.apply(started("c", 2)), Err(LeaseError::WrongAgent { .. })));
+        assert!(matches!(
+            l.apply(started("c", 2)),
+            Err(LeaseError::WrongAgent { .. })
+        ));
         l.apply(started("b", 2)).unwrap();
         l.apply(finished("b", 2)).unwrap();
         // Nothing after the end.
         assert!(l.apply(finished("b", 2)).is_err());
         assert_eq!(l.state, LeaseState::Finished);
+    }
+
+    #[test]
+    fn refusal_requeues_the_same_attempt_and_only_from_the_holder() {
+        let mut l = Lease::new(1);
+        l.apply(assign("a")).unwrap();
+        assert!(matches!(
+            l.apply(LeaseEvent::Refused {
+                agent: "b".into(),
+                attempt: 1
+            }),
+            Err(LeaseError::WrongAgent { .. })
+        ));
+        l.apply(LeaseEvent::Refused {
+            agent: "a".into(),
+            attempt: 1,
+        })
+        .unwrap();
+        assert_eq!((l.attempt, &l.state), (1, &LeaseState::Queued));
+        // A started job cannot be refused any more.
+        l.apply(assign("b")).unwrap();
+        l.apply(started("b", 1)).unwrap();
+        assert!(l
+            .apply(LeaseEvent::Refused {
+                agent: "b".into(),
+                attempt: 1
+            })
+            .is_err());
     }
 
     #[test]
@@ -239,8 +303,15 @@ mod tests {
             (LeaseState::Finished, LeaseEvent::Lost { attempt: 1 }),
         ];
         for (state, event) in cases {
-            let mut l = Lease { attempt: 1, state: state.clone(), max_attempts: 3 };
-            assert!(l.apply(event.clone()).is_err(), "{state:?} + {event:?} should be refused");
+            let mut l = Lease {
+                attempt: 1,
+                state: state.clone(),
+                max_attempts: 3,
+            };
+            assert!(
+                l.apply(event.clone()).is_err(),
+                "{state:?} + {event:?} should be refused"
+            );
             assert_eq!(l.state, state, "a refused event leaves the lease unchanged");
         }
     }

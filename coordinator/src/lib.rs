@@ -44,7 +44,9 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub enum CoordinatorError {
     #[error("{0}")]
     Config(#[from] ConfigError),
-    #[error("state directory {path}: {source}; create it and give it to the user the service runs as")]
+    #[error(
+        "state directory {path}: {source}; create it and give it to the user the service runs as"
+    )]
     StateDir {
         path: PathBuf,
         source: std::io::Error,
@@ -171,7 +173,10 @@ pub async fn start(
         link_addr
     };
     let FleetProvider::Local = config.fleet.provider;
-    let command = match (&options.agent_command, config.fleet.local.agent_command.is_empty()) {
+    let command = match (
+        &options.agent_command,
+        config.fleet.local.agent_command.is_empty(),
+    ) {
         (Some(c), _) => c.clone(),
         (None, false) => config.fleet.local.agent_command.clone(),
         (None, true) => {

@@ -48,7 +48,10 @@ fn main() -> ExitCode {
         _ => "info",
     };
     telemetry::init(cli.log_format, default_filter);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("servitor-coordinator: cannot start the async runtime: {e}");
@@ -68,7 +71,9 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_CONFIG)
                 }
             },
-            Command::Status | Command::Drain => admin(&cli.config, matches!(cli.command, Command::Drain)).await,
+            Command::Status | Command::Drain => {
+                admin(&cli.config, matches!(cli.command, Command::Drain)).await
+            }
             Command::Demo => {
                 let shutdown = CancellationToken::new();
                 if let Err(e) = servitor_agent::signals::cancel_on_signals(shutdown.clone()) {
@@ -97,7 +102,10 @@ async fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "servitor coordinator starting");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        "servitor coordinator starting"
+    );
     let shutdown = CancellationToken::new();
     if let Err(e) = servitor_agent::signals::cancel_on_signals(shutdown.clone()) {
         eprintln!("servitor-coordinator: cannot install signal handlers: {e}");
@@ -128,9 +136,7 @@ async fn admin(path: &std::path::Path, drain: bool) -> ExitCode {
     let result = async {
         let mut client = servitor_coordinator::admin::connect(&socket).await?;
         if drain {
-            client
-                .drain(servitor_proto::admin::DrainRequest {})
-                .await?;
+            client.drain(servitor_proto::admin::DrainRequest {}).await?;
             println!("draining: no new GitLab jobs will be taken");
         } else {
             let status = client

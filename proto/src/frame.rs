@@ -71,10 +71,12 @@ where
         }
         Err(e) => return Err(e.into()),
     }
-    M::decode(buf.freeze()).map(Some).map_err(|source| FrameError::Decode {
-        kind: std::any::type_name::<M>(),
-        source,
-    })
+    M::decode(buf.freeze())
+        .map(Some)
+        .map_err(|source| FrameError::Decode {
+            kind: std::any::type_name::<M>(),
+            source,
+        })
 }
 
 /// Reads a varint length prefix; `None` on a clean end of stream before it.
@@ -101,7 +103,9 @@ async fn read_varint<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<usiz
     let mut buf = prefix.freeze();
     let len = prost::encoding::decode_varint(&mut buf).map_err(|_| FrameError::BadLength)?;
     debug_assert!(!buf.has_remaining());
-    usize::try_from(len).map(Some).map_err(|_| FrameError::BadLength)
+    usize::try_from(len)
+        .map(Some)
+        .map_err(|_| FrameError::BadLength)
 }
 
 #[cfg(test)]
@@ -122,7 +126,10 @@ mod tests {
         });
         for _ in 0..100 {
             let got: AgentMessage = read_frame(&mut b).await.unwrap().unwrap();
-            assert!(matches!(got.msg, Some(agent_message::Msg::Pull(Pull { free_slots: 3 }))));
+            assert!(matches!(
+                got.msg,
+                Some(agent_message::Msg::Pull(Pull { free_slots: 3 }))
+            ));
         }
         writer.await.unwrap();
         let end: Option<AgentMessage> = read_frame(&mut b).await.unwrap();
@@ -134,7 +141,9 @@ mod tests {
         let mut buf = Vec::new();
         prost::encoding::encode_varint((MAX_FRAME_BYTES + 1) as u64, &mut buf);
         let mut reader = &buf[..];
-        let err = read_frame::<_, AgentMessage>(&mut reader).await.unwrap_err();
+        let err = read_frame::<_, AgentMessage>(&mut reader)
+            .await
+            .unwrap_err();
         assert!(matches!(err, FrameError::TooLarge(_)), "{err}");
     }
 

@@ -228,10 +228,14 @@ mod tests {
 
     #[test]
     fn minimal_payload_parses_with_defaults() {
-        let job = JobPayload::from_json(br#"{"id": 5, "token": "glcbt-abc", "new_field": [1]}"#).unwrap();
+        let job =
+            JobPayload::from_json(br#"{"id": 5, "token": "glcbt-abc", "new_field": [1]}"#).unwrap();
         assert_eq!(job.id, 5);
         assert!(job.steps.is_empty());
-        assert_eq!(job.runner_info.timeout().as_secs(), DEFAULT_JOB_TIMEOUT_SECS);
+        assert_eq!(
+            job.runner_info.timeout().as_secs(),
+            DEFAULT_JOB_TIMEOUT_SECS
+        );
     }
 
     #[test]

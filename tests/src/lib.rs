@@ -225,17 +225,27 @@ default_image = "{TEST_IMAGE}"
     ///
     /// # Errors
     /// Timeout, with the log so far.
-    pub async fn wait_trace(&self, job_id: i64, text: &str, timeout: Duration) -> anyhow::Result<JobRecord> {
+    pub async fn wait_trace(
+        &self,
+        job_id: i64,
+        text: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<JobRecord> {
         let wanted = text.to_owned();
         match self
             .standin
-            .wait_for(job_id, "a line in the log", timeout, move |r| r.trace_text().contains(&wanted))
+            .wait_for(job_id, "a line in the log", timeout, move |r| {
+                r.trace_text().contains(&wanted)
+            })
             .await
         {
             Ok(r) => Ok(r),
             Err(e) => bail!(
                 "{e} ({text:?}); log so far:\n{}\nagent logs:\n{}",
-                self.standin.job(job_id).map(|r| r.trace_text()).unwrap_or_default(),
+                self.standin
+                    .job(job_id)
+                    .map(|r| r.trace_text())
+                    .unwrap_or_default(),
                 self.agent_logs()
             ),
         }

@@ -11,7 +11,9 @@ use servitor_tests::{Harness, HarnessOptions};
 const JOB_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn final_reason(r: &servitor_coordinator::standin::JobRecord) -> Option<String> {
-    r.final_update.as_ref().and_then(|f| f.failure_reason.clone())
+    r.final_update
+        .as_ref()
+        .and_then(|f| f.failure_reason.clone())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,16 +21,15 @@ async fn successful_job_streams_its_log_with_a_matching_checksum() {
     let h = Harness::start(HarnessOptions::default()).await.unwrap();
     let id = h
         .standin
-        .push_job(JobSpec::new("build").script([
-            "echo first line",
-            "sleep 2",
-            "echo second line",
-        ]))
+        .push_job(JobSpec::new("build").script(["echo first line", "sleep 2", "echo second line"]))
         .await
         .unwrap();
     // The first line is visible while the job still runs.
     let live = h.wait_trace(id, "first line", JOB_TIMEOUT).await.unwrap();
-    assert!(!live.state.is_final(), "first line should arrive before the job ends");
+    assert!(
+        !live.state.is_final(),
+        "first line should arrive before the job ends"
+    );
     assert!(!live.trace_text().contains("second line"));
     let r = h.wait_final(id, JOB_TIMEOUT).await.unwrap();
     assert_eq!(r.state, JobState::Success, "log:\n{}", r.trace_text());
@@ -36,9 +37,17 @@ async fn successful_job_streams_its_log_with_a_matching_checksum() {
     assert!(text.contains("$ echo first line"), "{text}");
     assert!(text.contains("second line"));
     assert!(text.contains("Job succeeded"));
-    assert_eq!(r.checksum_ok, Some(true), "checksum of the trace must match");
+    assert_eq!(
+        r.checksum_ok,
+        Some(true),
+        "checksum of the trace must match"
+    );
     assert_eq!(r.bytesize_ok, Some(true));
-    assert_eq!(r.final_update.as_ref().unwrap().exit_code, None, "exit_code is omitted on success");
+    assert_eq!(
+        r.final_update.as_ref().unwrap().exit_code,
+        None,
+        "exit_code is omitted on success"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,7 +67,10 @@ async fn failing_script_reports_exit_code_and_after_script_still_runs() {
     assert_eq!(r.state, JobState::Failed, "{text}");
     assert_eq!(final_reason(&r).as_deref(), Some("script_failure"));
     assert_eq!(r.final_update.as_ref().unwrap().exit_code, Some(42));
-    assert!(!text.contains("not reached\n") || !text.contains("\nnot reached"), "{text}");
+    assert!(
+        !text.contains("not reached\n") || !text.contains("\nnot reached"),
+        "{text}"
+    );
     assert!(text.contains("after_script saw failed"), "{text}");
     assert!(text.contains("ERROR: Job failed: exit code 42"), "{text}");
     assert_eq!(r.checksum_ok, Some(true));
@@ -76,7 +88,7 @@ async fn masked_variable_never_reaches_the_log_even_split_across_writes() {
                 .script([
                     "echo whole: $API_KEY",
                     // The secret leaves the container in two writes, apart in time.
-                    "printf 'split: hunter2-very'; sleep 1; printf -- '-secret-value done\\n'",
+                    "printf 'split: %s' \"$(echo $API_KEY | cut -c1-12)\"; sleep 1; printf '%s done\\n' \"$(echo $API_KEY | cut -c13-)\"",
                     "echo token glpat-abcdefghijklmnop1234 end",
                 ]),
         )
@@ -86,7 +98,10 @@ async fn masked_variable_never_reaches_the_log_even_split_across_writes() {
     let text = r.trace_text();
     assert_eq!(r.state, JobState::Success, "{text}");
     assert!(!text.contains(secret), "secret leaked:\n{text}");
-    assert!(!text.contains("hunter2"), "part of the secret leaked:\n{text}");
+    assert!(
+        !text.contains("hunter2"),
+        "part of the secret leaked:\n{text}"
+    );
     assert!(text.contains("whole: [MASKED]"), "{text}");
     assert!(text.contains("split: [MASKED] done"), "{text}");
     assert!(!text.contains("abcdefghijklmnop1234"), "{text}");
@@ -114,7 +129,10 @@ async fn graceful_cancel_stops_the_script_runs_after_script_and_reports() {
     assert_eq!(r.state, JobState::Canceled, "{text}");
     assert!(text.contains("cleanup after canceled"), "{text}");
     assert!(!text.contains("tick 100"), "{text}");
-    assert!(r.final_update.is_some(), "a graceful cancel ends with a final update");
+    assert!(
+        r.final_update.is_some(),
+        "a graceful cancel ends with a final update"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,11 +156,17 @@ async fn hard_cancel_kills_at_once_without_after_script_or_final_update() {
         if busy == 0 && h.coordinator().core.jobs().is_empty() {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the aborted job was not released");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the aborted job was not released"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let r = h.standin.job(id).unwrap();
-    assert!(r.final_update.is_none(), "no final update after a hard cancel");
+    assert!(
+        r.final_update.is_none(),
+        "no final update after a hard cancel"
+    );
     assert!(!r.trace_text().contains("after_script must not run"));
 }
 
@@ -162,7 +186,11 @@ async fn timeout_fails_with_job_execution_timeout() {
     let r = h.wait_final(id, JOB_TIMEOUT).await.unwrap();
     let text = r.trace_text();
     assert_eq!(r.state, JobState::Failed, "{text}");
-    assert_eq!(final_reason(&r).as_deref(), Some("job_execution_timeout"), "{text}");
+    assert_eq!(
+        final_reason(&r).as_deref(),
+        Some("job_execution_timeout"),
+        "{text}"
+    );
     assert!(text.contains("execution took longer than"), "{text}");
     assert!(text.contains("after timeout: failed"), "{text}");
 }
@@ -185,7 +213,11 @@ async fn image_pull_failure_is_reported_with_a_reason_gitlab_accepts() {
     assert_eq!(r.state, JobState::Failed, "{text}");
     // image_pull_failure is not in this GitLab's failure_reasons: gitlab-runner's
     // mapping sends runner_system_failure instead.
-    assert_eq!(final_reason(&r).as_deref(), Some("runner_system_failure"), "{text}");
+    assert_eq!(
+        final_reason(&r).as_deref(),
+        Some("runner_system_failure"),
+        "{text}"
+    );
     assert!(text.contains("servitor-no-such-image:1"), "{text}");
     assert!(!text.contains("$ echo never runs"), "{text}");
 }
@@ -195,9 +227,10 @@ async fn trace_416_recovery_leaves_gitlab_with_the_exact_log() {
     let h = Harness::start(HarnessOptions::default()).await.unwrap();
     let id = h
         .standin
-        .push_job(JobSpec::new("chatty").script([
-            "for i in $(seq 1 10); do echo line $i; sleep 0.3; done",
-        ]))
+        .push_job(
+            JobSpec::new("chatty")
+                .script(["for i in $(seq 1 10); do echo line $i; sleep 0.3; done"]),
+        )
         .await
         .unwrap();
     h.wait_trace(id, "line 3", JOB_TIMEOUT).await.unwrap();
@@ -207,11 +240,22 @@ async fn trace_416_recovery_leaves_gitlab_with_the_exact_log() {
     let r = h.wait_final(id, JOB_TIMEOUT).await.unwrap();
     let text = r.trace_text();
     assert_eq!(r.state, JobState::Success, "{text}");
-    assert!(r.patches.iter().any(|p| p.status == 416), "a 416 must have happened");
-    assert_eq!(r.checksum_ok, Some(true), "trace must be byte-identical:\n{text}");
+    assert!(
+        r.patches.iter().any(|p| p.status == 416),
+        "a 416 must have happened"
+    );
+    assert_eq!(
+        r.checksum_ok,
+        Some(true),
+        "trace must be byte-identical:\n{text}"
+    );
     assert_eq!(r.bytesize_ok, Some(true));
     for i in 1..=10 {
-        assert_eq!(text.matches(&format!("line {i}\n")).count(), 1, "line {i} once:\n{text}");
+        assert_eq!(
+            text.matches(&format!("line {i}\n")).count(),
+            1,
+            "line {i} once:\n{text}"
+        );
     }
 }
 
@@ -236,13 +280,19 @@ async fn job_requests_back_off_on_429_and_5xx() {
     let r = h.wait_final(id, JOB_TIMEOUT).await.unwrap();
     assert_eq!(r.state, JobState::Success, "{}", r.trace_text());
     let log = h.standin.request_log();
-    let limited = log.iter().position(|r| r.status == 429).expect("a 429 answer");
+    let limited = log
+        .iter()
+        .position(|r| r.status == 429)
+        .expect("a 429 answer");
     let next = &log[limited + 1];
     assert!(
         next.at.duration_since(log[limited].at) >= Duration::from_secs(2),
         "Retry-After: 2 must be honoured"
     );
-    let after_500 = log.iter().position(|r| r.status == 500).expect("a 500 answer");
+    let after_500 = log
+        .iter()
+        .position(|r| r.status == 500)
+        .expect("a 500 answer");
     assert!(log[after_500 + 1].at > log[after_500].at);
 }
 
@@ -259,7 +309,11 @@ async fn sources_are_cloned_over_http_with_the_job_token() {
             .env("GIT_COMMITTER_EMAIL", "t@example.com")
             .output()
             .expect("git runs");
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     git(&["init", "-q", "-b", "main"]);
     std::fs::write(repo.path().join("VERSION"), "servitor-source-check 1.2.3\n").unwrap();
@@ -268,14 +322,21 @@ async fn sources_are_cloned_over_http_with_the_job_token() {
     let h = Harness::start(HarnessOptions::default()).await.unwrap();
     let id = h
         .standin
-        .push_job(JobSpec::new("src").git(repo.path()).script(["cat VERSION", "pwd"]))
+        .push_job(
+            JobSpec::new("src")
+                .git(repo.path())
+                .script(["cat VERSION", "pwd"]),
+        )
         .await
         .unwrap();
     let r = h.wait_final(id, JOB_TIMEOUT).await.unwrap();
     let text = r.trace_text();
     assert_eq!(r.state, JobState::Success, "{text}");
     assert!(text.contains("servitor-source-check 1.2.3"), "{text}");
-    assert!(!text.contains(r.token.expose()), "job token leaked into the log");
+    assert!(
+        !text.contains(r.token.expose()),
+        "job token leaked into the log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,7 +359,11 @@ async fn shell_executor_runs_jobs_without_docker() {
         .unwrap();
     let r = h.wait_final(ok, JOB_TIMEOUT).await.unwrap();
     assert_eq!(r.state, JobState::Success, "{}", r.trace_text());
-    assert!(r.trace_text().contains("shell executor"), "{}", r.trace_text());
+    assert!(
+        r.trace_text().contains("shell executor"),
+        "{}",
+        r.trace_text()
+    );
     let r = h.wait_final(bad, JOB_TIMEOUT).await.unwrap();
     assert_eq!(r.final_update.as_ref().unwrap().exit_code, Some(7));
 }
@@ -342,7 +407,10 @@ async fn fleet_scales_out_to_demand_and_in_after_idle_time() {
     // Idle past idle_time: drained and stopped.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !h.coordinator().fleet_view.get().is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "idle instances were not removed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle instances were not removed"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -369,7 +437,11 @@ async fn status_command_lists_agents_and_jobs() {
         .await
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("visible-job"), "{text}");
     assert!(text.contains("running"), "{text}");
     assert!(text.contains("AGENTS (1)"), "{text}");
@@ -410,7 +482,12 @@ async fn agent_with_a_wrong_join_token_is_refused_and_exits_64() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("join token rejected"), "{stderr}");
-    assert!(!h.coordinator().core.agents().iter().any(|a| a.agent_id.starts_with("intruder")));
+    assert!(!h
+        .coordinator()
+        .core
+        .agents()
+        .iter()
+        .any(|a| a.agent_id.starts_with("intruder")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

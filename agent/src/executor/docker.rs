@@ -269,13 +269,14 @@ impl DockerExecutor {
         &self.docker
     }
 
-    /// Removes every container `agent_name` left behind (after a crash);
+    /// Removes every container the agent `owner` (see [`JobContext::owner`])
+    /// left behind (after a crash);
     /// returns how many. Call it at start-up, before taking jobs.
     ///
     /// # Errors
     /// Fails when the containers cannot be listed or removed.
-    pub async fn remove_leftovers(&self, agent_name: &str) -> Result<usize, DockerError> {
-        let ids = containers_labelled(&self.docker, LABEL_AGENT, agent_name).await?;
+    pub async fn remove_leftovers(&self, owner: &str) -> Result<usize, DockerError> {
+        let ids = containers_labelled(&self.docker, LABEL_AGENT, owner).await?;
         for id in &ids {
             self.docker
                 .remove_container(
@@ -363,7 +364,7 @@ impl DockerExecutor {
         let labels = HashMap::from([
             (LABEL_JOB_ID.to_owned(), ctx.job.id.to_string()),
             (LABEL_ATTEMPT.to_owned(), ctx.attempt.to_string()),
-            (LABEL_AGENT.to_owned(), ctx.agent_name.clone()),
+            (LABEL_AGENT.to_owned(), ctx.owner.clone()),
         ]);
         Ok(ContainerRunner {
             executor: self,

@@ -43,6 +43,10 @@ pub struct JobContext {
     pub concurrent_id: u32,
     /// Agent name, for `CI_RUNNER_*` style variables and log lines.
     pub agent_name: String,
+    /// Identifies this agent installation among all on the Docker host (its
+    /// work directory): containers carry it so that leftovers of this agent,
+    /// and only this agent, can be removed after a crash.
+    pub owner: String,
 }
 
 /// How the coordinator asks an attempt to stop.

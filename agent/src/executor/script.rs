@@ -368,6 +368,7 @@ mod tests {
             work_dir: work_dir.to_path_buf(),
             concurrent_id: 3,
             agent_name: "agent-1".into(),
+            owner: "test-owner".into(),
         }
     }
 

@@ -67,6 +67,7 @@ pub(crate) fn context(job: JobPayload, work_dir: &Path) -> JobContext {
         work_dir: work_dir.to_path_buf(),
         concurrent_id: 0,
         agent_name: "test-agent".into(),
+        owner: "test-owner".into(),
     }
 }
 

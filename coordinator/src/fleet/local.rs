@@ -178,7 +178,9 @@ impl Fleet for LocalFleet {
         let id = id.to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(REMOVE_GRACE).await;
-            let mut procs = procs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut procs = procs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(p) = procs.get_mut(&id) {
                 if p.child.id() == pid {
                     tracing::warn!(instance = %id, "agent did not exit after draining; killing it");

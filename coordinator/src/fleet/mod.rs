@@ -78,7 +78,10 @@ impl FleetView {
     }
 
     fn set(&self, instances: Vec<InstanceStatus>) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = instances;
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = instances;
     }
 }
 

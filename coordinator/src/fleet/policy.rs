@@ -29,7 +29,10 @@ pub enum InstanceState {
     /// Launched, agent not connected yet.
     Booting,
     /// Agent connected; `busy` slots in use; `idle_since` set when busy is 0.
-    Ready { busy: u32, idle_since: Option<Instant> },
+    Ready {
+        busy: u32,
+        idle_since: Option<Instant>,
+    },
     /// Being removed; counts for nothing.
     Draining,
 }
@@ -112,7 +115,10 @@ mod tests {
     }
 
     fn booting(id: &str) -> InstanceView {
-        InstanceView { id: id.into(), state: InstanceState::Booting }
+        InstanceView {
+            id: id.into(),
+            state: InstanceState::Booting,
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -127,20 +133,115 @@ mod tests {
             want: Plan,
         }
         let cases = vec![
-            Case { name: "nothing to do", demand: 0, instances: vec![], policy: policy(1, 4, 0), want: Plan::default() },
-            Case { name: "scale out from zero", demand: 3, instances: vec![], policy: policy(1, 4, 0), want: Plan { launch: 3, remove: vec![] } },
-            Case { name: "capped at max", demand: 10, instances: vec![], policy: policy(1, 4, 0), want: Plan { launch: 4, remove: vec![] } },
-            Case { name: "capacity per instance rounds up", demand: 5, instances: vec![], policy: policy(2, 10, 0), want: Plan { launch: 3, remove: vec![] } },
-            Case { name: "booting counts as capacity", demand: 2, instances: vec![booting("a"), booting("b")], policy: policy(1, 4, 0), want: Plan::default() },
-            Case { name: "idle_count keeps warm slots", demand: 0, instances: vec![], policy: policy(1, 4, 1), want: Plan { launch: 1, remove: vec![] } },
-            Case { name: "idle past idle_time removed", demand: 0, instances: vec![ready("a", 0, Some(120), now)], policy: policy(1, 4, 0), want: Plan { launch: 0, remove: vec!["a".into()] } },
-            Case { name: "idle but not long enough", demand: 0, instances: vec![ready("a", 0, Some(10), now)], policy: policy(1, 4, 0), want: Plan::default() },
-            Case { name: "busy never removed", demand: 0, instances: vec![ready("a", 1, None, now)], policy: policy(1, 4, 0), want: Plan::default() },
-            Case { name: "idle_count protects an idle instance", demand: 0, instances: vec![ready("a", 0, Some(999), now), ready("b", 0, Some(500), now)], policy: policy(1, 4, 1), want: Plan { launch: 0, remove: vec!["a".into()] } },
-            Case { name: "draining is not capacity", demand: 1, instances: vec![InstanceView { id: "d".into(), state: InstanceState::Draining }], policy: policy(1, 4, 0), want: Plan { launch: 1, remove: vec![] } },
+            Case {
+                name: "nothing to do",
+                demand: 0,
+                instances: vec![],
+                policy: policy(1, 4, 0),
+                want: Plan::default(),
+            },
+            Case {
+                name: "scale out from zero",
+                demand: 3,
+                instances: vec![],
+                policy: policy(1, 4, 0),
+                want: Plan {
+                    launch: 3,
+                    remove: vec![],
+                },
+            },
+            Case {
+                name: "capped at max",
+                demand: 10,
+                instances: vec![],
+                policy: policy(1, 4, 0),
+                want: Plan {
+                    launch: 4,
+                    remove: vec![],
+                },
+            },
+            Case {
+                name: "capacity per instance rounds up",
+                demand: 5,
+                instances: vec![],
+                policy: policy(2, 10, 0),
+                want: Plan {
+                    launch: 3,
+                    remove: vec![],
+                },
+            },
+            Case {
+                name: "booting counts as capacity",
+                demand: 2,
+                instances: vec![booting("a"), booting("b")],
+                policy: policy(1, 4, 0),
+                want: Plan::default(),
+            },
+            Case {
+                name: "idle_count keeps warm slots",
+                demand: 0,
+                instances: vec![],
+                policy: policy(1, 4, 1),
+                want: Plan {
+                    launch: 1,
+                    remove: vec![],
+                },
+            },
+            Case {
+                name: "idle past idle_time removed",
+                demand: 0,
+                instances: vec![ready("a", 0, Some(120), now)],
+                policy: policy(1, 4, 0),
+                want: Plan {
+                    launch: 0,
+                    remove: vec!["a".into()],
+                },
+            },
+            Case {
+                name: "idle but not long enough",
+                demand: 0,
+                instances: vec![ready("a", 0, Some(10), now)],
+                policy: policy(1, 4, 0),
+                want: Plan::default(),
+            },
+            Case {
+                name: "busy never removed",
+                demand: 0,
+                instances: vec![ready("a", 1, None, now)],
+                policy: policy(1, 4, 0),
+                want: Plan::default(),
+            },
+            Case {
+                name: "idle_count protects an idle instance",
+                demand: 0,
+                instances: vec![ready("a", 0, Some(999), now), ready("b", 0, Some(500), now)],
+                policy: policy(1, 4, 1),
+                want: Plan {
+                    launch: 0,
+                    remove: vec!["a".into()],
+                },
+            },
+            Case {
+                name: "draining is not capacity",
+                demand: 1,
+                instances: vec![InstanceView {
+                    id: "d".into(),
+                    state: InstanceState::Draining,
+                }],
+                policy: policy(1, 4, 0),
+                want: Plan {
+                    launch: 1,
+                    remove: vec![],
+                },
+            },
         ];
         for c in cases {
-            assert_eq!(plan(c.demand, &c.instances, &c.policy, now), c.want, "{}", c.name);
+            assert_eq!(
+                plan(c.demand, &c.instances, &c.policy, now),
+                c.want,
+                "{}",
+                c.name
+            );
         }
     }
 }
