@@ -81,9 +81,19 @@ impl Default for ExecutorConfig {
 }
 
 /// Facts about the instance; on EC2 these come from instance metadata.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceConfig {
+    /// Watch the instance metadata service (IMDSv2) for Spot interruption
+    /// notices, rebalance recommendations and Auto Scaling termination, and
+    /// read the instance's facts from it. Turn off off EC2.
+    #[serde(default = "yes")]
+    pub imds: bool,
+    /// Instance metadata endpoint; by default the AWS SDK's resolution
+    /// (`AWS_EC2_METADATA_SERVICE_ENDPOINT`, then `http://169.254.169.254`).
+    #[serde(default)]
+    pub imds_endpoint: Option<String>,
+    /// Overrides for what instance metadata would say.
     #[serde(default)]
     pub id: Option<String>,
     #[serde(default)]
@@ -94,6 +104,22 @@ pub struct InstanceConfig {
     pub market: Option<String>,
 }
 
+impl Default for InstanceConfig {
+    fn default() -> Self {
+        Self {
+            imds: true,
+            imds_endpoint: None,
+            id: None,
+            instance_type: None,
+            zone: None,
+            market: None,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
 fn default_server_name() -> String {
     "servitor-coordinator".to_owned()
 }

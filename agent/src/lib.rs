@@ -9,6 +9,7 @@
 pub mod backoff;
 pub mod config;
 pub mod executor;
+pub mod imds;
 pub mod link;
 pub mod secret;
 pub mod session;
@@ -22,6 +23,7 @@ use crate::config::{AgentConfig, ConfigError, ExecutorKind};
 use crate::executor::docker::{DockerConfig, DockerExecutor, PullPolicy};
 use crate::executor::shell::ShellExecutor;
 use crate::executor::AnyExecutor;
+use crate::imds::InstanceMetadata;
 use crate::link::{CaTrust, LinkSettings};
 use crate::secret::Secret;
 use crate::session::{AgentError, AgentSettings};
@@ -47,15 +49,46 @@ pub async fn settings_from_config(config: &AgentConfig) -> Result<AgentSettings,
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "agent".to_owned());
+    let imds = if config.instance.imds {
+        Some(std::sync::Arc::new(
+            imds::Imds::new(config.instance.imds_endpoint.as_deref())
+                .map_err(|e| ConfigError(format!("instance.imds_endpoint: {e}")))?,
+        ))
+    } else {
+        None
+    };
+    let facts = match &imds {
+        Some(client) => match client.instance_facts().await {
+            Ok(facts) => Some(facts),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read instance facts from instance metadata; using the configuration");
+                None
+            }
+        },
+        None => None,
+    };
+    let pick = |configured: &Option<String>, from_imds: Option<String>| {
+        configured.clone().or(from_imds).unwrap_or_default()
+    };
     let instance = InstanceFacts {
         instance_id: config
             .instance
             .id
             .clone()
+            .or_else(|| facts.as_ref().map(|f| f.instance_id.clone()))
             .unwrap_or_else(|| hostname.clone()),
-        instance_type: config.instance.instance_type.clone().unwrap_or_default(),
-        availability_zone: config.instance.zone.clone().unwrap_or_default(),
-        market: config.instance.market.clone().unwrap_or_default(),
+        instance_type: pick(
+            &config.instance.instance_type,
+            facts.as_ref().map(|f| f.instance_type.clone()),
+        ),
+        availability_zone: pick(
+            &config.instance.zone,
+            facts.as_ref().map(|f| f.availability_zone.clone()),
+        ),
+        market: pick(
+            &config.instance.market,
+            facts.as_ref().map(|f| f.market.to_string()),
+        ),
         hostname,
     };
     let agent_name = config
@@ -88,6 +121,7 @@ pub async fn settings_from_config(config: &AgentConfig) -> Result<AgentSettings,
         executor,
         work_dir,
         instance,
+        imds,
     })
 }
 
@@ -139,8 +173,42 @@ pub async fn run_with_config(
         capacity = settings.capacity,
         "servitor agent starting"
     );
-    session::run(settings, shutdown).await?;
+    let (notice_tx, notices) = tokio::sync::mpsc::channel(NOTICE_QUEUE);
+    if let Some(client) = settings.imds.clone() {
+        let watch_stop = shutdown.child_token();
+        let mut interruptions = imds::watch(client, imds::POLL_INTERVAL, watch_stop);
+        tokio::spawn(async move {
+            while let Some(interruption) = interruptions.recv().await {
+                if notice_tx.send(notice_for(interruption)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    session::run(settings, notices, shutdown).await?;
     Ok(())
+}
+
+/// What an instance metadata event means for the agent.
+fn notice_for(interruption: imds::Interruption) -> session::Notice {
+    match interruption {
+        imds::Interruption::Spot { action, deadline } => session::Notice::Interrupt {
+            reason: format!(
+                "Spot interruption notice: {action} at {}",
+                humantime::format_rfc3339_seconds(deadline)
+            ),
+            deadline,
+        },
+        imds::Interruption::AsgTerminating { state, deadline } => session::Notice::Interrupt {
+            reason: format!("Auto Scaling moves the instance to {state}"),
+            deadline,
+        },
+        imds::Interruption::Rebalance { .. } => session::Notice::Drain {
+            reason:
+                "EC2 rebalance recommendation: the instance is at elevated risk of interruption"
+                    .to_owned(),
+        },
+    }
 }
 
 /// Why the agent stopped.
@@ -161,6 +229,9 @@ impl RunError {
         }
     }
 }
+
+/// Notices waiting for the session; they are rare and tiny.
+const NOTICE_QUEUE: usize = 8;
 
 /// Exit code: transient failure, restart (systemd `Restart=on-failure`).
 pub const EXIT_TRANSIENT: u8 = 1;

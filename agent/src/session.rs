@@ -16,8 +16,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use servitor_proto::agent::{
     agent_message, coordinator_message, AgentMessage, AttemptRef, CancelMode, CoordinatorMessage,
-    FailureKind, Finished, Heartbeat, Hello, InstanceFacts, Interrupting, Outcome, OutputHeader,
-    Pull, Rejected, Started,
+    Draining, FailureKind, Finished, Heartbeat, Hello, InstanceFacts, Interrupting, Outcome,
+    OutputHeader, Pull, Rejected, Started,
 };
 use servitor_proto::frame::{read_frame, write_frame};
 use servitor_proto::job::JobPayload;
@@ -37,6 +37,8 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Output chunks buffered between the executor and the stream.
 const OUTPUT_QUEUE: usize = 256;
+/// How long an exiting agent waits for the coordinator to close first.
+const GOODBYE_WAIT: Duration = Duration::from_secs(1);
 /// How long to wait for the coordinator to take an output stream's tail.
 const OUTPUT_FLUSH_WAIT: Duration = Duration::from_secs(5);
 /// How long running jobs get to stop when the agent itself is stopped.
@@ -59,7 +61,29 @@ pub struct AgentSettings {
     pub executor: AnyExecutor,
     pub work_dir: PathBuf,
     pub instance: InstanceFacts,
+    /// Instance metadata, when the agent watches it.
+    pub imds: Option<Arc<crate::imds::Imds>>,
 }
+
+/// Something the instance learned about its own future.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// The instance is going away (Spot interruption, ASG termination,
+    /// SIGTERM): hand every job back, take no more work, exit.
+    Interrupt {
+        reason: String,
+        /// When the instance will be gone.
+        deadline: std::time::SystemTime,
+    },
+    /// The instance is at elevated risk (rebalance recommendation): take no
+    /// new work, let running jobs finish here.
+    Drain { reason: String },
+}
+
+/// Time kept in hand before an interruption deadline: jobs still running
+/// then are stopped so their results can be reported before the instance
+/// goes.
+const DEADLINE_MARGIN: Duration = Duration::from_secs(15);
 
 /// A job attempt running here.
 #[derive(Debug)]
@@ -84,12 +108,17 @@ enum SessionEnd {
     Exit,
 }
 
-/// Runs the agent until `shutdown` or until the coordinator tells it to
-/// exit.
+/// Runs the agent until the instance goes away (a [`Notice::Interrupt`],
+/// or `shutdown`, which is SIGTERM) and every job was handed back, or until
+/// the coordinator tells it to exit.
 ///
 /// # Errors
 /// Only what reconnecting cannot fix: an enrollment refusal.
-pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result<(), AgentError> {
+pub async fn run(
+    settings: AgentSettings,
+    mut notices: mpsc::Receiver<Notice>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let settings = Arc::new(settings);
     let mut state = AgentState {
         running: HashMap::new(),
@@ -97,17 +126,28 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
         draining: false,
         exit_when_idle: false,
         done_tx: None,
+        interrupt: None,
+        drain_reason: None,
+        abort_all: CancellationToken::new(),
     };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     state.done_tx = Some(done_tx);
     let mut backoff = Backoff::try_new(RECONNECT_MIN, RECONNECT_MAX)
         .expect("reconnect backoff bounds are valid constants");
+    let mut signals = Signals {
+        notices: &mut notices,
+        shutdown: &shutdown,
+        stop_seen: false,
+    };
     loop {
-        if shutdown.is_cancelled() && state.running.is_empty() {
+        if state.interrupt.is_some() && state.running.is_empty() {
             return Ok(());
         }
         let link = tokio::select! {
-            () = shutdown.cancelled(), if state.running.is_empty() => return Ok(()),
+            notice = signals.next() => {
+                state.apply_notice(notice);
+                continue;
+            }
             link = connect(&settings.link) => link,
         };
         let link = match link {
@@ -118,7 +158,7 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot reach the coordinator");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    () = shutdown.cancelled(), if state.running.is_empty() => return Ok(()),
+                    notice = signals.next() => { state.apply_notice(notice); }
                     done = done_rx.recv() => if let Some(done) = done { state.finish(done); },
                 }
                 continue;
@@ -131,9 +171,14 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
             &link.connection,
             &mut state,
             &mut done_rx,
-            &shutdown,
+            &mut signals,
         )
         .await;
+        if let SessionEnd::Exit = end {
+            // The control stream is finished: give the coordinator a moment
+            // to read its end and close, so it sees a clean goodbye.
+            let _ = tokio::time::timeout(GOODBYE_WAIT, link.connection.closed()).await;
+        }
         link.connection.close(0u32.into(), b"bye");
         match end {
             SessionEnd::Exit => return Ok(()),
@@ -149,6 +194,32 @@ pub async fn run(settings: AgentSettings, shutdown: CancellationToken) -> Result
     }
 }
 
+/// Notices from instance metadata, and SIGTERM turned into one.
+struct Signals<'a> {
+    notices: &'a mut mpsc::Receiver<Notice>,
+    shutdown: &'a CancellationToken,
+    stop_seen: bool,
+}
+
+impl Signals<'_> {
+    /// The next notice; never returns if there are none.
+    async fn next(&mut self) -> Notice {
+        tokio::select! {
+            () = self.shutdown.cancelled(), if !self.stop_seen => {
+                self.stop_seen = true;
+                Notice::Interrupt {
+                    reason: "the agent was told to stop (SIGTERM)".into(),
+                    deadline: std::time::SystemTime::now() + SHUTDOWN_GRACE,
+                }
+            }
+            notice = self.notices.recv() => match notice {
+                Some(n) => n,
+                None => std::future::pending().await,
+            },
+        }
+    }
+}
+
 #[derive(Debug)]
 struct AgentState {
     running: HashMap<(i64, u32), Running>,
@@ -157,9 +228,64 @@ struct AgentState {
     draining: bool,
     exit_when_idle: bool,
     done_tx: Option<mpsc::UnboundedSender<Done>>,
+    /// Set once the instance is going away; sent on every (re)connection.
+    interrupt: Option<Interrupting>,
+    /// Why the agent takes no new work, if it drains for a notice.
+    drain_reason: Option<String>,
+    /// Parent of every attempt's abort token: cancelled at the interruption
+    /// deadline.
+    abort_all: CancellationToken,
 }
 
 impl AgentState {
+    /// Applies a notice; returns the message to tell the coordinator, if
+    /// anything changed.
+    fn apply_notice(&mut self, notice: Notice) -> Option<AgentMessage> {
+        match notice {
+            Notice::Interrupt { reason, deadline } => {
+                if self.interrupt.is_some() {
+                    return None;
+                }
+                let left = deadline
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                let abort_in = left.saturating_sub(DEADLINE_MARGIN);
+                tracing::warn!(%reason, deadline_in = ?left, running = self.running.len(), "instance is going away: handing jobs back");
+                self.draining = true;
+                let abort_all = self.abort_all.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(abort_in).await;
+                    abort_all.cancel();
+                });
+                let deadline_unix_ms = deadline
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .and_then(|d| i64::try_from(d.as_millis()).ok())
+                    .unwrap_or(0);
+                let notice = Interrupting {
+                    reason,
+                    deadline_unix_ms,
+                };
+                self.interrupt = Some(notice.clone());
+                Some(msg(agent_message::Msg::Interrupting(notice)))
+            }
+            Notice::Drain { reason } => {
+                if self.draining {
+                    return None;
+                }
+                tracing::warn!(%reason, "taking no new work; running jobs finish here");
+                self.draining = true;
+                self.drain_reason = Some(reason.clone());
+                Some(msg(agent_message::Msg::Draining(Draining { reason })))
+            }
+        }
+    }
+
+    /// Interrupted and nothing left to run or report: time to go.
+    fn done_after_interrupt(&self) -> bool {
+        self.interrupt.is_some() && self.running.is_empty() && self.pending_reports.is_empty()
+    }
+
     fn finish(&mut self, done: Done) {
         self.running
             .remove(&(done.attempt.job_id, done.attempt.attempt));
@@ -207,7 +333,7 @@ async fn session(
     connection: &quinn::Connection,
     state: &mut AgentState,
     done_rx: &mut mpsc::UnboundedReceiver<Done>,
-    shutdown: &CancellationToken,
+    signals: &mut Signals<'_>,
 ) -> SessionEnd {
     let (mut send, mut recv) = match connection.open_bi().await {
         Ok(s) => s,
@@ -239,7 +365,24 @@ async fn session(
     {
         return SessionEnd::Lost;
     }
-    // Results that finished while we were away.
+    // What happened while we were away: notices, then results.
+    let standing: Vec<AgentMessage> = state
+        .interrupt
+        .clone()
+        .map(|n| msg(agent_message::Msg::Interrupting(n)))
+        .into_iter()
+        .chain(
+            state
+                .drain_reason
+                .clone()
+                .map(|reason| msg(agent_message::Msg::Draining(Draining { reason }))),
+        )
+        .collect();
+    for message in standing {
+        if write_frame(&mut send, &message).await.is_err() {
+            return SessionEnd::Lost;
+        }
+    }
     for finished in std::mem::take(&mut state.pending_reports) {
         if write_frame(
             &mut send,
@@ -255,39 +398,24 @@ async fn session(
 
     let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
     let mut sequence = 0u64;
-    let mut shutdown_deadline: Option<tokio::time::Instant> = None;
     loop {
         if state.exit_when_idle && state.running.is_empty() {
             tracing::info!("drained and idle; exiting");
             let _ = send.finish();
             return SessionEnd::Exit;
         }
-        if shutdown.is_cancelled() && state.running.is_empty() {
+        if state.done_after_interrupt() {
+            tracing::info!("every job handed back or reported; exiting");
             let _ = send.finish();
             return SessionEnd::Exit;
         }
         tokio::select! {
-            () = shutdown.cancelled(), if shutdown_deadline.is_none() => {
-                tracing::info!(running = state.running.len(), "stopping: telling the coordinator and stopping jobs");
-                state.draining = true;
-                let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-                shutdown_deadline = Some(deadline);
-                let notice = Interrupting {
-                    reason: "agent stopping (SIGTERM)".into(),
-                    deadline_unix_ms: unix_ms_in(SHUTDOWN_GRACE),
-                };
-                if write_frame(&mut send, &msg(agent_message::Msg::Interrupting(notice))).await.is_err() {
-                    return SessionEnd::Lost;
+            notice = signals.next() => {
+                if let Some(message) = state.apply_notice(notice) {
+                    if write_frame(&mut send, &message).await.is_err() {
+                        return SessionEnd::Lost;
+                    }
                 }
-                for r in state.running.values() {
-                    r.cancel.graceful.cancel();
-                }
-            }
-            () = async { if let Some(d) = shutdown_deadline { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
-                for r in state.running.values() {
-                    r.cancel.abort.cancel();
-                }
-                shutdown_deadline = Some(tokio::time::Instant::now() + SHUTDOWN_GRACE);
             }
             _ = heartbeat.tick() => {
                 sequence += 1;
@@ -377,7 +505,10 @@ fn handle(
                     return replies;
                 }
             };
-            let cancel = CancelSignals::default();
+            let cancel = CancelSignals {
+                graceful: CancellationToken::new(),
+                abort: state.abort_all.child_token(),
+            };
             state.running.insert(
                 (attempt.job_id, attempt.attempt),
                 Running {
@@ -505,11 +636,4 @@ async fn open_output(
 
 fn len_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
-}
-
-fn unix_ms_in(d: Duration) -> i64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from((now + d).as_millis()).unwrap_or(i64::MAX)
 }

@@ -73,7 +73,7 @@ impl Admin for AdminState {
                 state: j.state.to_owned(),
                 agent_id: j.agent.unwrap_or_default(),
                 age_secs: j.age.as_secs(),
-                trace_bytes: 0,
+                trace_bytes: j.output_bytes,
             })
             .collect();
         let instances = self
@@ -225,7 +225,7 @@ pub fn render_status(status: &StatusResponse) -> String {
     for j in &status.jobs {
         let _ = writeln!(
             out,
-            "  #{:<8} {:<24} attempt {}  {:<9} {}  held {}s",
+            "  #{:<8} {:<24} attempt {}  {:<9} {}  held {}s, {} log bytes",
             j.job_id,
             j.name,
             j.attempt,
@@ -235,7 +235,8 @@ pub fn render_status(status: &StatusResponse) -> String {
             } else {
                 &j.agent_id
             },
-            j.age_secs
+            j.age_secs,
+            j.trace_bytes
         );
     }
     out

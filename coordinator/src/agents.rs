@@ -29,6 +29,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// Largest read from an output stream at once.
 const OUTPUT_CHUNK_BYTES: usize = 64 * 1024;
+/// Why a session ended when the agent finished its control stream.
+const CLEAN_GOODBYE: &str = "agent closed its control stream";
 /// QUIC application error code: the attempt is no longer wanted.
 const STALE_ATTEMPT_CODE: u32 = 1;
 
@@ -178,7 +180,7 @@ async fn serve_agent(
             () = stop.cancelled() => break "coordinator stopping",
             frame = tokio::time::timeout(silence_limit, read_frame::<_, AgentMessage>(&mut recv)) => match frame {
                 Ok(Ok(Some(message))) => core.agent_message(&agent_id, session, message),
-                Ok(Ok(None)) => break "agent closed its control stream",
+                Ok(Ok(None)) => break CLEAN_GOODBYE,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "agent control stream failed");
                     break "control stream failed";
@@ -194,6 +196,12 @@ async fn serve_agent(
     core.agent_disconnected(&agent_id, session);
     if stop.is_cancelled() {
         // Shutting down: leases survive, nothing is given up.
+        return;
+    }
+    if ended == CLEAN_GOODBYE {
+        // The agent left on purpose (drained, or stopping): it is not coming
+        // back, so whatever it still held runs elsewhere now.
+        core.agent_lost(&agent_id, session, &format!("agent {agent_id} left"));
         return;
     }
     tokio::select! {

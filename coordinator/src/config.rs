@@ -26,6 +26,12 @@ pub struct Config {
     /// Most jobs held at once (gitlab-runner's `concurrent`).
     #[serde(default = "default_concurrent")]
     pub concurrent: u32,
+    /// Attempts a job gets when its instances keep going away; after the
+    /// last one it fails with `runner_interrupted` (or
+    /// `runner_system_failure` on GitLab versions without it) so that
+    /// GitLab's own `retry:` rules apply.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
     pub gitlab: GitLabConfig,
     pub agents: AgentsConfig,
     #[serde(default)]
@@ -133,6 +139,9 @@ pub struct LocalFleetConfig {
 fn default_concurrent() -> u32 {
     4
 }
+fn default_max_attempts() -> u32 {
+    3
+}
 fn one() -> u32 {
     1
 }
@@ -202,6 +211,9 @@ impl Config {
         let fail = |key: &str, why: &str| Err(ConfigError(format!("{origin}: {key} {why}")));
         if self.concurrent == 0 {
             return fail("concurrent", "must be at least 1");
+        }
+        if self.max_attempts == 0 {
+            return fail("max_attempts", "must be at least 1");
         }
         if !(self.gitlab.url.starts_with("http://") || self.gitlab.url.starts_with("https://")) {
             return fail(

@@ -47,13 +47,24 @@ pub enum JobEvent {
         attempt: u32,
         result: Finished,
     },
-    /// The attempt is gone (agent lost, refused, interrupted); `requeued`
-    /// says whether a new attempt is waiting, or attempts ran out.
+    /// The attempt is gone (agent lost or interrupted); `next` says what
+    /// becomes of the job.
     Lost {
         attempt: u32,
         reason: String,
-        requeued: bool,
+        next: AfterLoss,
     },
+}
+
+/// What becomes of a job whose attempt was lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterLoss {
+    /// A new attempt is queued.
+    Requeued,
+    /// It used all its attempts.
+    Exhausted,
+    /// It opted out of re-runs.
+    NoRerun,
 }
 
 /// One job the coordinator holds.
@@ -64,6 +75,8 @@ struct HeldJob {
     lease: Lease,
     events: mpsc::UnboundedSender<JobEvent>,
     taken_at: Instant,
+    /// Log bytes of the current attempt received so far.
+    output_bytes: u64,
 }
 
 /// One connected agent.
@@ -129,6 +142,8 @@ pub struct JobSnapshot {
     pub state: &'static str,
     pub agent: Option<String>,
     pub age: std::time::Duration,
+    /// Log bytes the current attempt produced so far.
+    pub output_bytes: u64,
 }
 
 /// Settings the core needs.
@@ -185,6 +200,7 @@ impl Core {
                     lease: Lease::new(self.settings.max_attempts),
                     events: tx,
                     taken_at: Instant::now(),
+                    output_bytes: 0,
                 },
             );
             state.queue.push_back(id);
@@ -442,9 +458,44 @@ impl Core {
                 }
             }
             Some(Msg::Interrupting(notice)) => {
-                tracing::warn!(agent = %agent_id, reason = %notice.reason, "agent is being interrupted");
+                tracing::warn!(agent = %agent_id, reason = %notice.reason, "agent is being interrupted; re-running its jobs elsewhere");
+                let instance = state
+                    .agents
+                    .get(agent_id)
+                    .map(|e| e.instance.instance_id.clone())
+                    .unwrap_or_default();
+                let reason = if instance.is_empty() {
+                    notice.reason.clone()
+                } else {
+                    format!("instance {instance}: {}", notice.reason)
+                };
+                let mut taken = Vec::new();
                 if let Some(entry) = state.agents.get_mut(agent_id) {
                     entry.draining = true;
+                    entry.free_reported = 0;
+                    entry.unacked.clear();
+                    taken.extend(entry.attempts.drain());
+                    touch_idle(entry);
+                    // Stop them there at once: the new attempt must not
+                    // race the old one for the job's side effects.
+                    for key in &taken {
+                        send_cancel(
+                            &entry.tx,
+                            *key,
+                            CancelMode::Abort,
+                            "instance interrupted; the job runs again elsewhere",
+                        );
+                    }
+                }
+                for key in taken {
+                    lose_attempt(&mut state, key, &reason);
+                }
+            }
+            Some(Msg::Draining(draining)) => {
+                tracing::info!(agent = %agent_id, reason = %draining.reason, "agent takes no new work");
+                if let Some(entry) = state.agents.get_mut(agent_id) {
+                    entry.draining = true;
+                    entry.free_reported = 0;
                 }
             }
             Some(Msg::Hello(_)) => {
@@ -468,6 +519,13 @@ impl Core {
         let job = state.jobs.get(&attempt.job_id)?;
         (job.lease.attempt == attempt.attempt && job.lease.state.agent() == Some(agent_id))
             .then(|| job.events.clone())
+    }
+
+    /// Counts log bytes of the job's current attempt, for status displays.
+    pub fn record_output(&self, job_id: i64, bytes: usize) {
+        if let Some(job) = self.lock().jobs.get_mut(&job_id) {
+            job.output_bytes += bytes as u64;
+        }
     }
 
     /// Tells an agent to stop an attempt that is not wanted any more.
@@ -549,6 +607,7 @@ impl Core {
                 state: j.lease.state.name(),
                 agent: j.lease.state.agent().map(str::to_owned),
                 age: j.taken_at.elapsed(),
+                output_bytes: j.output_bytes,
             })
             .collect()
     }
@@ -579,17 +638,46 @@ fn touch_idle(entry: &mut AgentEntry) {
     }
 }
 
-/// An attempt is gone: queue the next one, or tell the job attempts ran out.
+/// CI variable with which a job opts out of re-runs (a deploy that must not
+/// run twice): set to `false`, the job fails at its first interruption.
+pub const RERUN_VARIABLE: &str = "SERVITOR_RERUN_ON_INTERRUPTION";
+
+/// Whether a job allows being run again after an interruption.
+pub fn allows_rerun(job: &JobPayload) -> bool {
+    !job.variable(RERUN_VARIABLE).is_some_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "false" | "0" | "no" | "never"
+        )
+    })
+}
+
+/// An attempt is gone: queue the next one, or tell the job that it ends
+/// here (attempts ran out, or it opted out of re-runs).
 fn lose_attempt(state: &mut State, (job_id, attempt): (i64, u32), reason: &str) {
     let Some(job) = state.jobs.get_mut(&job_id) else {
         return;
     };
+    if attempt == job.lease.attempt
+        && job.lease.state.agent().is_some()
+        && !allows_rerun(&job.payload)
+    {
+        job.lease.state = LeaseState::Finished;
+        let _ = job.events.send(JobEvent::Lost {
+            attempt,
+            reason: format!(
+                "{reason}; the job sets {RERUN_VARIABLE}=false, so it is not run again"
+            ),
+            next: AfterLoss::NoRerun,
+        });
+        return;
+    }
     match job.lease.apply(LeaseEvent::Lost { attempt }) {
         Ok(()) => {
             let _ = job.events.send(JobEvent::Lost {
                 attempt,
                 reason: reason.to_owned(),
-                requeued: true,
+                next: AfterLoss::Requeued,
             });
             state.queue.push_back(job_id);
         }
@@ -598,7 +686,7 @@ fn lose_attempt(state: &mut State, (job_id, attempt): (i64, u32), reason: &str) 
             let _ = job.events.send(JobEvent::Lost {
                 attempt,
                 reason: reason.to_owned(),
-                requeued: false,
+                next: AfterLoss::Exhausted,
             });
         }
         Err(e) => {
@@ -773,7 +861,7 @@ mod tests {
                 e,
                 JobEvent::Lost {
                     attempt: 1,
-                    requeued: true,
+                    next: AfterLoss::Requeued,
                     ..
                 }
             );

@@ -322,16 +322,11 @@ fn summary(records: &[JobRecord]) -> bool {
 
 /// Removes ANSI escapes and section markers for printing in a terminal.
 fn strip_ansi(text: &str) -> String {
-    // Section markers end with a carriage return: drop those pieces.
-    let unmarked: String = text
-        .split('\r')
-        .filter(|piece| !piece.starts_with("section_start:") && !piece.starts_with("section_end:"))
-        .collect();
-    let mut out = String::with_capacity(unmarked.len());
-    let mut chars = unmarked.chars().peekable();
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         if c != '\x1b' {
-            out.push(c);
+            plain.push(c);
             continue;
         }
         // CSI: ESC [ parameters, then a final byte in @..~
@@ -344,10 +339,40 @@ fn strip_ansi(text: &str) -> String {
             }
         }
     }
-    out
+    // Section markers run from `section_start:`/`section_end:` to a carriage
+    // return.
+    let mut out = String::with_capacity(plain.len());
+    let mut rest = plain.as_str();
+    loop {
+        let next = ["section_start:", "section_end:"]
+            .iter()
+            .filter_map(|m| rest.find(m))
+            .min();
+        let Some(at) = next else {
+            out.push_str(rest);
+            break;
+        };
+        out.push_str(&rest[..at]);
+        match rest[at..].find('\r') {
+            Some(end) => rest = &rest[at + end + 1..],
+            None => break,
+        }
+    }
+    out.replace('\r', "")
 }
 
 fn random_token() -> String {
     let bytes: [u8; 24] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_ansi;
+
+    #[test]
+    fn markers_and_colours_are_removed() {
+        let log = "section_start:1:get_sources\r\x1b[0K\x1b[36;1mGetting source\x1b[0;m\nok\nsection_end:1:get_sources\r\x1b[0K\x1b[32;1mJob succeeded\x1b[0;m\n";
+        assert_eq!(strip_ansi(log), "Getting source\nok\nJob succeeded\n");
+    }
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::core::{Core, JobEvent};
+use crate::core::{AfterLoss, Core, JobEvent};
 use crate::gitlab::{FinalState, GitLabClient, GitLabError, JobReporter, ReceivedJob, RemoteEvent};
 use servitor_agent::backoff::Backoff;
 
@@ -197,10 +197,12 @@ async fn run_job(
                 None => return,
                 Some(JobEvent::Assigned { attempt, agent, instance, executor }) => {
                     progress = AttemptProgress { attempt, ..AttemptProgress::default() };
-                    let place = if instance.instance_id.is_empty() { agent.clone() } else { format!("{agent} (instance {})", instance.instance_id) };
                     reporter.append(Bytes::from(format!(
-                        "{BOLD_CYAN}Attempt {attempt} of {}: running on agent {place} with the {executor} executor{RESET}\n",
-                        ctx.max_attempts
+                        "{}{BOLD_CYAN}Attempt {attempt} of {}: agent {agent} on {}, {executor} executor, started {}{RESET}\n",
+                        section_start(attempt),
+                        ctx.max_attempts,
+                        describe_instance(&instance),
+                        utc_now(),
                     )));
                     if canceling {
                         ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab");
@@ -209,6 +211,7 @@ async fn run_job(
                 Some(JobEvent::Started { .. }) => {}
                 Some(JobEvent::Output { attempt, bytes }) if attempt == progress.attempt => {
                     progress.output_bytes += bytes.len() as u64;
+                    ctx.core.record_output(job_id, bytes.len());
                     reporter.append(bytes);
                 }
                 Some(JobEvent::Output { .. }) => {}
@@ -225,24 +228,38 @@ async fn run_job(
                     break state;
                 }
                 Some(JobEvent::Finished { .. }) => {}
-                Some(JobEvent::Lost { attempt, reason, requeued }) => {
-                    if requeued {
-                        reporter.append(Bytes::from(format!(
-                            "\n{BOLD_YELLOW}Attempt {attempt} was interrupted: {reason}. Running the job again.{RESET}\n"
-                        )));
-                        progress = AttemptProgress::default();
-                    } else {
-                        reporter.append(Bytes::from(format!(
-                            "\n{BOLD_RED}Attempt {attempt} was interrupted: {reason}. No attempts left ({} used).{RESET}\n",
+                Some(JobEvent::Lost { attempt, reason, next }) => {
+                    reporter.append(Bytes::from(format!(
+                        "\n{BOLD_YELLOW}Attempt {attempt} stopped at {}: {reason}.{RESET}\n{}",
+                        utc_now(),
+                        section_end(attempt)
+                    )));
+                    progress = AttemptProgress::default();
+                    match next {
+                        AfterLoss::Requeued => reporter.append(Bytes::from(format!(
+                            "{BOLD_YELLOW}Running the job again (attempt {} of {}). GitLab still sees one running job.{RESET}\n",
+                            attempt + 1,
                             ctx.max_attempts
-                        )));
-                        break FinalState::Failed { kind: FailureKind::RunnerSystem, exit_code: None };
+                        ))),
+                        AfterLoss::Exhausted => {
+                            reporter.append(Bytes::from(format!(
+                                "{BOLD_RED}No attempts left: all {} were interrupted.{RESET}\n",
+                                ctx.max_attempts
+                            )));
+                            break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
+                        }
+                        AfterLoss::NoRerun => {
+                            break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
+                        }
                     }
                 }
             },
         }
     };
 
+    if progress.attempt > 0 {
+        reporter.append(Bytes::from(section_end(progress.attempt)));
+    }
     reporter.append(Bytes::from(closing_line(
         &final_state,
         progress.result.as_ref(),
@@ -312,6 +329,53 @@ fn final_state_for(result: &Finished, canceling: bool) -> FinalState {
     }
 }
 
+/// GitLab's collapsible section markers around one attempt.
+fn section_start(attempt: u32) -> String {
+    format!(
+        "section_start:{}:servitor_attempt_{attempt}\r\x1b[0K",
+        unix_now()
+    )
+}
+
+fn section_end(attempt: u32) -> String {
+    format!(
+        "section_end:{}:servitor_attempt_{attempt}\r\x1b[0K",
+        unix_now()
+    )
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn utc_now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// "instance i-0abc (m5.large, spot, us-east-1a)", leaving out what is unknown.
+fn describe_instance(instance: &servitor_proto::agent::InstanceFacts) -> String {
+    let details: Vec<&str> = [
+        instance.instance_type.as_str(),
+        instance.market.as_str(),
+        instance.availability_zone.as_str(),
+    ]
+    .into_iter()
+    .filter(|s| !s.is_empty())
+    .collect();
+    let id = if instance.instance_id.is_empty() {
+        "an unnamed instance"
+    } else {
+        &instance.instance_id
+    };
+    if details.is_empty() {
+        format!("instance {id}")
+    } else {
+        format!("instance {id} ({})", details.join(", "))
+    }
+}
+
 /// The last line of the job log, in gitlab-runner's words.
 fn closing_line(state: &FinalState, result: Option<&Finished>) -> String {
     let detail = result.map(|r| r.message.clone()).filter(|m| !m.is_empty());
@@ -323,7 +387,7 @@ fn closing_line(state: &FinalState, result: Option<&Finished>) -> String {
                 Some(code) => format!("exit code {code}"),
                 None => "see the log above".to_owned(),
             });
-            let system = matches!(kind, FailureKind::RunnerSystem);
+            let system = matches!(kind, FailureKind::RunnerSystem | FailureKind::Interrupted);
             if system {
                 format!("{BOLD_RED}ERROR: Job failed (system failure): {what}{RESET}\n")
             } else {

@@ -36,9 +36,6 @@ use crate::core::{Core, CoreSettings};
 use crate::fleet::local::{LocalFleet, LocalFleetSettings};
 use crate::fleet::{FleetView, SizingPolicy};
 
-/// Attempts a job gets before it fails for good.
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
-
 /// Why the coordinator could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -80,6 +77,8 @@ pub struct StartOptions {
     /// Program and arguments that start a local agent, instead of the
     /// configured or default one.
     pub agent_command: Option<Vec<String>>,
+    /// Instance metadata endpoints for local instances, in launch order.
+    pub local_imds_endpoints: Vec<String>,
 }
 
 /// A running coordinator.
@@ -161,7 +160,7 @@ pub async fn start(
     tracing::info!(addr = %link_addr, ca_pin = %pki.ca_sha256_pin(), "agent link listening");
 
     let core = Core::new(CoreSettings {
-        max_attempts: DEFAULT_MAX_ATTEMPTS,
+        max_attempts: config.max_attempts,
     });
     let tracker = TaskTracker::new();
     let fleet_view = Arc::new(FleetView::default());
@@ -201,6 +200,7 @@ pub async fn start(
         .to_owned(),
         default_image: config.fleet.local.default_image.clone(),
         capacity: config.fleet.capacity_per_instance,
+        imds_endpoints: options.local_imds_endpoints.clone(),
     }));
 
     let stop_polling = shutdown.child_token();
@@ -251,7 +251,7 @@ pub async fn start(
         core: core.clone(),
         gitlab,
         coordinator_name: format!("coordinator {system_id}"),
-        max_attempts: DEFAULT_MAX_ATTEMPTS,
+        max_attempts: config.max_attempts,
     };
     tracker.spawn(jobs::poll_gitlab(
         jobs_ctx,

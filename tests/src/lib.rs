@@ -6,10 +6,11 @@
 //! A prerequisite that is missing (Docker, the job image, the agent binary)
 //! fails the test with a message naming it; nothing passes silently.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use servitor_agent::imds::{ImdsStandIn, InstanceSpec};
 use servitor_coordinator::config::Config;
 use servitor_coordinator::standin::{JobRecord, StandIn, StandInConfig};
 use servitor_coordinator::{Coordinator, StartOptions};
@@ -29,11 +30,13 @@ pub fn init_tracing() {
 /// Names the build command when it is missing.
 pub fn agent_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the test binary")?;
-    // target/<profile>/deps/<test> → target/<profile>/
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no target directory")?;
+    // Tests live in target/<profile>/deps/, binaries in target/<profile>/.
+    let mut dir = exe.parent().context("test binary has no directory")?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir
+            .parent()
+            .context("test binary has no target directory")?;
+    }
     let agent = dir.join("servitor-agent");
     if !agent.is_file() {
         bail!(
@@ -85,7 +88,11 @@ pub struct HarnessOptions {
     pub capacity_per_instance: u32,
     pub idle_time: &'static str,
     pub lost_grace: &'static str,
+    pub max_attempts: u32,
     pub standin: StandInConfig,
+    /// Instance metadata stand-ins to start, one per local instance in
+    /// launch order.
+    pub imds_instances: usize,
 }
 
 impl Default for HarnessOptions {
@@ -97,7 +104,9 @@ impl Default for HarnessOptions {
             capacity_per_instance: 2,
             idle_time: "5m",
             lost_grace: "30s",
+            max_attempts: 3,
             standin: StandInConfig::default(),
+            imds_instances: 0,
         }
     }
 }
@@ -109,6 +118,8 @@ pub struct Harness {
     pub coordinator: Option<Coordinator>,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
+    /// Instance metadata stand-ins: `imds[0]` serves `local-1`, and so on.
+    pub imds: Vec<ImdsStandIn>,
     shutdown: CancellationToken,
 }
 
@@ -138,6 +149,7 @@ impl Harness {
             r#"
 state_dir = {state:?}
 concurrent = {concurrent}
+max_attempts = {max_attempts}
 
 [gitlab]
 url = {url:?}
@@ -160,6 +172,7 @@ default_image = "{TEST_IMAGE}"
 "#,
             state = dir.path().join("state").display().to_string(),
             concurrent = options.concurrent,
+            max_attempts = options.max_attempts,
             url = standin.url(),
             token = dir.path().join("runner-token").display().to_string(),
             join = dir.path().join("join-token").display().to_string(),
@@ -173,6 +186,17 @@ default_image = "{TEST_IMAGE}"
         std::fs::write(&config_path, &config_text)?;
         let config = Config::from_toml_str(&config_text, "test config")?;
         let secrets = config.load_secrets()?;
+        let mut imds = Vec::new();
+        for n in 1..=options.imds_instances {
+            imds.push(
+                ImdsStandIn::start(InstanceSpec {
+                    instance_id: format!("i-0local{n:04}"),
+                    ..InstanceSpec::default()
+                })
+                .await
+                .context("starting an instance metadata stand-in")?,
+            );
+        }
         let shutdown = CancellationToken::new();
         let agent = agent_binary()?;
         let coordinator = servitor_coordinator::start(
@@ -180,6 +204,7 @@ default_image = "{TEST_IMAGE}"
             secrets,
             StartOptions {
                 agent_command: Some(vec![agent.display().to_string()]),
+                local_imds_endpoints: imds.iter().map(ImdsStandIn::url).collect(),
             },
             shutdown.clone(),
         )
@@ -190,6 +215,7 @@ default_image = "{TEST_IMAGE}"
             coordinator: Some(coordinator),
             dir,
             config_path,
+            imds,
             shutdown,
         })
     }
@@ -249,6 +275,45 @@ default_image = "{TEST_IMAGE}"
                 self.agent_logs()
             ),
         }
+    }
+
+    /// Sends a signal (`TERM`, `KILL`, `STOP`, `CONT`) to a local
+    /// instance's agent process.
+    ///
+    /// # Errors
+    /// The instance is not running, or `kill` failed.
+    pub fn signal_agent(&self, instance: &str, signal: &str) -> anyhow::Result<()> {
+        let pid = self
+            .coordinator()
+            .fleet
+            .pid(instance)
+            .with_context(|| format!("{instance} is not running"))?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// The instance whose agent runs the job's current attempt.
+    pub fn instance_of(&self, job_id: i64) -> Option<String> {
+        let agent = self
+            .coordinator()
+            .core
+            .jobs()
+            .into_iter()
+            .find(|j| j.job_id == job_id)?
+            .agent?;
+        self.coordinator()
+            .core
+            .agents()
+            .into_iter()
+            .find(|a| a.agent_id == agent)
+            .map(|a| a.instance_id)
     }
 
     /// Every local agent's stderr, for failure messages.

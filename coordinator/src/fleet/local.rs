@@ -32,6 +32,10 @@ pub struct LocalFleetSettings {
     pub executor: String,
     pub default_image: Option<String>,
     pub capacity: u32,
+    /// Instance metadata endpoints handed to local instances in launch
+    /// order (`local-1` gets the first); instances past the list, or all
+    /// when it is empty, do not watch instance metadata.
+    pub imds_endpoints: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -65,8 +69,8 @@ impl LocalFleet {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The agent configuration for one local instance.
-    fn agent_config(&self, id: &str, dir: &std::path::Path) -> String {
+    /// The agent configuration for one local instance (`n` counts from 1).
+    fn agent_config(&self, id: &str, n: u32, dir: &std::path::Path) -> String {
         let s = &self.settings;
         let mut text = format!(
             "coordinator = {coordinator:?}\nca_file = {ca:?}\njoin_token_file = {join:?}\nname = {id:?}\nstate_dir = {state:?}\ncapacity = {capacity}\n\n[executor]\nkind = {kind:?}\nwork_dir = {work:?}\n",
@@ -84,6 +88,14 @@ impl LocalFleet {
         text.push_str(&format!(
             "\n[instance]\nid = {id:?}\ninstance_type = \"local\"\nmarket = \"local\"\n"
         ));
+        let endpoint = usize::try_from(n)
+            .ok()
+            .and_then(|n| n.checked_sub(1))
+            .and_then(|i| s.imds_endpoints.get(i));
+        match endpoint {
+            Some(url) => text.push_str(&format!("imds = true\nimds_endpoint = {url:?}\n")),
+            None => text.push_str("imds = false\n"),
+        }
         text
     }
 
@@ -107,7 +119,7 @@ impl LocalFleet {
         };
         std::fs::create_dir_all(&dir).map_err(files)?;
         let config_path = dir.join("agent.toml");
-        std::fs::write(&config_path, self.agent_config(&id, &dir)).map_err(files)?;
+        std::fs::write(&config_path, self.agent_config(&id, n, &dir)).map_err(files)?;
         let log = std::fs::File::create(dir.join("agent.log")).map_err(files)?;
         let (program, args) = self
             .settings

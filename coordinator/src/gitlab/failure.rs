@@ -26,6 +26,7 @@ pub fn failure_reason(kind: FailureKind, accepted: &[String]) -> &'static str {
         FailureKind::Timeout => "job_execution_timeout",
         FailureKind::RunnerSystem => "runner_system_failure",
         FailureKind::Configuration => "runner_configuration_error",
+        FailureKind::Interrupted => "runner_interrupted",
     };
     map_reason(reason, accepted)
 }
@@ -42,7 +43,11 @@ pub fn map_reason(reason: &'static str, accepted: &[String]) -> &'static str {
     }
     // Reasons newer than some GitLab versions, mapped onto what those knew.
     match reason {
-        "image_pull_failure" | "runner_external_dependency_failure" => "runner_system_failure",
+        // A GitLab that predates `runner_interrupted` knows the case as a
+        // system failure, which `retry: when: runner_system_failure` catches.
+        "image_pull_failure" | "runner_external_dependency_failure" | "runner_interrupted" => {
+            "runner_system_failure"
+        }
         "runner_configuration_error" => "script_failure",
         _ => "unknown_failure",
     }
@@ -66,6 +71,7 @@ mod tests {
             "image_pull_failure",
             "runner_configuration_error",
             "runner_external_dependency_failure",
+            "runner_interrupted",
         ]);
         let old = list(&["unknown_failure", "script_failure"]);
         let none: Vec<String> = Vec::new();
@@ -87,6 +93,8 @@ mod tests {
             ),
             (FailureKind::Configuration, &old, "script_failure"),
             (FailureKind::Configuration, &none, "script_failure"),
+            (FailureKind::Interrupted, &full, "runner_interrupted"),
+            (FailureKind::Interrupted, &old, "runner_system_failure"),
         ];
         for (kind, accepted, want) in table {
             assert_eq!(

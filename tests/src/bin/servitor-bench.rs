@@ -1,0 +1,147 @@
+//! Measures Servitor's design targets on this machine, end to end through
+//! the real binaries:
+//!
+//! - agent idle RSS (target ≤ 10 MiB), read from `/proc/<pid>/status`;
+//! - job taken → first output line in the GitLab trace (target ≤ 0.5 s on
+//!   loopback beyond Docker's own container start), with the shell executor
+//!   (no container) and with the Docker executor.
+//!
+//! Run it in release: `cargo run --release -p servitor-tests --bin servitor-bench`.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use servitor_coordinator::standin::JobSpec;
+use servitor_tests::{Harness, HarnessOptions};
+
+/// Jobs measured per executor.
+const SAMPLES: usize = 10;
+
+/// One `/proc/<pid>/status` figure, in KiB.
+fn status_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .with_context(|| format!("no {key} line"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .with_context(|| format!("malformed {key} line"))?
+        .parse()?)
+}
+
+/// Resident memory of a process: total, anonymous (heap, stacks) and
+/// file-backed (the binary's code pages), in KiB.
+#[derive(Clone, Copy, Debug, Default)]
+struct Rss {
+    total: u64,
+    anon: u64,
+    file: u64,
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<Rss> {
+    Ok(Rss {
+        total: status_kib(pid, "VmRSS:")?,
+        anon: status_kib(pid, "RssAnon:")?,
+        file: status_kib(pid, "RssFile:")?,
+    })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+async fn first_line_latency(executor: &'static str) -> anyhow::Result<(Vec<Duration>, Rss)> {
+    let h = Harness::start(HarnessOptions {
+        executor,
+        max_instances: 1,
+        capacity_per_instance: 1,
+        ..HarnessOptions::default()
+    })
+    .await?;
+    let mut samples = Vec::new();
+    let mut rss = Rss::default();
+    for n in 0..=SAMPLES {
+        let marker = format!("first-line-{n}");
+        let id = h
+            .standin
+            .push_job(JobSpec::new(format!("bench-{n}")).script([format!("echo {marker}")]))
+            .await?;
+        // Poll the stand-in's stored trace closely.
+        let seen = loop {
+            if let Some(r) = h.standin.job(id) {
+                if r.trace_text().contains(&format!("\n{marker}")) {
+                    break tokio::time::Instant::now();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let taken = h
+            .standin
+            .request_log()
+            .iter()
+            .rev()
+            .find(|r| r.status == 201)
+            .map(|r| r.at)
+            .context("no 201 in the request log")?;
+        h.wait_final(id, Duration::from_secs(60)).await?;
+        // The first job also starts the agent: measure warm agents only.
+        if n > 0 {
+            samples.push(seen.duration_since(taken));
+        }
+        if n == 0 {
+            // Let the agent settle, then read its idle RSS.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let pid = h
+                .coordinator()
+                .fleet
+                .pid("local-1")
+                .context("local-1 is not running")?;
+            rss = rss_kib(pid)?;
+        }
+    }
+    samples.sort();
+    Ok((samples, rss))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("note: this is a debug build; run with --release for representative figures");
+    }
+    let mut failed = false;
+    for executor in ["shell", "docker"] {
+        let (samples, rss) = match first_line_latency(executor).await {
+            Ok(v) => v,
+            Err(e) => bail!("{executor} executor: {e:#}"),
+        };
+        let p50 = percentile(&samples, 0.5);
+        let p90 = percentile(&samples, 0.9);
+        let max = samples.last().copied().unwrap_or_default();
+        println!(
+            "{executor:>6} executor: job taken -> first output line in GitLab: p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms ({} jobs)",
+            p50.as_secs_f64() * 1000.0,
+            p90.as_secs_f64() * 1000.0,
+            max.as_secs_f64() * 1000.0,
+            samples.len()
+        );
+        println!(
+            "{executor:>6} executor: agent idle RSS {:.1} MiB ({:.1} MiB anonymous, {:.1} MiB file-backed code)",
+            rss.total as f64 / 1024.0,
+            rss.anon as f64 / 1024.0,
+            rss.file as f64 / 1024.0
+        );
+        if executor == "shell" && p50 > Duration::from_millis(500) {
+            failed = true;
+        }
+        if rss.total > 10 * 1024 {
+            failed = true;
+        }
+    }
+    if failed {
+        println!("some figures are over their design targets");
+    }
+    Ok(())
+}
