@@ -120,7 +120,9 @@ mod tests {
                 &["runner_external_dependency_failure"],
                 "runner_external_dependency_failure",
             ),
-            ("runner_interrupted", &[], "unknown_failure"),
+            // Unlike gitlab-runner (unknown_failure): an interrupted job must
+            // still meet `retry: when: runner_system_failure` on older GitLab.
+            ("runner_interrupted", &[], "runner_system_failure"),
             (
                 "runner_interrupted",
                 &["runner_interrupted"],
