@@ -21,7 +21,7 @@ use servitor_proto::agent::{
 };
 use servitor_proto::frame::{read_frame, write_frame};
 use servitor_proto::job::JobPayload;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -37,6 +37,12 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Output chunks buffered between the executor and the stream.
 const OUTPUT_QUEUE: usize = 256;
+/// Output kept per attempt for resending after a reconnect; GitLab keeps at
+/// most 4 MiB of a log by default, so this covers a whole log.
+const OUTPUT_REPLAY_BYTES: usize = 8 * 1024 * 1024;
+/// How long a finished attempt waits for a lost link to come back so its
+/// last output can still be sent.
+const OUTPUT_RESUME_WAIT: Duration = Duration::from_secs(60);
 /// How long an exiting agent waits for the coordinator to close first.
 const GOODBYE_WAIT: Duration = Duration::from_secs(1);
 /// How long to wait for the coordinator to take an output stream's tail.
@@ -129,6 +135,7 @@ pub async fn run(
         interrupt: None,
         drain_reason: None,
         abort_all: CancellationToken::new(),
+        links: watch::Sender::new(None),
     };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     state.done_tx = Some(done_tx);
@@ -165,6 +172,7 @@ pub async fn run(
             }
         };
         tracing::info!(agent_id = %link.agent_id, "connected to the coordinator");
+        state.links.send_replace(Some(link.connection.clone()));
         let started = tokio::time::Instant::now();
         let end = session(
             &settings,
@@ -179,6 +187,7 @@ pub async fn run(
             // to read its end and close, so it sees a clean goodbye.
             let _ = tokio::time::timeout(GOODBYE_WAIT, link.connection.closed()).await;
         }
+        state.links.send_replace(None);
         link.connection.close(0u32.into(), b"bye");
         match end {
             SessionEnd::Exit => return Ok(()),
@@ -235,6 +244,8 @@ struct AgentState {
     /// Parent of every attempt's abort token: cancelled at the interruption
     /// deadline.
     abort_all: CancellationToken,
+    /// The current connection, for attempts' output streams.
+    links: watch::Sender<Option<quinn::Connection>>,
 }
 
 impl AgentState {
@@ -452,7 +463,7 @@ async fn session(
                         return SessionEnd::Lost;
                     }
                 };
-                let replies = handle(settings, connection, state, message);
+                let replies = handle(settings, state, message);
                 for reply in replies {
                     if write_frame(&mut send, &reply).await.is_err() {
                         return SessionEnd::Lost;
@@ -466,7 +477,6 @@ async fn session(
 /// Handles one coordinator message; returns the replies to send.
 fn handle(
     settings: &Arc<AgentSettings>,
-    connection: &quinn::Connection,
     state: &mut AgentState,
     message: CoordinatorMessage,
 ) -> Vec<AgentMessage> {
@@ -521,7 +531,7 @@ fn handle(
             };
             tokio::spawn(run_attempt(
                 settings.clone(),
-                connection.clone(),
+                state.links.subscribe(),
                 attempt,
                 job,
                 slot,
@@ -554,10 +564,11 @@ fn handle(
     replies
 }
 
-/// Runs one attempt and streams its output on its own stream.
+/// Runs one attempt and streams its output on its own stream, resending
+/// it on a new stream after a reconnect.
 async fn run_attempt(
     settings: Arc<AgentSettings>,
-    connection: quinn::Connection,
+    links: watch::Receiver<Option<quinn::Connection>>,
     attempt: AttemptRef,
     job: JobPayload,
     slot: u32,
@@ -575,37 +586,8 @@ async fn run_attempt(
         agent_name: settings.link.agent_name.clone(),
         owner: settings.owner(),
     };
-    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(OUTPUT_QUEUE);
-    let abort = cancel.abort.clone();
-    let forward = async move {
-        let mut stream = match open_output(&connection, attempt).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                tracing::warn!(%attempt, error = %e, "could not open the output stream");
-                None
-            }
-        };
-        let mut sent = 0u64;
-        while let Some(chunk) = out_rx.recv().await {
-            sent += chunk.len() as u64;
-            if let Some(s) = stream.as_mut() {
-                if let Err(e) = s.write_all(&chunk).await {
-                    // The coordinator stopped this stream: the attempt is
-                    // stale. Stop it; keep draining so the executor ends.
-                    tracing::warn!(%attempt, error = %e, "output stream refused; stopping the attempt");
-                    abort.cancel();
-                    stream = None;
-                }
-            }
-        }
-        if let Some(mut s) = stream {
-            let _ = s.finish();
-            // Let the coordinator read the tail before the result is sent;
-            // it copes either way, this only saves it a wait.
-            let _ = tokio::time::timeout(OUTPUT_FLUSH_WAIT, s.stopped()).await;
-        }
-        sent
-    };
+    let (out_tx, out_rx) = mpsc::channel::<Bytes>(OUTPUT_QUEUE);
+    let forward = forward_output(attempt, out_rx, links, cancel.abort.clone());
     let (result, output_bytes) = tokio::join!(settings.executor.run(ctx, out_tx, cancel), forward);
     if let Err(e) = tokio::fs::remove_dir_all(&work_dir).await {
         if e.kind() != std::io::ErrorKind::NotFound {
@@ -619,21 +601,200 @@ async fn run_attempt(
     });
 }
 
-async fn open_output(
-    connection: &quinn::Connection,
+/// An attempt's output as far back as it can be resent.
+#[derive(Debug, Default)]
+struct OutputLog {
+    /// The most recent output, at most [`OUTPUT_REPLAY_BYTES`].
+    kept: Vec<u8>,
+    /// Position of `kept[0]` in the attempt's output.
+    start: u64,
+}
+
+impl OutputLog {
+    fn push(&mut self, chunk: &[u8]) {
+        self.kept.extend_from_slice(chunk);
+        if self.kept.len() > OUTPUT_REPLAY_BYTES {
+            let cut = self.kept.len() - OUTPUT_REPLAY_BYTES;
+            self.kept.drain(..cut);
+            self.start += cut as u64;
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.start + self.kept.len() as u64
+    }
+}
+
+/// What became of a write to the output stream.
+enum Sent {
+    Ok,
+    /// The coordinator refused the stream: the attempt is stale.
+    Refused,
+    /// The link is gone.
+    Lost,
+}
+
+async fn write_output(stream: &mut quinn::SendStream, bytes: &[u8]) -> Sent {
+    match stream.write_all(bytes).await {
+        Ok(()) => Sent::Ok,
+        Err(quinn::WriteError::Stopped(_)) => Sent::Refused,
+        Err(_) => Sent::Lost,
+    }
+}
+
+/// Opens an output stream on the current connection and resends what the
+/// log holds; the coordinator skips what it already has.
+async fn reopen(
+    links: &watch::Receiver<Option<quinn::Connection>>,
     attempt: AttemptRef,
-) -> Result<quinn::SendStream, Box<dyn std::error::Error + Send + Sync>> {
-    let mut stream = connection.open_uni().await?;
-    write_frame(
-        &mut stream,
-        &OutputHeader {
-            attempt: Some(attempt),
-        },
-    )
-    .await?;
-    Ok(stream)
+    log: &OutputLog,
+) -> Option<quinn::SendStream> {
+    let connection = links.borrow().clone()?;
+    let mut stream = connection.open_uni().await.ok()?;
+    let header = OutputHeader {
+        attempt: Some(attempt),
+        offset: log.start,
+    };
+    write_frame(&mut stream, &header).await.ok()?;
+    match write_output(&mut stream, &log.kept).await {
+        Sent::Ok => Some(stream),
+        Sent::Refused | Sent::Lost => None,
+    }
+}
+
+/// Moves an attempt's output from the executor onto the link, across
+/// reconnects. Returns the number of output bytes the attempt produced.
+async fn forward_output(
+    attempt: AttemptRef,
+    mut output: mpsc::Receiver<Bytes>,
+    mut links: watch::Receiver<Option<quinn::Connection>>,
+    abort: CancellationToken,
+) -> u64 {
+    let mut log = OutputLog::default();
+    let mut stream = reopen(&links, attempt, &log).await;
+    let mut refused = false;
+    loop {
+        tokio::select! {
+            chunk = output.recv() => {
+                let Some(chunk) = chunk else { break };
+                log.push(&chunk);
+                if let Some(s) = stream.as_mut() {
+                    match write_output(s, &chunk).await {
+                        Sent::Ok => {}
+                        Sent::Refused => {
+                            // The attempt is stale: stop it, but keep
+                            // draining so the executor can end.
+                            tracing::warn!(%attempt, "output stream refused; stopping the attempt");
+                            abort.cancel();
+                            refused = true;
+                            stream = None;
+                        }
+                        Sent::Lost => {
+                            tracing::warn!(%attempt, "output stream lost with the link; the job goes on and its output is resent after the reconnect");
+                            stream = None;
+                        }
+                    }
+                }
+            }
+            changed = links.changed(), if stream.is_none() && !refused => {
+                if changed.is_err() {
+                    refused = true;
+                } else {
+                    stream = reopen(&links, attempt, &log).await;
+                }
+            }
+        }
+    }
+    // The attempt ended while the link was down: wait a while for it to
+    // come back so the tail still reaches the log.
+    if stream.is_none() && !refused {
+        let deadline = tokio::time::Instant::now() + OUTPUT_RESUME_WAIT;
+        while stream.is_none() {
+            match tokio::time::timeout_at(deadline, links.changed()).await {
+                Ok(Ok(())) => stream = reopen(&links, attempt, &log).await,
+                _ => break,
+            }
+        }
+    }
+    if let Some(mut s) = stream {
+        let _ = s.finish();
+        // Let the coordinator read the tail before the result is sent; it
+        // copes either way, this only saves it a wait.
+        let _ = tokio::time::timeout(OUTPUT_FLUSH_WAIT, s.stopped()).await;
+    }
+    log.total()
 }
 
 fn len_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_log_keeps_the_tail_and_its_position() {
+        let mut log = OutputLog::default();
+        log.push(&vec![b'a'; OUTPUT_REPLAY_BYTES - 1]);
+        log.push(b"bcd");
+        assert_eq!(log.kept.len(), OUTPUT_REPLAY_BYTES);
+        assert_eq!(log.start, 2);
+        assert_eq!(log.total(), OUTPUT_REPLAY_BYTES as u64 + 2);
+        assert!(log.kept.ends_with(b"bcd"));
+    }
+
+    #[tokio::test]
+    async fn interrupt_notice_is_sent_once_and_drain_only_stops_new_work() {
+        let mut state = AgentState {
+            running: HashMap::new(),
+            pending_reports: Vec::new(),
+            draining: false,
+            exit_when_idle: false,
+            done_tx: None,
+            interrupt: None,
+            drain_reason: None,
+            abort_all: CancellationToken::new(),
+            links: watch::Sender::new(None),
+        };
+        let drain = state.apply_notice(Notice::Drain {
+            reason: "rebalance".into(),
+        });
+        assert!(matches!(
+            drain,
+            Some(AgentMessage {
+                msg: Some(agent_message::Msg::Draining(_))
+            })
+        ));
+        assert!(state.draining && state.interrupt.is_none());
+        assert!(
+            !state.done_after_interrupt(),
+            "a drain does not end the agent"
+        );
+        let deadline = std::time::SystemTime::now() + Duration::from_secs(120);
+        let first = state.apply_notice(Notice::Interrupt {
+            reason: "spot".into(),
+            deadline,
+        });
+        assert!(matches!(
+            first,
+            Some(AgentMessage {
+                msg: Some(agent_message::Msg::Interrupting(_))
+            })
+        ));
+        assert!(state
+            .apply_notice(Notice::Interrupt {
+                reason: "again".into(),
+                deadline
+            })
+            .is_none());
+        assert!(
+            state.done_after_interrupt(),
+            "nothing runs: the agent may go"
+        );
+        assert!(
+            !state.abort_all.is_cancelled(),
+            "jobs are stopped only near the deadline"
+        );
+    }
 }

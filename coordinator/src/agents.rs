@@ -237,17 +237,19 @@ async fn route_output(core: Arc<Core>, agent_id: String, mut stream: quinn::Recv
         core.stop_stale(&agent_id, attempt);
         return;
     };
+    let mut offset = header.offset;
     loop {
         match stream.read_chunk(OUTPUT_CHUNK_BYTES, true).await {
             Ok(Some(chunk)) => {
                 let bytes: Bytes = chunk.bytes;
-                if events
-                    .send(JobEvent::Output {
-                        attempt: attempt.attempt,
-                        bytes,
-                    })
-                    .is_err()
-                {
+                let len = bytes.len() as u64;
+                let sent = events.send(JobEvent::Output {
+                    attempt: attempt.attempt,
+                    offset,
+                    bytes,
+                });
+                offset += len;
+                if sent.is_err() {
                     let _ = stream.stop(STALE_ATTEMPT_CODE.into());
                     return;
                 }

@@ -37,6 +37,8 @@ pub enum JobEvent {
     },
     Output {
         attempt: u32,
+        /// Position of `bytes` in the attempt's output.
+        offset: u64,
         bytes: Bytes,
     },
     /// The output stream of the attempt ended.
@@ -427,6 +429,10 @@ impl Core {
                                 attempt: a.attempt,
                                 result: finished,
                             });
+                        }
+                        Err(e @ crate::lease::LeaseError::StaleAttempt { .. }) => {
+                            // Expected after a hand-back: the fence at work.
+                            tracing::info!(agent = %agent_id, attempt = %a, error = %e, "dropped the result of a superseded attempt");
                         }
                         Err(e) => {
                             tracing::warn!(agent = %agent_id, attempt = %a, error = %e, "dropped a result");

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use servitor_agent::executor::docker::{ensure_local_image, DockerConfig, DockerExecutor};
+use servitor_agent::imds::{ImdsStandIn, InstanceSpec};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -20,6 +21,9 @@ use crate::standin::{JobRecord, JobSpec, StandIn, StandInConfig};
 const DEMO_IMAGE: &str = "servitor-demo:latest";
 /// The whole pipeline must be done by then.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(180);
+/// Most local instances in the demo; each gets its own instance metadata
+/// stand-in, so a Spot notice can reach exactly one of them.
+const DEMO_INSTANCES: usize = 3;
 /// Idle time of demo instances, short so scale-in shows.
 const DEMO_IDLE_TIME: &str = "3s";
 const SECRET: &str = "s3cr3t-deploy-key-7d1f";
@@ -65,7 +69,7 @@ join_token_file = {join:?}
 [fleet]
 provider = "local"
 capacity_per_instance = 2
-max_instances = 2
+max_instances = {DEMO_INSTANCES}
 idle_time = "{DEMO_IDLE_TIME}"
 
 [fleet.local]
@@ -110,6 +114,14 @@ fn pipeline() -> Vec<(JobSpec, &'static str)> {
                 .after_script(["echo after_script ran after the cancel"]),
             "canceled mid-run; after_script still runs",
         ),
+        (
+            JobSpec::new("spot-victim").script([
+                "echo building on $(hostname)",
+                "for i in $(seq 1 6); do echo step $i of 6; sleep 1; done",
+                "echo built",
+            ]),
+            "its instance gets a Spot notice mid-run; re-run elsewhere, ends green",
+        ),
     ]
 }
 
@@ -143,13 +155,35 @@ async fn run_in(dir: &Path, shutdown: CancellationToken) -> anyhow::Result<bool>
     )?;
     std::fs::write(dir.join("join-token"), random_token())?;
 
+    let mut imds = Vec::new();
+    for n in 1..=DEMO_INSTANCES {
+        imds.push(
+            ImdsStandIn::start(InstanceSpec {
+                instance_id: format!("i-0demo{n:04}"),
+                ..InstanceSpec::default()
+            })
+            .await
+            .context("starting an instance metadata stand-in")?,
+        );
+    }
+    println!(
+        "Instance metadata stand-ins (IMDSv2): one per local instance, {}",
+        imds.iter()
+            .map(ImdsStandIn::url)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
     let config = Config::from_toml_str(&demo_config(dir, &standin.url(), executor), "demo")?;
     let secrets = config.load_secrets()?;
     let stop = shutdown.child_token();
     let coordinator = crate::start(
         config,
         secrets,
-        crate::StartOptions::default(),
+        crate::StartOptions {
+            local_imds_endpoints: imds.iter().map(ImdsStandIn::url).collect(),
+            ..crate::StartOptions::default()
+        },
         stop.clone(),
     )
     .await
@@ -172,6 +206,7 @@ async fn run_in(dir: &Path, shutdown: CancellationToken) -> anyhow::Result<bool>
 
     let started = tokio::time::Instant::now();
     let mut canceled = false;
+    let mut reclaimed = false;
     let mut last_line = String::new();
     let all_final = loop {
         if shutdown.is_cancelled() {
@@ -189,6 +224,24 @@ async fn run_in(dir: &Path, shutdown: CancellationToken) -> anyhow::Result<bool>
                         long.id
                     );
                     canceled = true;
+                }
+            }
+        }
+        // Reclaim the Spot victim's instance once its job is under way.
+        if !reclaimed {
+            if let Some(victim) = records.iter().find(|r| r.name == "spot-victim") {
+                if victim.trace_text().contains("step 2 of 6") {
+                    if let Some(n) = instance_of(&coordinator, victim.id) {
+                        if let Some(stand_in) = imds.get(n.saturating_sub(1)) {
+                            stand_in.set_spot_action("terminate", Duration::from_secs(120));
+                            println!(
+                                "{:>5.1}s  AWS sends a Spot interruption notice to local-{n}, which runs #{} spot-victim",
+                                started.elapsed().as_secs_f32(),
+                                victim.id
+                            );
+                            reclaimed = true;
+                        }
+                    }
                 }
             }
         }
@@ -225,6 +278,23 @@ async fn run_in(dir: &Path, shutdown: CancellationToken) -> anyhow::Result<bool>
     coordinator.stop();
     coordinator.wait().await;
     Ok(ok && all_final)
+}
+
+/// The local instance number (`local-<n>`) running the job's attempt.
+fn instance_of(coordinator: &crate::Coordinator, job_id: i64) -> Option<usize> {
+    let agent = coordinator
+        .core
+        .jobs()
+        .into_iter()
+        .find(|j| j.job_id == job_id && j.state == "running")?
+        .agent?;
+    let instance = coordinator
+        .core
+        .agents()
+        .into_iter()
+        .find(|a| a.agent_id == agent)?
+        .instance_id;
+    instance.strip_prefix("local-")?.parse().ok()
 }
 
 fn live_line(coordinator: &crate::Coordinator, records: &[JobRecord]) -> String {
@@ -277,6 +347,17 @@ fn summary(records: &[JobRecord]) -> bool {
                     && trace.contains("[MASKED]")
                     && !trace.contains(SECRET)
             }
+            "spot-victim" => {
+                r.state == JobState::Success
+                    && trace.contains("Spot interruption notice")
+                    && trace.contains("Attempt 2 of 3")
+                    && trace.contains("built")
+                    && r.updates
+                        .iter()
+                        .filter(|u| u.state == "success" || u.state == "failed")
+                        .count()
+                        == 1
+            }
             "long-running" => {
                 r.state == JobState::Canceled && trace.contains("after_script ran after the cancel")
             }
@@ -303,10 +384,12 @@ fn summary(records: &[JobRecord]) -> bool {
             }
         );
     }
-    if let Some(deploy) = records.iter().find(|r| r.name == "deploy") {
-        println!("\nJob log of #{} deploy, as GitLab stores it:", deploy.id);
-        for line in strip_ansi(&deploy.trace_text()).lines() {
-            println!("  | {line}");
+    for name in ["deploy", "spot-victim"] {
+        if let Some(record) = records.iter().find(|r| r.name == name) {
+            println!("\nJob log of #{} {name}, as GitLab stores it:", record.id);
+            for line in strip_ansi(&record.trace_text()).lines() {
+                println!("  | {line}");
+            }
         }
     }
     println!(

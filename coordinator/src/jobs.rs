@@ -139,6 +139,31 @@ struct AttemptProgress {
     result: Option<Finished>,
 }
 
+impl AttemptProgress {
+    /// Accepts output that starts at `offset` in the attempt's output: the
+    /// part already received (sent again after a reconnect) is skipped, and
+    /// a gap (output lost with a link) is marked in the log.
+    fn take_output(&mut self, offset: u64, bytes: Bytes) -> Option<Bytes> {
+        let end = offset + bytes.len() as u64;
+        if end <= self.output_bytes {
+            return None;
+        }
+        if offset > self.output_bytes {
+            let lost = offset - self.output_bytes;
+            self.output_bytes = end;
+            let mut marked = format!(
+                "\n{BOLD_YELLOW}[{lost} bytes of output were lost with the agent's link]{RESET}\n"
+            )
+            .into_bytes();
+            marked.extend_from_slice(&bytes);
+            return Some(Bytes::from(marked));
+        }
+        let skip = usize::try_from(self.output_bytes - offset).unwrap_or(usize::MAX);
+        self.output_bytes = end;
+        Some(bytes.slice(skip.min(bytes.len())..))
+    }
+}
+
 /// Sees one held job through to its single final report.
 async fn run_job(
     ctx: JobsContext,
@@ -209,10 +234,11 @@ async fn run_job(
                     }
                 }
                 Some(JobEvent::Started { .. }) => {}
-                Some(JobEvent::Output { attempt, bytes }) if attempt == progress.attempt => {
-                    progress.output_bytes += bytes.len() as u64;
-                    ctx.core.record_output(job_id, bytes.len());
-                    reporter.append(bytes);
+                Some(JobEvent::Output { attempt, offset, bytes }) if attempt == progress.attempt => {
+                    if let Some(fresh) = progress.take_output(offset, bytes) {
+                        ctx.core.record_output(job_id, fresh.len());
+                        reporter.append(fresh);
+                    }
                 }
                 Some(JobEvent::Output { .. }) => {}
                 Some(JobEvent::OutputEnd { attempt }) if attempt == progress.attempt => {
@@ -298,9 +324,14 @@ async fn drain_output(
                 );
                 return;
             }
-            Ok(Some(JobEvent::Output { attempt, bytes })) if attempt == progress.attempt => {
-                progress.output_bytes += bytes.len() as u64;
-                reporter.append(bytes);
+            Ok(Some(JobEvent::Output {
+                attempt,
+                offset,
+                bytes,
+            })) if attempt == progress.attempt => {
+                if let Some(fresh) = progress.take_output(offset, bytes) {
+                    reporter.append(fresh);
+                }
             }
             Ok(Some(JobEvent::OutputEnd { attempt })) if attempt == progress.attempt => {
                 progress.output_ended = true;
@@ -394,5 +425,33 @@ fn closing_line(state: &FinalState, result: Option<&Finished>) -> String {
                 format!("{BOLD_RED}ERROR: Job failed: {what}{RESET}\n")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resent_output_is_skipped_and_gaps_are_marked() {
+        let mut p = AttemptProgress::default();
+        assert_eq!(
+            p.take_output(0, Bytes::from_static(b"hello ")).unwrap(),
+            "hello "
+        );
+        // The same bytes again after a reconnect, plus more: only the new part.
+        assert_eq!(
+            p.take_output(0, Bytes::from_static(b"hello world"))
+                .unwrap(),
+            "world"
+        );
+        assert!(p.take_output(3, Bytes::from_static(b"lo wo")).is_none());
+        assert_eq!(p.output_bytes, 11);
+        // A gap: what was lost is said, then the output goes on.
+        let marked = p.take_output(15, Bytes::from_static(b"!")).unwrap();
+        let text = String::from_utf8_lossy(&marked);
+        assert!(text.contains("[4 bytes of output were lost"), "{text}");
+        assert!(text.ends_with('!'));
+        assert_eq!(p.output_bytes, 16);
     }
 }

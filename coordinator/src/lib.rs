@@ -79,6 +79,9 @@ pub struct StartOptions {
     pub agent_command: Option<Vec<String>>,
     /// Instance metadata endpoints for local instances, in launch order.
     pub local_imds_endpoints: Vec<String>,
+    /// Address local agents dial instead of the link's own (a relay in
+    /// front of it).
+    pub local_dial_addr: Option<SocketAddr>,
 }
 
 /// A running coordinator.
@@ -166,7 +169,9 @@ pub async fn start(
     let fleet_view = Arc::new(FleetView::default());
 
     // Local agents dial loopback when the link listens on every address.
-    let dial = if link_addr.ip().is_unspecified() {
+    let dial = if let Some(addr) = options.local_dial_addr {
+        addr
+    } else if link_addr.ip().is_unspecified() {
         SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), link_addr.port())
     } else {
         link_addr

@@ -6,7 +6,10 @@
 //! A prerequisite that is missing (Docker, the job image, the agent binary)
 //! fails the test with a message naming it; nothing passes silently.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -86,6 +89,7 @@ pub struct HarnessOptions {
     pub concurrent: u32,
     pub max_instances: u32,
     pub capacity_per_instance: u32,
+    pub idle_count: u32,
     pub idle_time: &'static str,
     pub lost_grace: &'static str,
     pub max_attempts: u32,
@@ -93,6 +97,8 @@ pub struct HarnessOptions {
     /// Instance metadata stand-ins to start, one per local instance in
     /// launch order.
     pub imds_instances: usize,
+    /// Put a UDP relay the test controls between agents and coordinator.
+    pub relay: bool,
 }
 
 impl Default for HarnessOptions {
@@ -102,11 +108,13 @@ impl Default for HarnessOptions {
             concurrent: 4,
             max_instances: 2,
             capacity_per_instance: 2,
+            idle_count: 0,
             idle_time: "5m",
             lost_grace: "30s",
             max_attempts: 3,
             standin: StandInConfig::default(),
             imds_instances: 0,
+            relay: false,
         }
     }
 }
@@ -120,6 +128,8 @@ pub struct Harness {
     pub config_path: PathBuf,
     /// Instance metadata stand-ins: `imds[0]` serves `local-1`, and so on.
     pub imds: Vec<ImdsStandIn>,
+    /// The relay agents dial through, when asked for.
+    pub relay: Option<UdpRelay>,
     shutdown: CancellationToken,
 }
 
@@ -164,6 +174,7 @@ lost_grace = "{lost_grace}"
 provider = "local"
 capacity_per_instance = {capacity}
 max_instances = {max}
+idle_count = {idle_count}
 idle_time = "{idle}"
 
 [fleet.local]
@@ -179,6 +190,7 @@ default_image = "{TEST_IMAGE}"
             lost_grace = options.lost_grace,
             capacity = options.capacity_per_instance,
             max = options.max_instances,
+            idle_count = options.idle_count,
             idle = options.idle_time,
             executor = options.executor,
         );
@@ -197,6 +209,11 @@ default_image = "{TEST_IMAGE}"
                 .context("starting an instance metadata stand-in")?,
             );
         }
+        let relay = if options.relay {
+            Some(UdpRelay::start().await?)
+        } else {
+            None
+        };
         let shutdown = CancellationToken::new();
         let agent = agent_binary()?;
         let coordinator = servitor_coordinator::start(
@@ -205,17 +222,22 @@ default_image = "{TEST_IMAGE}"
             StartOptions {
                 agent_command: Some(vec![agent.display().to_string()]),
                 local_imds_endpoints: imds.iter().map(ImdsStandIn::url).collect(),
+                local_dial_addr: relay.as_ref().map(UdpRelay::addr),
             },
             shutdown.clone(),
         )
         .await
         .context("starting the coordinator")?;
+        if let Some(relay) = &relay {
+            relay.set_target(coordinator.link_addr);
+        }
         Ok(Self {
             standin,
             coordinator: Some(coordinator),
             dir,
             config_path,
             imds,
+            relay,
             shutdown,
         })
     }
@@ -343,5 +365,113 @@ default_image = "{TEST_IMAGE}"
 impl Drop for Harness {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// A UDP relay between agents and the coordinator that a test can cut, to
+/// drop the link without touching either process.
+#[derive(Debug)]
+pub struct UdpRelay {
+    addr: std::net::SocketAddr,
+    target: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
+    cut: Arc<AtomicBool>,
+    stop: CancellationToken,
+}
+
+impl UdpRelay {
+    /// Starts a relay on 127.0.0.1; it forwards once a target is set.
+    ///
+    /// # Errors
+    /// The socket cannot be bound.
+    pub async fn start() -> anyhow::Result<Self> {
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await?);
+        let addr = front.local_addr()?;
+        let target: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
+        let relay = Self {
+            addr,
+            target: target.clone(),
+            cut: cut.clone(),
+            stop: stop.clone(),
+        };
+        tokio::spawn(async move {
+            // One upstream socket per client, so replies find their way back.
+            let mut upstreams: HashMap<std::net::SocketAddr, Arc<tokio::net::UdpSocket>> =
+                HashMap::new();
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let (n, client) = tokio::select! {
+                    () = stop.cancelled() => return,
+                    r = front.recv_from(&mut buf) => match r { Ok(v) => v, Err(_) => return },
+                };
+                let Some(to) = *target
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                else {
+                    continue;
+                };
+                if cut.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let upstream = match upstreams.get(&client) {
+                    Some(u) => u.clone(),
+                    None => {
+                        let Ok(u) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else {
+                            continue;
+                        };
+                        let u = Arc::new(u);
+                        upstreams.insert(client, u.clone());
+                        let (u2, front2, cut2, stop2) =
+                            (u.clone(), front.clone(), cut.clone(), stop.clone());
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 65536];
+                            loop {
+                                let n = tokio::select! {
+                                    () = stop2.cancelled() => return,
+                                    r = u2.recv(&mut buf) => match r { Ok(n) => n, Err(_) => return },
+                                };
+                                if !cut2.load(Ordering::SeqCst) {
+                                    let _ = front2.send_to(&buf[..n], client).await;
+                                }
+                            }
+                        });
+                        let _ = u.connect(to).await;
+                        u
+                    }
+                };
+                let _ = upstream.send(&buf[..n]).await;
+            }
+        });
+        Ok(relay)
+    }
+
+    /// The address agents dial.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Where datagrams go.
+    pub fn set_target(&self, target: std::net::SocketAddr) {
+        *self
+            .target
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(target);
+    }
+
+    /// Drops every datagram both ways until [`UdpRelay::heal`].
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets datagrams through again.
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for UdpRelay {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }

@@ -278,3 +278,55 @@ async fn rebalance_stops_new_work_but_the_running_job_finishes_there() {
         r.trace_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_link_reconnects_and_the_job_finishes_once_with_its_whole_log() {
+    let h = Harness::start(HarnessOptions {
+        relay: true,
+        max_instances: 1,
+        lost_grace: "60s",
+        ..options()
+    })
+    .await
+    .unwrap();
+    let id = h
+        .standin
+        .push_job(
+            JobSpec::new("through-the-cut")
+                .script(["for i in $(seq 1 100); do echo line $i; sleep 0.3; done"]),
+        )
+        .await
+        .unwrap();
+    h.wait_trace(id, "line 3\n", JOB_TIMEOUT).await.unwrap();
+    let relay = h.relay.as_ref().unwrap();
+    relay.cut();
+    // Long enough for the coordinator to give up on the session (heartbeat
+    // silence) and for QUIC to drop the connection, so the agent redials.
+    tokio::time::sleep(Duration::from_secs(22)).await;
+    relay.heal();
+    let r = h.wait_final(id, JOB_TIMEOUT).await.unwrap();
+    let text = r.trace_text();
+    assert_eq!(r.state, JobState::Success, "{text}");
+    assert_eq!(final_updates(&r), 1);
+    assert!(
+        !text.contains("Attempt 2"),
+        "the attempt survived the cut: {text}"
+    );
+    for i in 1..=100 {
+        assert_eq!(
+            text.matches(&format!("\nline {i}\n")).count(),
+            1,
+            "line {i} exactly once, none lost to the cut:\n{text}"
+        );
+    }
+    assert_eq!(r.checksum_ok, Some(true));
+    assert!(
+        h.agent_logs().contains("connected to the coordinator")
+            && h.agent_logs()
+                .matches("connected to the coordinator")
+                .count()
+                >= 2,
+        "the agent redialled:\n{}",
+        h.agent_logs()
+    );
+}

@@ -4,7 +4,9 @@
 //! - agent idle RSS (target ≤ 10 MiB), read from `/proc/<pid>/status`;
 //! - job taken → first output line in the GitLab trace (target ≤ 0.5 s on
 //!   loopback beyond Docker's own container start), with the shell executor
-//!   (no container) and with the Docker executor.
+//!   (no container) and with the Docker executor;
+//! - Spot notice visible in instance metadata → the job's script running
+//!   again on a warm agent (target ≤ 2 s).
 //!
 //! Run it in release: `cargo run --release -p servitor-tests --bin servitor-bench`.
 
@@ -106,6 +108,77 @@ async fn first_line_latency(executor: &'static str) -> anyhow::Result<(Vec<Durat
     Ok((samples, rss))
 }
 
+/// Spot notice → the job's next attempt printing its first script line.
+async fn handback_latency() -> anyhow::Result<Vec<Duration>> {
+    let h = Harness::start(HarnessOptions {
+        executor: "shell",
+        max_instances: 2,
+        capacity_per_instance: 1,
+        // One idle slot kept warm: the re-run finds an agent waiting.
+        idle_count: 1,
+        imds_instances: 2 * HANDBACK_SAMPLES,
+        ..HarnessOptions::default()
+    })
+    .await?;
+    let mut samples = Vec::new();
+    for n in 0..HANDBACK_SAMPLES {
+        let id = h
+            .standin
+            .push_job(JobSpec::new(format!("handback-{n}")).script([
+                "echo started",
+                "for i in $(seq 1 30); do echo tick $i; sleep 0.2; done",
+            ]))
+            .await?;
+        h.wait_trace(id, "tick 2", Duration::from_secs(60)).await?;
+        // Wait until the warm spare has connected, so the figure is the
+        // hand-back itself and not an instance boot.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while h
+            .coordinator()
+            .core
+            .agents()
+            .iter()
+            .filter(|a| !a.draining)
+            .count()
+            < 2
+        {
+            if tokio::time::Instant::now() > deadline {
+                bail!("the warm spare agent never connected");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let instance = h.instance_of(id).context("job has no instance")?;
+        let index: usize = instance.trim_start_matches("local-").parse()?;
+        let notice_at = tokio::time::Instant::now();
+        h.imds[index - 1].set_spot_action("terminate", Duration::from_secs(120));
+        let again = loop {
+            let text = h
+                .standin
+                .job(id)
+                .map(|r| r.trace_text())
+                .unwrap_or_default();
+            if text
+                .split("Attempt 2 of")
+                .nth(1)
+                .is_some_and(|after| after.contains("\nstarted"))
+            {
+                break tokio::time::Instant::now();
+            }
+            if notice_at.elapsed() > Duration::from_secs(30) {
+                bail!("the job did not run again within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        samples.push(again.duration_since(notice_at));
+        h.wait_final(id, Duration::from_secs(60)).await?;
+    }
+    samples.sort();
+    Ok(samples)
+}
+
+/// Hand-backs measured; each uses up one local instance.
+const HANDBACK_SAMPLES: usize = 5;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
@@ -139,6 +212,19 @@ async fn main() -> anyhow::Result<()> {
         if rss.total > 10 * 1024 {
             failed = true;
         }
+    }
+    let handback = handback_latency().await?;
+    let p50 = percentile(&handback, 0.5);
+    let max = handback.last().copied().unwrap_or_default();
+    println!(
+        "  spot notice -> job running again on a warm agent: p50 {:.0} ms, max {:.0} ms ({} hand-backs, IMDS polled every {:?})",
+        p50.as_secs_f64() * 1000.0,
+        max.as_secs_f64() * 1000.0,
+        handback.len(),
+        servitor_agent::imds::POLL_INTERVAL
+    );
+    if max > Duration::from_secs(2) {
+        failed = true;
     }
     if failed {
         println!("some figures are over their design targets");
