@@ -296,6 +296,9 @@ async fn run_job(
             bytes = report.output.bytesize,
             "reported the job's end to GitLab"
         ),
+        Err(GitLabError::Cancelled) => {
+            tracing::info!("coordinator stopping before the job's end was reported");
+        }
         Err(e) => tracing::error!(error = %e, "failed to report the job's end to GitLab"),
     }
     ctx.core.release_job(job_id);
