@@ -40,9 +40,6 @@ const OUTPUT_QUEUE: usize = 256;
 /// Output kept per attempt for resending after a reconnect; GitLab keeps at
 /// most 4 MiB of a log by default, so this covers a whole log.
 const OUTPUT_REPLAY_BYTES: usize = 8 * 1024 * 1024;
-/// How long a finished attempt waits for a lost link to come back so its
-/// last output can still be sent.
-const OUTPUT_RESUME_WAIT: Duration = Duration::from_secs(60);
 /// How long an exiting agent waits for the coordinator to close first.
 const GOODBYE_WAIT: Duration = Duration::from_secs(1);
 /// How long to wait for the coordinator to take an output stream's tail.
@@ -103,7 +100,17 @@ struct Running {
 struct Done {
     attempt: AttemptRef,
     result: JobResult,
-    output_bytes: u64,
+    output: OutputLog,
+}
+
+/// A result the coordinator has not acknowledged yet, with the output it
+/// may still need (a connection can die with both in flight).
+#[derive(Debug)]
+struct Report {
+    finished: Finished,
+    output: OutputLog,
+    /// Already sent on the current connection.
+    sent: bool,
 }
 
 /// How a session ended.
@@ -128,7 +135,7 @@ pub async fn run(
     let settings = Arc::new(settings);
     let mut state = AgentState {
         running: HashMap::new(),
-        pending_reports: Vec::new(),
+        reports: Vec::new(),
         draining: false,
         exit_when_idle: false,
         done_tx: None,
@@ -232,8 +239,8 @@ impl Signals<'_> {
 #[derive(Debug)]
 struct AgentState {
     running: HashMap<(i64, u32), Running>,
-    /// Results not yet delivered to a coordinator.
-    pending_reports: Vec<Finished>,
+    /// Results the coordinator has not acknowledged.
+    reports: Vec<Report>,
     draining: bool,
     exit_when_idle: bool,
     done_tx: Option<mpsc::UnboundedSender<Done>>,
@@ -294,13 +301,22 @@ impl AgentState {
 
     /// Interrupted and nothing left to run or report: time to go.
     fn done_after_interrupt(&self) -> bool {
-        self.interrupt.is_some() && self.running.is_empty() && self.pending_reports.is_empty()
+        self.interrupt.is_some() && self.running.is_empty() && self.reports.is_empty()
     }
 
     fn finish(&mut self, done: Done) {
-        self.running
-            .remove(&(done.attempt.job_id, done.attempt.attempt));
-        self.pending_reports.push(finished_message(done));
+        let Done {
+            attempt,
+            result,
+            output,
+        } = done;
+        self.running.remove(&(attempt.job_id, attempt.attempt));
+        let finished = finished_message(attempt, result, output.total());
+        self.reports.push(Report {
+            finished,
+            output,
+            sent: false,
+        });
     }
 
     fn free_slot(&self, capacity: u32) -> Option<u32> {
@@ -308,8 +324,8 @@ impl AgentState {
     }
 }
 
-fn finished_message(done: Done) -> Finished {
-    let (outcome, failure, exit_code, message) = match done.result {
+fn finished_message(attempt: AttemptRef, result: JobResult, output_bytes: u64) -> Finished {
+    let (outcome, failure, exit_code, message) = match result {
         JobResult::Success => (
             Outcome::Success,
             FailureKind::Unspecified,
@@ -326,11 +342,11 @@ fn finished_message(done: Done) -> Finished {
         }
     };
     Finished {
-        attempt: Some(done.attempt),
+        attempt: Some(attempt),
         outcome: outcome.into(),
         failure: failure.into(),
         exit_code,
-        output_bytes: done.output_bytes,
+        output_bytes,
         message,
     }
 }
@@ -394,17 +410,14 @@ async fn session(
             return SessionEnd::Lost;
         }
     }
-    for finished in std::mem::take(&mut state.pending_reports) {
-        if write_frame(
-            &mut send,
-            &msg(agent_message::Msg::Finished(finished.clone())),
-        )
-        .await
-        .is_err()
-        {
-            state.pending_reports.push(finished);
-            return SessionEnd::Lost;
-        }
+    // Results not acknowledged before: their output may have died with the
+    // old connection, so it goes again too (the coordinator skips what it
+    // has).
+    for report in &mut state.reports {
+        report.sent = false;
+    }
+    if send_reports(connection, &mut send, state).await.is_err() {
+        return SessionEnd::Lost;
     }
 
     let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
@@ -438,9 +451,11 @@ async fn session(
                 let Some(done) = done else { return SessionEnd::Exit };
                 tracing::info!(attempt = %done.attempt, result = ?done.result, "attempt ended");
                 state.finish(done);
-                for finished in std::mem::take(&mut state.pending_reports) {
-                    if write_frame(&mut send, &msg(agent_message::Msg::Finished(finished.clone()))).await.is_err() {
-                        state.pending_reports.push(finished);
+                // The output went on the attempt's own stream already.
+                if let Some(report) = state.reports.last_mut() {
+                    report.sent = true;
+                    let finished = report.finished.clone();
+                    if write_frame(&mut send, &msg(agent_message::Msg::Finished(finished))).await.is_err() {
                         return SessionEnd::Lost;
                     }
                 }
@@ -559,9 +574,51 @@ fn handle(
             state.draining = true;
             state.exit_when_idle |= drain.exit_when_idle;
         }
+        Some(coordinator_message::Msg::Ack(ack)) => {
+            if let Some(attempt) = ack.attempt {
+                state
+                    .reports
+                    .retain(|r| r.finished.attempt != Some(attempt));
+            }
+        }
         Some(coordinator_message::Msg::Heartbeat(_)) | None => {}
     }
     replies
+}
+
+/// Sends every report not sent on this connection: its output on a stream
+/// of its own, then the result.
+async fn send_reports(
+    connection: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    state: &mut AgentState,
+) -> Result<(), servitor_proto::frame::FrameError> {
+    for report in state.reports.iter_mut().filter(|r| !r.sent) {
+        let Some(attempt) = report.finished.attempt else {
+            continue;
+        };
+        if let Ok(mut stream) = connection.open_uni().await {
+            let header = OutputHeader {
+                attempt: Some(attempt),
+                offset: report.output.start,
+            };
+            if write_frame(&mut stream, &header).await.is_ok()
+                && matches!(
+                    write_output(&mut stream, &report.output.kept).await,
+                    Sent::Ok
+                )
+            {
+                let _ = stream.finish();
+            }
+        }
+        write_frame(
+            send,
+            &msg(agent_message::Msg::Finished(report.finished.clone())),
+        )
+        .await?;
+        report.sent = true;
+    }
+    Ok(())
 }
 
 /// Runs one attempt and streams its output on its own stream, resending
@@ -588,7 +645,7 @@ async fn run_attempt(
     };
     let (out_tx, out_rx) = mpsc::channel::<Bytes>(OUTPUT_QUEUE);
     let forward = forward_output(attempt, out_rx, links, cancel.abort.clone());
-    let (result, output_bytes) = tokio::join!(settings.executor.run(ctx, out_tx, cancel), forward);
+    let (result, output) = tokio::join!(settings.executor.run(ctx, out_tx, cancel), forward);
     if let Err(e) = tokio::fs::remove_dir_all(&work_dir).await {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(dir = %work_dir.display(), error = %e, "could not remove the build directory");
@@ -597,7 +654,7 @@ async fn run_attempt(
     let _ = done_tx.send(Done {
         attempt,
         result,
-        output_bytes,
+        output,
     });
 }
 
@@ -663,13 +720,14 @@ async fn reopen(
 }
 
 /// Moves an attempt's output from the executor onto the link, across
-/// reconnects. Returns the number of output bytes the attempt produced.
+/// reconnects. Returns the output log, kept until the result is
+/// acknowledged.
 async fn forward_output(
     attempt: AttemptRef,
     mut output: mpsc::Receiver<Bytes>,
     mut links: watch::Receiver<Option<quinn::Connection>>,
     abort: CancellationToken,
-) -> u64 {
+) -> OutputLog {
     let mut log = OutputLog::default();
     let mut stream = reopen(&links, attempt, &log).await;
     let mut refused = false;
@@ -696,7 +754,9 @@ async fn forward_output(
                     }
                 }
             }
-            changed = links.changed(), if stream.is_none() && !refused => {
+            // A new connection (or none): the old stream may be dead even
+            // if writes to it still succeed, so start over on the new one.
+            changed = links.changed(), if !refused => {
                 if changed.is_err() {
                     refused = true;
                 } else {
@@ -705,24 +765,14 @@ async fn forward_output(
             }
         }
     }
-    // The attempt ended while the link was down: wait a while for it to
-    // come back so the tail still reaches the log.
-    if stream.is_none() && !refused {
-        let deadline = tokio::time::Instant::now() + OUTPUT_RESUME_WAIT;
-        while stream.is_none() {
-            match tokio::time::timeout_at(deadline, links.changed()).await {
-                Ok(Ok(())) => stream = reopen(&links, attempt, &log).await,
-                _ => break,
-            }
-        }
-    }
     if let Some(mut s) = stream {
         let _ = s.finish();
         // Let the coordinator read the tail before the result is sent; it
-        // copes either way, this only saves it a wait.
+        // copes either way, this only saves it a wait. Output that does not
+        // arrive is sent again with the unacknowledged result.
         let _ = tokio::time::timeout(OUTPUT_FLUSH_WAIT, s.stopped()).await;
     }
-    log.total()
+    log
 }
 
 fn len_u32(n: usize) -> u32 {
@@ -748,7 +798,7 @@ mod tests {
     async fn interrupt_notice_is_sent_once_and_drain_only_stops_new_work() {
         let mut state = AgentState {
             running: HashMap::new(),
-            pending_reports: Vec::new(),
+            reports: Vec::new(),
             draining: false,
             exit_when_idle: false,
             done_tx: None,

@@ -13,14 +13,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use servitor_proto::agent::{
-    coordinator_message, AgentMessage, Assign, AttemptRef, Cancel, CancelMode, CoordinatorMessage,
-    Drain, Finished, InstanceFacts,
+    coordinator_message, Ack, AgentMessage, Assign, AttemptRef, Cancel, CancelMode,
+    CoordinatorMessage, Drain, Finished, InstanceFacts,
 };
 use servitor_proto::job::JobPayload;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::lease::{Lease, LeaseEvent, LeaseState};
+use crate::store::{LeaseRecord, Store};
 
 /// Something the job's own task must act on.
 #[derive(Debug)]
@@ -119,6 +120,24 @@ struct State {
     queue: VecDeque<i64>,
     agents: HashMap<String, AgentEntry>,
     next_session: u64,
+    /// Where leases are persisted; `None` keeps them in memory only.
+    store: Option<Store>,
+}
+
+impl State {
+    /// Writes a job's lease to the store, before anyone acts on it.
+    fn persist_lease(&self, job_id: i64) {
+        let (Some(store), Some(job)) = (&self.store, self.jobs.get(&job_id)) else {
+            return;
+        };
+        let record = LeaseRecord {
+            attempt: job.lease.attempt,
+            agent: job.lease.state.agent().map(str::to_owned),
+        };
+        if let Err(e) = store.save_lease(job_id, &record) {
+            tracing::error!(job_id, error = %e, "cannot persist a lease; a coordinator restart now would lose track of this attempt");
+        }
+    }
 }
 
 /// A view of an agent for the fleet and status displays.
@@ -165,13 +184,86 @@ pub struct Core {
 }
 
 impl Core {
-    /// A core holding nothing.
+    /// A core holding nothing, keeping leases in memory only.
     pub fn new(settings: CoreSettings) -> Arc<Self> {
+        Self::with_store(settings, None)
+    }
+
+    /// A core holding nothing that persists leases in `store`.
+    pub fn with_store(settings: CoreSettings, store: Option<Store>) -> Arc<Self> {
         Arc::new(Self {
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                store,
+                ..State::default()
+            }),
             settings,
             changed: Notify::new(),
         })
+    }
+
+    /// Holds a job found in the store after a restart. Its attempt stays
+    /// with the agent that had it, waiting for that agent to reconnect
+    /// (see [`Core::expire_missing_agents`]); an unassigned job is queued.
+    pub fn restore_job(
+        &self,
+        payload: Arc<JobPayload>,
+        raw: Bytes,
+        lease: &LeaseRecord,
+    ) -> mpsc::UnboundedReceiver<JobEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = payload.id;
+        {
+            let mut state = self.lock();
+            let mut restored = Lease::new(self.settings.max_attempts);
+            restored.attempt = lease.attempt.max(1);
+            if let Some(agent) = &lease.agent {
+                restored.state = LeaseState::Running {
+                    agent: agent.clone(),
+                };
+            }
+            let queued = restored.state == LeaseState::Queued;
+            state.jobs.insert(
+                id,
+                HeldJob {
+                    payload,
+                    raw,
+                    lease: restored,
+                    events: tx,
+                    taken_at: Instant::now(),
+                    output_bytes: 0,
+                },
+            );
+            if queued {
+                state.queue.push_back(id);
+            }
+            dispatch(&mut state);
+        }
+        self.changed.notify_one();
+        rx
+    }
+
+    /// Restored attempts whose agent has not reconnected go back to the
+    /// queue. Called once the grace period after a restart is over.
+    pub fn expire_missing_agents(&self, reason: &str) {
+        {
+            let mut state = self.lock();
+            let missing: Vec<(i64, u32)> = state
+                .jobs
+                .iter()
+                .filter(|(_, j)| {
+                    j.lease
+                        .state
+                        .agent()
+                        .is_some_and(|a| !state.agents.contains_key(a))
+                })
+                .map(|(id, j)| (*id, j.lease.attempt))
+                .collect();
+            for key in missing {
+                lose_attempt(&mut state, key, reason);
+            }
+            dispatch(&mut state);
+        }
+        self.changed.notify_one();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -217,6 +309,11 @@ impl Core {
     pub fn release_job(&self, job_id: i64) {
         {
             let mut state = self.lock();
+            if let Some(store) = &state.store {
+                if let Err(e) = store.remove_job(job_id) {
+                    tracing::warn!(job_id, error = %e, "cannot remove a released job from the store");
+                }
+            }
             if let Some(job) = state.jobs.remove(&job_id) {
                 state.queue.retain(|id| *id != job_id);
                 let key = (job_id, job.lease.attempt);
@@ -418,6 +515,10 @@ impl Core {
                     entry.unacked.remove(&key);
                     entry.attempts.remove(&key);
                     touch_idle(entry);
+                    // Whatever became of it here, the agent may forget it.
+                    let _ = entry.tx.send(CoordinatorMessage {
+                        msg: Some(coordinator_message::Msg::Ack(Ack { attempt: Some(a) })),
+                    });
                 }
                 if let Some(job) = state.jobs.get_mut(&a.job_id) {
                     match job.lease.apply(LeaseEvent::Finished {
@@ -429,6 +530,11 @@ impl Core {
                                 attempt: a.attempt,
                                 result: finished,
                             });
+                        }
+                        Err(crate::lease::LeaseError::Invalid {
+                            state: "finished", ..
+                        }) => {
+                            tracing::debug!(agent = %agent_id, attempt = %a, "a result sent again after a reconnect; already known");
                         }
                         Err(e @ crate::lease::LeaseError::StaleAttempt { .. }) => {
                             // Expected after a hand-back: the fence at work.
@@ -457,6 +563,7 @@ impl Core {
                                 attempt: a.attempt,
                             });
                             if refused.is_ok() {
+                                state.persist_lease(a.job_id);
                                 state.queue.push_front(a.job_id);
                             }
                         }
@@ -685,6 +792,7 @@ fn lose_attempt(state: &mut State, (job_id, attempt): (i64, u32), reason: &str) 
                 reason: reason.to_owned(),
                 next: AfterLoss::Requeued,
             });
+            state.persist_lease(job_id);
             state.queue.push_back(job_id);
         }
         Err(crate::lease::LeaseError::AttemptsExhausted { .. }) => {
@@ -739,6 +847,8 @@ fn dispatch(state: &mut State) {
         let attempt = job.lease.attempt;
         let raw = job.raw.clone();
         let events = job.events.clone();
+        // Write ahead: a restarted coordinator must know who has it.
+        state.persist_lease(job_id);
         let Some(entry) = state.agents.get_mut(&agent_id) else {
             continue;
         };

@@ -18,7 +18,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::core::{AfterLoss, Core, JobEvent};
-use crate::gitlab::{FinalState, GitLabClient, GitLabError, JobReporter, ReceivedJob, RemoteEvent};
+use crate::gitlab::{
+    FinalState, GitLabClient, GitLabError, JobReporter, ReceivedJob, RemoteEvent, Resume,
+};
+use crate::store::{LeaseRecord, Store};
 use servitor_agent::backoff::Backoff;
 
 /// Job request backoff bounds (gitlab-runner: 100 ms to 60 s).
@@ -44,6 +47,17 @@ pub struct JobsContext {
     /// Shown in each job log's first line.
     pub coordinator_name: String,
     pub max_attempts: u32,
+    /// The lease book; `None` keeps jobs in memory only.
+    pub store: Option<Store>,
+    /// One permit per job held (`concurrent`).
+    pub slots: Arc<Semaphore>,
+}
+
+/// A job found in the lease book after a restart.
+#[derive(Debug)]
+pub struct Restored {
+    pub lease: LeaseRecord,
+    pub resume: Resume,
 }
 
 /// Asks GitLab for jobs while fewer than `concurrent` are held, until
@@ -51,14 +65,11 @@ pub struct JobsContext {
 /// under `jobs_cancel`.
 pub async fn poll_gitlab(
     ctx: JobsContext,
-    concurrent: u32,
     stop: CancellationToken,
     jobs_cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let slots = Arc::new(Semaphore::new(
-        usize::try_from(concurrent).unwrap_or(usize::MAX),
-    ));
+    let slots = ctx.slots.clone();
     let mut backoff = Backoff::try_new(REQUEST_BACKOFF_MIN, REQUEST_BACKOFF_MAX)
         .expect("job request backoff bounds are valid constants");
     loop {
@@ -102,7 +113,7 @@ async fn take_job(
         Ok(payload) => {
             let span =
                 tracing::info_span!("job", job_id = payload.id, name = %payload.display_name());
-            run_job(ctx, Arc::from(payload), job.raw, cancel)
+            run_job(ctx, Arc::from(payload), job.raw, cancel, None)
                 .instrument(span)
                 .await;
         }
@@ -165,23 +176,80 @@ impl AttemptProgress {
 }
 
 /// Sees one held job through to its single final report.
+/// Picks up a job found in the lease book after a restart.
+pub async fn resume_job(
+    ctx: JobsContext,
+    payload: Arc<JobPayload>,
+    raw: Bytes,
+    restored: Restored,
+    cancel: CancellationToken,
+) {
+    // A restored job holds a slot like any other; if the restart lowered
+    // `concurrent`, the job still runs to its end.
+    let permit = ctx.slots.clone().try_acquire_owned().ok();
+    let span = tracing::info_span!("job", job_id = payload.id, name = %payload.display_name());
+    run_job(ctx, payload, raw, cancel, Some(restored))
+        .instrument(span)
+        .await;
+    drop(permit);
+}
+
 async fn run_job(
     ctx: JobsContext,
     payload: Arc<JobPayload>,
     raw: Bytes,
     cancel: CancellationToken,
+    restored: Option<Restored>,
 ) {
     let job_id = payload.id;
-    let (reporter, mut remote) = JobReporter::start(ctx.gitlab.clone(), &payload, cancel.clone());
-    reporter.append(Bytes::from(format!(
-        "{BOLD_CYAN}Running with servitor {} on {}{RESET}\n",
-        env!("CARGO_PKG_VERSION"),
-        ctx.coordinator_name
-    )));
-    let mut events = ctx.core.hold_job(payload.clone(), raw);
-    tracing::info!("holding job");
+    let (reporter, mut remote, mut events, mut progress) = match restored {
+        Some(Restored { lease, resume }) => {
+            let output = resume.output;
+            let (reporter, remote) =
+                JobReporter::start_with(ctx.gitlab.clone(), &payload, cancel.clone(), resume);
+            reporter.append(Bytes::from(format!(
+                "{BOLD_YELLOW}The coordinator restarted at {}; the job goes on.{RESET}\n",
+                utc_now()
+            )));
+            let events = ctx.core.restore_job(payload.clone(), raw, &lease);
+            let mut progress = AttemptProgress::default();
+            if lease.agent.is_some() {
+                progress.attempt = lease.attempt;
+                // What of this attempt's output the log already holds.
+                if let Some((attempt, offset)) = output {
+                    if attempt == lease.attempt {
+                        progress.output_bytes = offset;
+                    }
+                }
+            }
+            tracing::info!(attempt = lease.attempt, agent = ?lease.agent, "resumed a held job");
+            (reporter, remote, events, progress)
+        }
+        None => {
+            let journal = ctx.store.as_ref().and_then(|store| {
+                store
+                    .add_job(job_id, &raw)
+                    .and_then(|()| store.journal(job_id))
+                    .map_err(|e| tracing::error!(error = %e, "cannot persist the job; it will not survive a coordinator restart"))
+                    .ok()
+            });
+            let resume = Resume {
+                journal,
+                ..Resume::default()
+            };
+            let (reporter, remote) =
+                JobReporter::start_with(ctx.gitlab.clone(), &payload, cancel.clone(), resume);
+            reporter.append(Bytes::from(format!(
+                "{BOLD_CYAN}Running with servitor {} on {}{RESET}\n",
+                env!("CARGO_PKG_VERSION"),
+                ctx.coordinator_name
+            )));
+            let events = ctx.core.hold_job(payload.clone(), raw);
+            tracing::info!("holding job");
+            (reporter, remote, events, AttemptProgress::default())
+        }
+    };
 
-    let mut progress = AttemptProgress::default();
     let mut canceling = false;
     let mut waiting_said = false;
     let wait_note = tokio::time::sleep(Duration::from_millis(500));
@@ -190,9 +258,9 @@ async fn run_job(
     let final_state = loop {
         tokio::select! {
             () = cancel.cancelled() => {
-                // The coordinator is shutting down: the lease stays with us
-                // (the job keeps running on its agent), nothing is reported.
-                ctx.core.release_job(job_id);
+                // The coordinator is shutting down: the lease stays in the
+                // store and the job keeps running on its agent; the next
+                // start picks it up. Nothing is reported.
                 return;
             }
             () = &mut wait_note, if !waiting_said && progress.attempt == 0 => {
@@ -237,7 +305,7 @@ async fn run_job(
                 Some(JobEvent::Output { attempt, offset, bytes }) if attempt == progress.attempt => {
                     if let Some(fresh) = progress.take_output(offset, bytes) {
                         ctx.core.record_output(job_id, fresh.len());
-                        reporter.append(fresh);
+                        reporter.append_output(attempt, progress.output_bytes, fresh);
                     }
                 }
                 Some(JobEvent::Output { .. }) => {}
@@ -333,7 +401,7 @@ async fn drain_output(
                 bytes,
             })) if attempt == progress.attempt => {
                 if let Some(fresh) = progress.take_output(offset, bytes) {
-                    reporter.append(fresh);
+                    reporter.append_output(attempt, progress.output_bytes, fresh);
                 }
             }
             Ok(Some(JobEvent::OutputEnd { attempt })) if attempt == progress.attempt => {

@@ -23,6 +23,7 @@ pub mod lease;
 pub mod link;
 pub mod pki;
 pub mod standin;
+pub mod store;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -56,6 +57,8 @@ pub enum CoordinatorError {
     GitLab(#[from] gitlab::GitLabError),
     #[error("{0}")]
     Admin(#[from] admin::AdminError),
+    #[error("{0}")]
+    Store(#[from] store::StoreError),
 }
 
 impl CoordinatorError {
@@ -162,9 +165,20 @@ pub async fn start(
     let link_addr = link.local_addr();
     tracing::info!(addr = %link_addr, ca_pin = %pki.ca_sha256_pin(), "agent link listening");
 
-    let core = Core::new(CoreSettings {
-        max_attempts: config.max_attempts,
-    });
+    let store = store::Store::open(&config.state_dir)?;
+    let stored = store.load()?;
+    if !stored.is_empty() {
+        tracing::info!(
+            jobs = stored.len(),
+            "resuming held jobs from the lease book"
+        );
+    }
+    let core = Core::with_store(
+        CoreSettings {
+            max_attempts: config.max_attempts,
+        },
+        Some(store.clone()),
+    );
     let tracker = TaskTracker::new();
     let fleet_view = Arc::new(FleetView::default());
 
@@ -257,10 +271,58 @@ pub async fn start(
         gitlab,
         coordinator_name: format!("coordinator {system_id}"),
         max_attempts: config.max_attempts,
+        store: Some(store.clone()),
+        slots: Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(config.concurrent).unwrap_or(usize::MAX),
+        )),
     };
+    let resumed = !stored.is_empty();
+    for job in stored {
+        let payload = match servitor_proto::job::JobPayload::from_json(&job.raw) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(job_id = job.job_id, error = %e, "stored job cannot be read; forgetting it (GitLab will time it out)");
+                let _ = store.remove_job(job.job_id);
+                continue;
+            }
+        };
+        let journal = store
+            .journal(job.job_id)
+            .map_err(|e| tracing::error!(job_id = job.job_id, error = %e, "cannot reopen the job's log journal"))
+            .ok();
+        let restored = jobs::Restored {
+            lease: job.lease,
+            resume: gitlab::Resume {
+                trace: job.trace,
+                journal,
+                output: job.output,
+            },
+        };
+        tracker.spawn(jobs::resume_job(
+            jobs_ctx.clone(),
+            Arc::new(payload),
+            bytes::Bytes::from(job.raw),
+            restored,
+            shutdown.child_token(),
+        ));
+    }
+    if resumed {
+        // Agents that held attempts get the grace period to reconnect.
+        let core = core.clone();
+        let grace = config.agents.lost_grace;
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(grace) => core.expire_missing_agents(&format!(
+                    "its agent did not come back within {} of the coordinator restarting",
+                    humantime::format_duration(grace)
+                )),
+            }
+        });
+    }
     tracker.spawn(jobs::poll_gitlab(
         jobs_ctx,
-        config.concurrent,
         stop_polling,
         shutdown.clone(),
         tracker.clone(),

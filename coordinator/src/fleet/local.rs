@@ -40,9 +40,82 @@ pub struct LocalFleetSettings {
 
 #[derive(Debug)]
 struct LocalInstance {
-    child: Child,
+    process: AgentProcess,
     launched_at: Instant,
     removing: bool,
+}
+
+/// A local agent process: started by this coordinator, or found running
+/// from before a restart (adopted).
+#[derive(Debug)]
+enum AgentProcess {
+    Child(Child),
+    Adopted(u32),
+}
+
+impl AgentProcess {
+    fn pid(&self) -> Option<u32> {
+        match self {
+            AgentProcess::Child(c) => c.id(),
+            AgentProcess::Adopted(pid) => Some(*pid),
+        }
+    }
+
+    /// Whether it has exited (and, for a child, reaps it).
+    fn exited(&mut self) -> Option<String> {
+        match self {
+            AgentProcess::Child(c) => match c.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                _ => None,
+            },
+            AgentProcess::Adopted(pid) => (!process_alive(*pid)).then(|| "gone".to_owned()),
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            AgentProcess::Child(c) => {
+                let _ = c.start_kill();
+            }
+            AgentProcess::Adopted(pid) => kill_pid(*pid),
+        }
+    }
+}
+
+/// Whether a process runs (and is not a zombie).
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .is_some_and(|state| state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
+}
+
+/// SIGKILL through the `kill` command (the crate forbids `unsafe`).
+fn kill_pid(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .arg("-KILL")
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// The process still running from `dir`'s `agent.pid`, if it is the agent
+/// started with that directory's configuration.
+fn running_agent(dir: &std::path::Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(dir.join("agent.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let config = dir.join("agent.toml").display().to_string();
+    let ours = String::from_utf8_lossy(&cmdline).contains(&config);
+    (ours && process_alive(pid)).then_some(pid)
 }
 
 /// Agent processes on this machine.
@@ -54,12 +127,38 @@ pub struct LocalFleet {
 }
 
 impl LocalFleet {
-    /// A fleet with no instances yet.
+    /// The local fleet. Agents still running from before a restart are
+    /// adopted, not started again: their jobs go on.
     pub fn new(settings: LocalFleetSettings) -> Self {
+        let mut procs = HashMap::new();
+        let mut next = 1;
+        if let Ok(entries) = std::fs::read_dir(&settings.base_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(n) = name
+                    .strip_prefix("local-")
+                    .and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                next = next.max(n + 1);
+                if let Some(pid) = running_agent(&entry.path()) {
+                    tracing::info!(instance = %name, pid, "adopted a local agent still running from before the restart");
+                    procs.insert(
+                        name,
+                        LocalInstance {
+                            process: AgentProcess::Adopted(pid),
+                            launched_at: Instant::now(),
+                            removing: false,
+                        },
+                    );
+                }
+            }
+        }
         Self {
             settings,
-            procs: Arc::new(Mutex::new(HashMap::new())),
-            next: AtomicU32::new(1),
+            procs: Arc::new(Mutex::new(procs)),
+            next: AtomicU32::new(next),
         }
     }
 
@@ -106,7 +205,7 @@ impl LocalFleet {
 
     /// Process id of an instance's agent, for fault-injection tests.
     pub fn pid(&self, id: &str) -> Option<u32> {
-        self.procs().get(id).and_then(|p| p.child.id())
+        self.procs().get(id).and_then(|p| p.process.pid())
     }
 
     fn spawn_one(&self) -> Result<String, FleetError> {
@@ -137,10 +236,14 @@ impl LocalFleet {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| FleetError::Spawn(format!("{program}: {e}")))?;
+        if let Some(pid) = child.id() {
+            // Lets a restarted coordinator find and adopt this agent.
+            std::fs::write(dir.join("agent.pid"), pid.to_string()).map_err(files)?;
+        }
         self.procs().insert(
             id.clone(),
             LocalInstance {
-                child,
+                process: AgentProcess::Child(child),
                 launched_at: Instant::now(),
                 removing: false,
             },
@@ -152,12 +255,12 @@ impl LocalFleet {
 impl Fleet for LocalFleet {
     fn instances(&self) -> Vec<FleetInstance> {
         let mut procs = self.procs();
-        procs.retain(|id, p| match p.child.try_wait() {
-            Ok(Some(status)) => {
+        procs.retain(|id, p| match p.process.exited() {
+            Some(status) => {
                 tracing::info!(instance = %id, %status, "local agent exited");
                 false
             }
-            _ => true,
+            None => true,
         });
         let mut out: Vec<FleetInstance> = procs
             .iter()
@@ -182,7 +285,7 @@ impl Fleet for LocalFleet {
                 return Ok(());
             };
             p.removing = true;
-            p.child.id()
+            p.process.pid()
         };
         // The agent was told to exit once idle; kill it if it has not by the
         // end of the grace period.
@@ -194,12 +297,24 @@ impl Fleet for LocalFleet {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(p) = procs.get_mut(&id) {
-                if p.child.id() == pid {
+                if p.process.pid() == pid {
                     tracing::warn!(instance = %id, "agent did not exit after draining; killing it");
-                    let _ = p.child.start_kill();
+                    p.process.kill();
                 }
             }
         });
         Ok(())
+    }
+}
+
+impl Drop for LocalFleet {
+    fn drop(&mut self) {
+        // Started agents die with their handles (`kill_on_drop`); adopted
+        // ones must be stopped by hand, so a clean exit leaves none behind.
+        for p in self.procs().values_mut() {
+            if let AgentProcess::Adopted(pid) = p.process {
+                kill_pid(pid);
+            }
+        }
     }
 }

@@ -30,7 +30,7 @@ pub use client::{
 pub use failure::{failure_reason, map_reason, ALWAYS_ACCEPTED_REASONS};
 pub use mask::Masker;
 pub use reporter::{
-    AbortReason, FinalReport, FinalState, JobReporter, JobReporterHandle, RemoteEvent,
+    AbortReason, FinalReport, FinalState, JobReporter, JobReporterHandle, RemoteEvent, Resume,
     KEEPALIVE_MAX, MAX_PATCH_BYTES, TRACE_COALESCE,
 };
 pub use system_id::{is_valid_system_id, load_or_create_system_id, SYSTEM_ID_FILE};

@@ -33,6 +33,7 @@ use super::client::{
 use super::failure::failure_reason;
 use super::mask::Masker;
 use super::GitLabError;
+use crate::store::Journal;
 
 /// Longest time new output waits to be sent with what follows it: a person
 /// watching the job sees each line within a moment, and GitLab gets a few
@@ -148,9 +149,43 @@ struct Trace {
     limit: u64,
     truncated: bool,
     closed: bool,
+    /// Where the log is journaled, so it survives a coordinator restart.
+    journal: Option<Journal>,
+    /// The attempt whose output was appended last, and how far into that
+    /// output the log reaches (what the masker still holds back excluded).
+    output_attempt: u32,
+    output_end: u64,
+}
+
+/// Where a resumed job's log stands (after a coordinator restart).
+#[derive(Debug, Default)]
+pub struct Resume {
+    /// The masked log written before.
+    pub trace: Vec<u8>,
+    /// Journal to keep appending to.
+    pub journal: Option<Journal>,
+    /// Attempt and output offset the log reached.
+    pub output: Option<(u32, u64)>,
 }
 
 impl Trace {
+    /// Masks and appends, then journals what was appended.
+    fn add(&mut self, masked: &[u8], committed: u64) {
+        let before = self.bytes.len();
+        self.push(masked);
+        if self.bytes.len() == before {
+            return;
+        }
+        let attempt = self.output_attempt;
+        if let Some(journal) = self.journal.as_mut() {
+            if let Err(e) = journal.append(attempt, committed, &self.bytes[before..]) {
+                // The job goes on; only a restart would lose this part.
+                tracing::warn!(error = %e, "cannot journal the job log; it will not survive a coordinator restart");
+                self.journal = None;
+            }
+        }
+    }
+
     /// Appends masked bytes, enforcing the output limit like gitlab-runner:
     /// up to the limit, then one notice, then nothing.
     fn push(&mut self, masked: &[u8]) {
@@ -230,16 +265,32 @@ impl JobReporter {
         job: &JobPayload,
         cancel: CancellationToken,
     ) -> (JobReporterHandle, mpsc::Receiver<RemoteEvent>) {
+        Self::start_with(client, job, cancel, Resume::default())
+    }
+
+    /// As [`Self::start`], continuing a log written before (a restart): the
+    /// log is sent from where GitLab's copy ends (learnt from its 416).
+    pub fn start_with(
+        client: Arc<GitLabClient>,
+        job: &JobPayload,
+        cancel: CancellationToken,
+        resume: Resume,
+    ) -> (JobReporterHandle, mpsc::Receiver<RemoteEvent>) {
+        let limit = client.settings().output_limit;
+        let (output_attempt, output_end) = resume.output.unwrap_or((0, 0));
         let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
         let (finish_tx, finish_rx) = mpsc::channel(1);
         let shared = Arc::new(Shared {
             job_id: job.id,
             trace: Mutex::new(Trace {
                 masker: Masker::for_job(job),
-                bytes: Vec::new(),
-                limit: client.settings().output_limit,
-                truncated: false,
+                truncated: resume.trace.len() as u64 >= limit,
+                bytes: resume.trace,
+                limit,
                 closed: false,
+                journal: resume.journal,
+                output_attempt,
+                output_end,
             }),
             notify: Notify::new(),
             acked: AtomicU64::new(0),
@@ -310,8 +361,30 @@ impl JobReporterHandle {
             if trace.closed || trace.truncated {
                 return;
             }
+            // The coordinator's own lines end whatever the masker held back,
+            // so the journaled output offset stays exact.
+            let mut masked = trace.masker.write(&bytes);
+            masked.extend_from_slice(&trace.masker.flush());
+            let committed = trace.output_end;
+            trace.add(&masked, committed);
+        }
+        self.shared.notify.notify_one();
+    }
+
+    /// Adds an attempt's output; `end` is the position, in that attempt's
+    /// output, just past `bytes`. Journaled with how much of the output the
+    /// log holds, so a restarted coordinator resumes it exactly.
+    pub fn append_output(&self, attempt: u32, end: u64, bytes: Bytes) {
+        {
+            let mut trace = self.shared.trace();
+            if trace.closed || trace.truncated {
+                return;
+            }
+            trace.output_attempt = attempt;
+            trace.output_end = end;
             let masked = trace.masker.write(&bytes);
-            trace.push(&masked);
+            let committed = end.saturating_sub(trace.masker.held_back() as u64);
+            trace.add(&masked, committed);
         }
         self.shared.notify.notify_one();
     }
@@ -346,7 +419,8 @@ impl JobReporterHandle {
             }
             trace.closed = true;
             let rest = trace.masker.flush();
-            trace.push(&rest);
+            let committed = trace.output_end;
+            trace.add(&rest, committed);
         }
         self.shared.notify.notify_one();
         let (reply, answer) = oneshot::channel();
@@ -821,6 +895,9 @@ mod tests {
             limit,
             truncated: false,
             closed: false,
+            journal: None,
+            output_attempt: 0,
+            output_end: 0,
         }
     }
 

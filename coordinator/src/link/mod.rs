@@ -127,8 +127,19 @@ impl LinkServer {
             return Err(LinkError::CertValidity(cert_validity));
         }
         let server_config = server_config(pki)?;
-        let endpoint = quinn::Endpoint::server(server_config, addr)
-            .map_err(|source| LinkError::Bind { addr, source })?;
+        let socket =
+            std::net::UdpSocket::bind(addr).map_err(|source| LinkError::Bind { addr, source })?;
+        let runtime = quinn::default_runtime().ok_or_else(|| LinkError::Bind {
+            addr,
+            source: std::io::Error::other("no async runtime for the agent link"),
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::new(stateless_reset_key(pki)),
+            Some(server_config),
+            socket,
+            runtime,
+        )
+        .map_err(|source| LinkError::Bind { addr, source })?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|source| LinkError::Bind { addr, source })?;
@@ -362,4 +373,20 @@ fn peer_agent_id(connection: &quinn::Connection) -> Peer {
         Some(cn) if !cn.is_empty() => Peer::Agent(cn),
         _ => Peer::Unusable("client certificate has no common name".into()),
     }
+}
+
+/// The key stateless resets are signed with, derived from the server key so
+/// it is the same after a restart. A restarted coordinator then answers
+/// agents still talking to the old process with a reset they accept, and
+/// they reconnect at once instead of waiting out the idle timeout.
+fn stateless_reset_key(pki: &Pki) -> Arc<dyn quinn::crypto::HmacKey> {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(b"servitor agent link stateless reset key\0");
+    hasher.update(pki.server_key().secret_der());
+    let secret = hasher.finalize();
+    Arc::new(aws_lc_rs::hmac::Key::new(
+        aws_lc_rs::hmac::HMAC_SHA256,
+        &secret,
+    ))
 }
