@@ -630,8 +630,13 @@ impl Core {
     ) -> Option<mpsc::UnboundedSender<JobEvent>> {
         let state = self.lock();
         let job = state.jobs.get(&attempt.job_id)?;
-        (job.lease.attempt == attempt.attempt && job.lease.state.agent() == Some(agent_id))
-            .then(|| job.events.clone())
+        // Output may trail the result (it is resent after a reconnect), so
+        // a finished current attempt still takes it.
+        let holder = match &job.lease.state {
+            LeaseState::Finished => true,
+            other => other.agent() == Some(agent_id),
+        };
+        (job.lease.attempt == attempt.attempt && holder).then(|| job.events.clone())
     }
 
     /// Counts log bytes of the job's current attempt, for status displays.

@@ -475,3 +475,102 @@ impl Drop for UdpRelay {
         self.stop.cancel();
     }
 }
+
+/// A coordinator running as its own process (`servitor-coordinator run`),
+/// so tests can kill it for real.
+#[derive(Debug)]
+pub struct CoordinatorProcess {
+    pub child: tokio::process::Child,
+}
+
+impl CoordinatorProcess {
+    /// Starts `servitor-coordinator --config <config> run`, appending its
+    /// stderr to `log`.
+    ///
+    /// # Errors
+    /// The binary is missing or does not start.
+    pub fn start(config: &std::path::Path, log: &std::path::Path) -> anyhow::Result<Self> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let child = tokio::process::Command::new(coordinator_binary()?)
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting servitor-coordinator")?;
+        Ok(Self { child })
+    }
+
+    /// `kill -9`: no shutdown code runs, agents keep running.
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// A clean stop (SIGTERM): the coordinator stops its local agents too.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+    }
+}
+
+/// Writes a configuration for a coordinator process (one local shell
+/// agent, a fixed UDP port so agents can find it again after a restart)
+/// and the token files. Returns the configuration path and the log path.
+///
+/// # Errors
+/// Files cannot be written or the binaries are missing.
+pub fn process_config(
+    dir: &std::path::Path,
+    gitlab_url: &str,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::write(
+        dir.join("runner-token"),
+        servitor_coordinator::standin::DEFAULT_RUNNER_TOKEN,
+    )?;
+    std::fs::write(dir.join("join-token"), "process-test-join-token")?;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let config = format!(
+        r#"
+state_dir = {state:?}
+concurrent = 2
+
+[gitlab]
+url = {gitlab_url:?}
+token_file = {token:?}
+
+[agents]
+listen = "127.0.0.1:{port}"
+join_token_file = {join:?}
+lost_grace = "30s"
+
+[fleet]
+provider = "local"
+capacity_per_instance = 1
+max_instances = 1
+
+[fleet.local]
+executor = "shell"
+agent_command = [{agent:?}]
+"#,
+        state = dir.join("state").display().to_string(),
+        token = dir.join("runner-token").display().to_string(),
+        join = dir.join("join-token").display().to_string(),
+        agent = agent_binary()?.display().to_string(),
+    );
+    let path = dir.join("coordinator.toml");
+    std::fs::write(&path, config)?;
+    Ok((path, dir.join("coordinator.log")))
+}

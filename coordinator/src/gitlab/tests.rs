@@ -370,14 +370,18 @@ async fn masked_values_never_reach_gitlab_even_when_split() {
         "key=sup3r-s3cret-value plain=shown url=https://gitlab-ci-token:{}@host/x.git pat=glpat-abcdEFGH1234 end\n",
         job.token
     );
-    // Split the text at every place across two appends, pausing so that
-    // each half goes out as its own PATCH some of the time.
+    // Split the text at every place across two appends of job output,
+    // pausing so that each half goes out as its own PATCH some of the time.
+    let mut end = 0u64;
     for split in (0..text.len()).step_by(7) {
-        handle.append(Bytes::copy_from_slice(&text.as_bytes()[..split]));
+        let (first, second) = text.as_bytes().split_at(split);
+        end += first.len() as u64;
+        handle.append_output(1, end, Bytes::copy_from_slice(first));
         if split % 21 == 0 {
             tokio::time::sleep(Duration::from_millis(220)).await;
         }
-        handle.append(Bytes::copy_from_slice(&text.as_bytes()[split..]));
+        end += second.len() as u64;
+        handle.append_output(1, end, Bytes::copy_from_slice(second));
     }
     handle.finish(FinalState::Success).await.unwrap();
     let record = standin.job(job.id).unwrap();

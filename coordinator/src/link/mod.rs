@@ -133,13 +133,16 @@ impl LinkServer {
             addr,
             source: std::io::Error::other("no async runtime for the agent link"),
         })?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::new(stateless_reset_key(pki)),
-            Some(server_config),
-            socket,
-            runtime,
-        )
-        .map_err(|source| LinkError::Bind { addr, source })?;
+        let (reset_key, cid_key) = restart_keys(pki);
+        let mut endpoint_config = quinn::EndpointConfig::new(reset_key);
+        // Connection ids carry a keyed hash; with the same key after a
+        // restart the new endpoint recognises agents' old ids and answers
+        // them with a stateless reset instead of dropping them.
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
+            .map_err(|source| LinkError::Bind { addr, source })?;
         let local_addr = endpoint
             .local_addr()
             .map_err(|source| LinkError::Bind { addr, source })?;
@@ -375,18 +378,29 @@ fn peer_agent_id(connection: &quinn::Connection) -> Peer {
     }
 }
 
-/// The key stateless resets are signed with, derived from the server key so
-/// it is the same after a restart. A restarted coordinator then answers
-/// agents still talking to the old process with a reset they accept, and
-/// they reconnect at once instead of waiting out the idle timeout.
-fn stateless_reset_key(pki: &Pki) -> Arc<dyn quinn::crypto::HmacKey> {
+/// Keys that must stay the same across coordinator restarts: the one
+/// stateless resets are signed with, and the one connection ids are hashed
+/// with. Both derive from the server key. A restarted coordinator then
+/// answers agents still talking to the old process with a reset they
+/// accept, and they reconnect at once instead of waiting out the idle
+/// timeout.
+fn restart_keys(pki: &Pki) -> (Arc<dyn quinn::crypto::HmacKey>, u64) {
     use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    hasher.update(b"servitor agent link stateless reset key\0");
-    hasher.update(pki.server_key().secret_der());
-    let secret = hasher.finalize();
-    Arc::new(aws_lc_rs::hmac::Key::new(
-        aws_lc_rs::hmac::HMAC_SHA256,
-        &secret,
-    ))
+    let derive = |label: &[u8]| {
+        let mut hasher = Sha256::new();
+        hasher.update(label);
+        hasher.update(pki.server_key().secret_der());
+        hasher.finalize()
+    };
+    let reset = derive(b"servitor agent link stateless reset key\0");
+    let cid = derive(b"servitor agent link connection id key\0");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid[..8]);
+    (
+        Arc::new(aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA256,
+            &reset,
+        )),
+        u64::from_le_bytes(cid_key),
+    )
 }
