@@ -133,19 +133,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let settings = Arc::new(settings);
-    let mut state = AgentState {
-        running: HashMap::new(),
-        reports: Vec::new(),
-        draining: false,
-        exit_when_idle: false,
-        done_tx: None,
-        interrupt: None,
-        drain_reason: None,
-        abort_all: CancellationToken::new(),
-        links: watch::Sender::new(None),
-    };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    state.done_tx = Some(done_tx);
+    let mut state = AgentState::new(Some(done_tx));
     let mut backoff = Backoff::try_new(RECONNECT_MIN, RECONNECT_MAX)
         .expect("reconnect backoff bounds are valid constants");
     let mut signals = Signals {
@@ -256,6 +245,20 @@ struct AgentState {
 }
 
 impl AgentState {
+    fn new(done_tx: Option<mpsc::UnboundedSender<Done>>) -> Self {
+        Self {
+            running: HashMap::new(),
+            reports: Vec::new(),
+            draining: false,
+            exit_when_idle: false,
+            done_tx,
+            interrupt: None,
+            drain_reason: None,
+            abort_all: CancellationToken::new(),
+            links: watch::Sender::new(None),
+        }
+    }
+
     /// Applies a notice; returns the message to tell the coordinator, if
     /// anything changed.
     fn apply_notice(&mut self, notice: Notice) -> Option<AgentMessage> {
@@ -796,17 +799,7 @@ mod tests {
 
     #[tokio::test]
     async fn interrupt_notice_is_sent_once_and_drain_only_stops_new_work() {
-        let mut state = AgentState {
-            running: HashMap::new(),
-            reports: Vec::new(),
-            draining: false,
-            exit_when_idle: false,
-            done_tx: None,
-            interrupt: None,
-            drain_reason: None,
-            abort_all: CancellationToken::new(),
-            links: watch::Sender::new(None),
-        };
+        let mut state = AgentState::new(None);
         let drain = state.apply_notice(Notice::Drain {
             reason: "rebalance".into(),
         });

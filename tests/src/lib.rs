@@ -338,6 +338,13 @@ default_image = "{TEST_IMAGE}"
             .map(|a| a.instance_id)
     }
 
+    /// The instance metadata stand-in of the instance running the job.
+    pub fn imds_of_job(&self, job_id: i64) -> Option<&ImdsStandIn> {
+        let instance = self.instance_of(job_id)?;
+        let n: usize = instance.strip_prefix("local-")?.parse().ok()?;
+        self.imds.get(n.checked_sub(1)?)
+    }
+
     /// Every local agent's stderr, for failure messages.
     pub fn agent_logs(&self) -> String {
         let base = self.dir.path().join("state").join("local-fleet");

@@ -214,9 +214,9 @@ async fn spot_notice_mid_job_reruns_it_on_another_agent_as_one_gitlab_job() {
     .unwrap();
     let id = h.standin.push_job(long_job("spot")).await.unwrap();
     h.wait_trace(id, "step 2", JOB_TIMEOUT).await.unwrap();
-    let first = h.instance_of(id).unwrap();
-    let n: usize = first.trim_start_matches("local-").parse().unwrap();
-    h.imds[n - 1].set_spot_action("terminate", Duration::from_secs(120));
+    h.imds_of_job(id)
+        .unwrap()
+        .set_spot_action("terminate", Duration::from_secs(120));
     let r = h.wait_final(id, JOB_TIMEOUT).await.unwrap();
     let text = r.trace_text();
     assert_eq!(r.state, JobState::Success, "{text}");
@@ -241,8 +241,7 @@ async fn rebalance_stops_new_work_but_the_running_job_finishes_there() {
     let id = h.standin.push_job(long_job("steady")).await.unwrap();
     h.wait_trace(id, "step 1", JOB_TIMEOUT).await.unwrap();
     let first = h.instance_of(id).unwrap();
-    let n: usize = first.trim_start_matches("local-").parse().unwrap();
-    h.imds[n - 1].set_rebalance();
+    h.imds_of_job(id).unwrap().set_rebalance();
     // The coordinator learns the agent drains.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while !h

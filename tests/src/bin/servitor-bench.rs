@@ -149,10 +149,9 @@ async fn handback_latency() -> anyhow::Result<Vec<Duration>> {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let instance = h.instance_of(id).context("job has no instance")?;
-        let index: usize = instance.trim_start_matches("local-").parse()?;
+        let imds = h.imds_of_job(id).context("job has no instance")?;
         let notice_at = tokio::time::Instant::now();
-        h.imds[index - 1].set_spot_action("terminate", Duration::from_secs(120));
+        imds.set_spot_action("terminate", Duration::from_secs(120));
         let again = loop {
             let text = h
                 .standin
