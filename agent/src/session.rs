@@ -388,6 +388,11 @@ async fn session(
             .collect(),
         executor: settings.executor.name().to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        reporting: state
+            .reports
+            .iter()
+            .filter_map(|r| r.finished.attempt)
+            .collect(),
     };
     if write_frame(&mut send, &msg(agent_message::Msg::Hello(hello)))
         .await

@@ -116,6 +116,7 @@ async fn serve_agent(
         capacity,
         free_slots,
         running,
+        reporting,
         ..
     } = hello;
     let (tx, mut rx) = mpsc::unbounded_channel::<CoordinatorMessage>();
@@ -126,6 +127,7 @@ async fn serve_agent(
         capacity,
         free_slots,
         &running,
+        &reporting,
         conn.remote,
         tx,
     );

@@ -209,6 +209,7 @@ impl Core {
         payload: Arc<JobPayload>,
         raw: Bytes,
         lease: &LeaseRecord,
+        finished: bool,
     ) -> mpsc::UnboundedReceiver<JobEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = payload.id;
@@ -216,7 +217,9 @@ impl Core {
             let mut state = self.lock();
             let mut restored = Lease::new(self.settings.max_attempts);
             restored.attempt = lease.attempt.max(1);
-            if let Some(agent) = &lease.agent {
+            if finished {
+                restored.state = LeaseState::Finished;
+            } else if let Some(agent) = &lease.agent {
                 restored.state = LeaseState::Running {
                     agent: agent.clone(),
                 };
@@ -370,6 +373,7 @@ impl Core {
         capacity: u32,
         free_slots: u32,
         running: &[AttemptRef],
+        reporting: &[AttemptRef],
         remote: SocketAddr,
         tx: mpsc::UnboundedSender<CoordinatorMessage>,
     ) -> (u64, Vec<AttemptRef>) {
@@ -390,13 +394,22 @@ impl Core {
                     stale.push(*a);
                 }
             }
-            // Attempts we thought were on this agent that it no longer has
-            // are lost (the agent restarted).
+            // Attempts held by this agent that it neither runs nor reports
+            // a result for are lost (the agent restarted, or it finished
+            // and was acknowledged by a coordinator that then crashed
+            // before reporting; the result is in the lease book then).
+            let known: HashSet<(i64, u32)> = reporting
+                .iter()
+                .map(|a| (a.job_id, a.attempt))
+                .chain(attempts.iter().copied())
+                .collect();
             let forgotten: Vec<(i64, u32)> = state
-                .agents
-                .get(agent_id)
-                .map(|old| old.attempts.difference(&attempts).copied().collect())
-                .unwrap_or_default();
+                .jobs
+                .iter()
+                .filter(|(_, j)| j.lease.state.agent() == Some(agent_id))
+                .map(|(id, j)| (*id, j.lease.attempt))
+                .filter(|key| !known.contains(key))
+                .collect();
             let idle_since = attempts.is_empty().then(Instant::now);
             state.agents.insert(
                 agent_id.to_owned(),
@@ -511,6 +524,18 @@ impl Core {
             Some(Msg::Finished(finished)) => {
                 let Some(a) = finished.attempt else { return };
                 let key = (a.job_id, a.attempt);
+                // The result goes into the lease book before the agent is
+                // told it may forget it.
+                let current = state.jobs.get(&a.job_id).is_some_and(|j| {
+                    j.lease.attempt == a.attempt && j.lease.state.agent() == Some(agent_id)
+                });
+                if current {
+                    if let Some(store) = &state.store {
+                        if let Err(e) = store.save_result(a.job_id, &finished) {
+                            tracing::error!(job_id = a.job_id, error = %e, "cannot persist a result; a coordinator restart now would run the job again");
+                        }
+                    }
+                }
                 if let Some(entry) = state.agents.get_mut(agent_id) {
                     entry.unacked.remove(&key);
                     entry.attempts.remove(&key);
@@ -902,6 +927,7 @@ mod tests {
             free,
             free,
             &[],
+            &[],
             "127.0.0.1:1".parse().unwrap(),
             tx,
         );
@@ -991,6 +1017,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn restored_attempt_the_agent_no_longer_has_runs_again_unless_it_reports_it() {
+        let core = Core::new(CoreSettings { max_attempts: 3 });
+        let lease = LeaseRecord {
+            attempt: 1,
+            agent: Some("a".into()),
+        };
+        let (p, raw) = job(1);
+        let mut gone = core.restore_job(p, raw, &lease, false);
+        let (p, raw) = job(2);
+        let mut reporting = core.restore_job(p, raw, &lease, false);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        core.agent_connected(
+            "a",
+            InstanceFacts::default(),
+            "shell".into(),
+            1,
+            0,
+            &[],
+            &[AttemptRef::new(2, 1)],
+            "127.0.0.1:1".parse().unwrap(),
+            tx,
+        );
+        assert!(matches!(
+            gone.try_recv(),
+            Ok(JobEvent::Lost {
+                attempt: 1,
+                next: AfterLoss::Requeued,
+                ..
+            })
+        ));
+        assert!(
+            reporting.try_recv().is_err(),
+            "a result is on its way: nothing lost"
+        );
+    }
+
+    #[tokio::test]
     async fn reconnecting_agent_keeps_its_attempt_and_stale_ones_are_named() {
         let core = Core::new(CoreSettings { max_attempts: 3 });
         let (s1, mut rx1) = connect(&core, "a", 1);
@@ -1006,6 +1069,7 @@ mod tests {
             1,
             0,
             &[AttemptRef::new(7, 1), AttemptRef::new(99, 4)],
+            &[],
             "127.0.0.1:1".parse().unwrap(),
             tx,
         );

@@ -58,6 +58,8 @@ pub struct JobsContext {
 pub struct Restored {
     pub lease: LeaseRecord,
     pub resume: Resume,
+    /// The current attempt's result, when it arrived before the restart.
+    pub result: Option<Finished>,
 }
 
 /// Asks GitLab for jobs while fewer than `concurrent` are held, until
@@ -203,7 +205,11 @@ async fn run_job(
 ) {
     let job_id = payload.id;
     let (reporter, mut remote, mut events, mut progress) = match restored {
-        Some(Restored { lease, resume }) => {
+        Some(Restored {
+            lease,
+            resume,
+            result,
+        }) => {
             let output = resume.output;
             let (reporter, remote) =
                 JobReporter::start_with(ctx.gitlab.clone(), &payload, cancel.clone(), resume);
@@ -211,8 +217,13 @@ async fn run_job(
                 "{BOLD_YELLOW}The coordinator restarted at {}; the job goes on.{RESET}\n",
                 utc_now()
             )));
-            let events = ctx.core.restore_job(payload.clone(), raw, &lease);
-            let mut progress = AttemptProgress::default();
+            let events = ctx
+                .core
+                .restore_job(payload.clone(), raw, &lease, result.is_some());
+            let mut progress = AttemptProgress {
+                result,
+                ..AttemptProgress::default()
+            };
             if lease.agent.is_some() {
                 progress.attempt = lease.attempt;
                 // What of this attempt's output the log already holds.
@@ -255,99 +266,105 @@ async fn run_job(
     let wait_note = tokio::time::sleep(Duration::from_millis(500));
     tokio::pin!(wait_note);
 
-    let final_state = loop {
-        tokio::select! {
-            () = cancel.cancelled() => {
-                // The coordinator is shutting down: the lease stays in the
-                // store and the job keeps running on its agent; the next
-                // start picks it up. Nothing is reported.
-                return;
-            }
-            () = &mut wait_note, if !waiting_said && progress.attempt == 0 => {
-                waiting_said = true;
-                reporter.append(Bytes::from(format!("{BOLD_YELLOW}Waiting for a free agent slot...{RESET}\n")));
-            }
-            event = remote.recv() => match event {
-                Some(RemoteEvent::Canceling) => {
-                    canceling = true;
-                    reporter.append(Bytes::from(format!("{BOLD_YELLOW}Job is being canceled{RESET}\n")));
-                    if !ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab")
-                        && ctx.core.unqueue_job(job_id)
-                    {
-                        // Never ran: nothing to stop, report right away.
-                        break FinalState::Canceled;
-                    }
-                }
-                Some(RemoteEvent::Abort(reason)) => {
-                    tracing::info!(%reason, "GitLab ended the job; stopping it without a final update");
-                    ctx.core.cancel_job(job_id, CancelMode::Abort, "canceled in GitLab");
-                    ctx.core.release_job(job_id);
+    // A result that arrived before a restart is reported as it was.
+    let known = progress.result.as_ref().map(|r| final_state_for(r, false));
+    let final_state = if let Some(state) = known {
+        state
+    } else {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => {
+                    // The coordinator is shutting down: the lease stays in the
+                    // store and the job keeps running on its agent; the next
+                    // start picks it up. Nothing is reported.
                     return;
                 }
-                None => {}
-            },
-            event = events.recv() => match event {
-                None => return,
-                Some(JobEvent::Assigned { attempt, agent, instance, executor }) => {
-                    progress = AttemptProgress { attempt, ..AttemptProgress::default() };
-                    reporter.append(Bytes::from(format!(
-                        "{}{BOLD_CYAN}Attempt {attempt} of {}: agent {agent} on {}, {executor} executor, started {}{RESET}\n",
-                        section_start(attempt),
-                        ctx.max_attempts,
-                        describe_instance(&instance),
-                        utc_now(),
-                    )));
-                    if canceling {
-                        ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab");
+                () = &mut wait_note, if !waiting_said && progress.attempt == 0 => {
+                    waiting_said = true;
+                    reporter.append(Bytes::from(format!("{BOLD_YELLOW}Waiting for a free agent slot...{RESET}\n")));
+                }
+                event = remote.recv() => match event {
+                    Some(RemoteEvent::Canceling) => {
+                        canceling = true;
+                        reporter.append(Bytes::from(format!("{BOLD_YELLOW}Job is being canceled{RESET}\n")));
+                        if !ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab")
+                            && ctx.core.unqueue_job(job_id)
+                        {
+                            // Never ran: nothing to stop, report right away.
+                            break FinalState::Canceled;
+                        }
                     }
-                }
-                Some(JobEvent::Started { .. }) => {}
-                Some(JobEvent::Output { attempt, offset, bytes }) if attempt == progress.attempt => {
-                    if let Some(fresh) = progress.take_output(offset, bytes) {
-                        ctx.core.record_output(job_id, fresh.len());
-                        reporter.append_output(attempt, progress.output_bytes, fresh);
+                    Some(RemoteEvent::Abort(reason)) => {
+                        tracing::info!(%reason, "GitLab ended the job; stopping it without a final update");
+                        ctx.core.cancel_job(job_id, CancelMode::Abort, "canceled in GitLab");
+                        ctx.core.release_job(job_id);
+                        return;
                     }
-                }
-                Some(JobEvent::Output { .. }) => {}
-                Some(JobEvent::OutputEnd { attempt }) if attempt == progress.attempt => {
-                    progress.output_ended = true;
-                }
-                Some(JobEvent::OutputEnd { .. }) => {}
-                Some(JobEvent::Finished { attempt, result }) if attempt == progress.attempt => {
-                    let state = final_state_for(&result, canceling);
-                    progress.result = Some(result);
-                    // The rest of the output may still be in flight.
-                    let deadline = tokio::time::Instant::now() + OUTPUT_DRAIN_TIMEOUT;
-                    drain_output(&mut events, &mut progress, &reporter, deadline).await;
-                    break state;
-                }
-                Some(JobEvent::Finished { .. }) => {}
-                Some(JobEvent::Lost { attempt, reason, next }) => {
-                    reporter.append(Bytes::from(format!(
-                        "\n{BOLD_YELLOW}Attempt {attempt} stopped at {}: {reason}.{RESET}\n{}",
-                        utc_now(),
-                        section_end(attempt)
-                    )));
-                    progress = AttemptProgress::default();
-                    match next {
-                        AfterLoss::Requeued => reporter.append(Bytes::from(format!(
-                            "{BOLD_YELLOW}Running the job again (attempt {} of {}). GitLab still sees one running job.{RESET}\n",
-                            attempt + 1,
-                            ctx.max_attempts
-                        ))),
-                        AfterLoss::Exhausted => {
-                            reporter.append(Bytes::from(format!(
-                                "{BOLD_RED}No attempts left: all {} were interrupted.{RESET}\n",
+                    None => {}
+                },
+                event = events.recv() => match event {
+                    None => return,
+                    Some(JobEvent::Assigned { attempt, agent, instance, executor }) => {
+                        progress = AttemptProgress { attempt, ..AttemptProgress::default() };
+                        reporter.append(Bytes::from(format!(
+                            "{}{BOLD_CYAN}Attempt {attempt} of {}: agent {agent} on {}, {executor} executor, started {}{RESET}\n",
+                            section_start(attempt),
+                            ctx.max_attempts,
+                            describe_instance(&instance),
+                            utc_now(),
+                        )));
+                        if canceling {
+                            ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab");
+                        }
+                    }
+                    Some(JobEvent::Started { .. }) => {}
+                    Some(JobEvent::Output { attempt, offset, bytes }) if attempt == progress.attempt => {
+                        if let Some(fresh) = progress.take_output(offset, bytes) {
+                            ctx.core.record_output(job_id, fresh.len());
+                            reporter.append_output(attempt, progress.output_bytes, fresh);
+                        }
+                    }
+                    Some(JobEvent::Output { .. }) => {}
+                    Some(JobEvent::OutputEnd { attempt }) if attempt == progress.attempt => {
+                        progress.output_ended = true;
+                    }
+                    Some(JobEvent::OutputEnd { .. }) => {}
+                    Some(JobEvent::Finished { attempt, result }) if attempt == progress.attempt => {
+                        let state = final_state_for(&result, canceling);
+                        progress.result = Some(result);
+                        // The rest of the output may still be in flight.
+                        let deadline = tokio::time::Instant::now() + OUTPUT_DRAIN_TIMEOUT;
+                        drain_output(&mut events, &mut progress, &reporter, deadline).await;
+                        break state;
+                    }
+                    Some(JobEvent::Finished { .. }) => {}
+                    Some(JobEvent::Lost { attempt, reason, next }) => {
+                        reporter.append(Bytes::from(format!(
+                            "\n{BOLD_YELLOW}Attempt {attempt} stopped at {}: {reason}.{RESET}\n{}",
+                            utc_now(),
+                            section_end(attempt)
+                        )));
+                        progress = AttemptProgress::default();
+                        match next {
+                            AfterLoss::Requeued => reporter.append(Bytes::from(format!(
+                                "{BOLD_YELLOW}Running the job again (attempt {} of {}). GitLab still sees one running job.{RESET}\n",
+                                attempt + 1,
                                 ctx.max_attempts
-                            )));
-                            break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
-                        }
-                        AfterLoss::NoRerun => {
-                            break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
+                            ))),
+                            AfterLoss::Exhausted => {
+                                reporter.append(Bytes::from(format!(
+                                    "{BOLD_RED}No attempts left: all {} were interrupted.{RESET}\n",
+                                    ctx.max_attempts
+                                )));
+                                break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
+                            }
+                            AfterLoss::NoRerun => {
+                                break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
+                            }
                         }
                     }
-                }
-            },
+                },
+            }
         }
     };
 

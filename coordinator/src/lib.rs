@@ -291,6 +291,7 @@ pub async fn start(
             .map_err(|e| tracing::error!(job_id = job.job_id, error = %e, "cannot reopen the job's log journal"))
             .ok();
         let restored = jobs::Restored {
+            result: job.result,
             lease: job.lease,
             resume: gitlab::Resume {
                 trace: job.trace,

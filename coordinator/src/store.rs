@@ -6,6 +6,8 @@
 //!   token, hence mode 0600);
 //! - `lease.json`: attempt and agent, replaced atomically (write, sync,
 //!   rename) on every change;
+//! - `result.pb`: the current attempt's result, once it arrived, so a
+//!   restart reports it instead of running the job again;
 //! - `trace.journal`: the masked log as sent to GitLab, as records of
 //!   `[len u32][attempt u32][output offset u64][bytes]`, each appended with
 //!   one write. The offset says how much of that attempt's output the log
@@ -21,7 +23,9 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use prost::Message;
 use serde::{Deserialize, Serialize};
+use servitor_proto::agent::Finished;
 
 /// Bytes of a journal record header: length, attempt, output offset.
 const RECORD_HEADER: usize = 4 + 4 + 8;
@@ -64,6 +68,8 @@ pub struct StoredJob {
     pub trace: Vec<u8>,
     /// Attempt and output offset of the last journal record.
     pub output: Option<(u32, u64)>,
+    /// The current attempt's result, if it arrived before the crash.
+    pub result: Option<Finished>,
 }
 
 /// The lease book.
@@ -118,6 +124,18 @@ impl Store {
             source: std::io::Error::other(e),
         })?;
         write_atomically(&path, &text)
+    }
+
+    /// Records the result of the job's current attempt (before the agent
+    /// is told it may forget it).
+    ///
+    /// # Errors
+    /// Writing failed.
+    pub fn save_result(&self, job_id: i64, result: &Finished) -> Result<(), StoreError> {
+        write_atomically(
+            &self.job_dir(job_id).join("result.pb"),
+            &result.encode_to_vec(),
+        )
     }
 
     /// Opens the job's trace journal for appending.
@@ -179,6 +197,9 @@ impl Store {
                     attempt: 1,
                     agent: None,
                 });
+            let result = std::fs::read(dir.join("result.pb"))
+                .ok()
+                .and_then(|b| Finished::decode(b.as_slice()).ok());
             let journal = std::fs::read(dir.join("trace.journal")).unwrap_or_default();
             let (trace, output) = replay_journal(&journal);
             jobs.push(StoredJob {
@@ -187,6 +208,7 @@ impl Store {
                 lease,
                 trace,
                 output,
+                result,
             });
         }
         jobs.sort_by_key(|j| j.job_id);
@@ -285,6 +307,12 @@ mod tests {
         let mut journal = store.journal(7).unwrap();
         journal.append(1, 0, b"header\n").unwrap();
         journal.append(2, 5, b"hello").unwrap();
+        let result = Finished {
+            attempt: Some(servitor_proto::agent::AttemptRef::new(7, 2)),
+            exit_code: Some(3),
+            ..Finished::default()
+        };
+        store.save_result(7, &result).unwrap();
         store.add_job(8, b"{}").unwrap();
         store.remove_job(8).unwrap();
 
@@ -301,6 +329,7 @@ mod tests {
         );
         assert_eq!(job.trace, b"header\nhello");
         assert_eq!(job.output, Some((2, 5)));
+        assert_eq!(job.result, Some(result));
         let mode = std::fs::metadata(dir.path().join("jobs/7/job.json"))
             .unwrap()
             .permissions()
