@@ -15,6 +15,7 @@ use crate::core::Core;
 
 pub mod local;
 pub mod policy;
+pub mod schedule;
 
 pub use policy::SizingPolicy;
 use policy::{InstanceState, InstanceView};
