@@ -107,8 +107,51 @@ pub struct FleetConfig {
     /// How long an instance may sit idle before it is removed.
     #[serde(default = "default_idle_time", with = "humantime_serde_compat")]
     pub idle_time: Duration,
+    /// Idle slots as a factor of slots in use (on top of `idle_count`).
+    #[serde(default)]
+    pub scale_factor: f64,
+    /// Most idle slots `scale_factor` may ask for; 0 means no limit.
+    #[serde(default)]
+    pub scale_factor_limit: u32,
+    /// Jobs an instance runs before it is drained and replaced; 0 means
+    /// no limit.
+    #[serde(default)]
+    pub max_use_count: u32,
+    /// How long a launched instance may take for its agent to join before
+    /// it is removed as broken.
+    #[serde(default = "default_boot_timeout", with = "humantime_serde_compat")]
+    pub boot_timeout: Duration,
+    /// Most launches in any window of `launch_window`; 0 means no limit.
+    #[serde(default)]
+    pub max_launches: u32,
+    #[serde(default = "default_launch_window", with = "humantime_serde_compat")]
+    pub launch_window: Duration,
+    /// Time-of-day overrides of the idle knobs; the last block whose
+    /// periods match wins.
+    #[serde(default)]
+    pub policy: Vec<PolicyConfig>,
     #[serde(default)]
     pub local: LocalFleetConfig,
+}
+
+/// A `[[fleet.policy]]` block, as gitlab-runner's `[[runners.autoscaler.policy]]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Cron expressions (minute hour day month weekday); empty means always.
+    #[serde(default)]
+    pub periods: Vec<String>,
+    /// `UTC` or a fixed offset such as `+02:00`.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    #[serde(default)]
+    pub idle_count: u32,
+    #[serde(default = "default_idle_time", with = "humantime_serde_compat")]
+    pub idle_time: Duration,
+    #[serde(default)]
+    pub scale_factor: f64,
+    #[serde(default)]
+    pub scale_factor_limit: u32,
 }
 
 /// How local agents run their jobs.
@@ -154,6 +197,15 @@ fn default_agent_grace() -> Duration {
 fn default_idle_time() -> Duration {
     Duration::from_secs(300)
 }
+fn default_boot_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_launch_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_timezone() -> String {
+    "UTC".to_owned()
+}
 fn default_admin_socket() -> PathBuf {
     PathBuf::from("admin.sock")
 }
@@ -170,6 +222,34 @@ mod humantime_serde_compat {
                 "{text:?} is not a duration ({e}); write it like \"30s\", \"10m\" or \"1h\""
             ))
         })
+    }
+}
+
+impl PolicyConfig {
+    /// The block the sizing policy reads.
+    ///
+    /// # Errors
+    /// A period or time zone that does not parse, named with the fix.
+    pub fn to_block(&self) -> Result<crate::fleet::schedule::PolicyBlock, String> {
+        let periods = self
+            .periods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| p.parse().map_err(|e| format!("periods[{i}]: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let block = crate::fleet::schedule::PolicyBlock {
+            periods,
+            timezone: self
+                .timezone
+                .parse()
+                .map_err(|e| format!("timezone: {e}"))?,
+            idle_count: self.idle_count,
+            idle_time: self.idle_time,
+            scale_factor: self.scale_factor,
+            scale_factor_limit: self.scale_factor_limit,
+        };
+        block.validate().map_err(|e| e.to_string())?;
+        Ok(block)
     }
 }
 
@@ -230,6 +310,14 @@ impl Config {
         if self.fleet.max_instances == 0 {
             return fail("fleet.max_instances", "must be at least 1");
         }
+        if !self.fleet.scale_factor.is_finite() || self.fleet.scale_factor < 0.0 {
+            return fail("fleet.scale_factor", "must be a number of at least 0");
+        }
+        for (i, block) in self.fleet.policy.iter().enumerate() {
+            block
+                .to_block()
+                .map_err(|e| ConfigError(format!("{origin}: fleet.policy[{i}]: {e}")))?;
+        }
         if self.agents.cert_validity < Duration::from_secs(300) {
             return fail(
                 "agents.cert_validity",
@@ -283,6 +371,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("concurent"), "{err}");
+    }
+
+    #[test]
+    fn policy_blocks_parse_and_bad_periods_are_named() {
+        let base = include_str!("../coordinator.example.toml");
+        let config = Config::from_toml_str(base, "c.toml").unwrap();
+        assert_eq!(config.fleet.policy.len(), 1);
+        let block = config.fleet.policy[0].to_block().unwrap();
+        assert_eq!(block.periods.len(), 1);
+        let bad = base.replace("* 8-18 * * mon-fri", "* 25 * * mon-fri");
+        let err = Config::from_toml_str(&bad, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("fleet.policy[0]: periods[0]") && err.contains("0-23"),
+            "{err}"
+        );
+        let bad = base.replace("timezone = \"UTC\"", "timezone = \"Mars/Olympus\"");
+        let err = Config::from_toml_str(&bad, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fleet.policy[0]: timezone"), "{err}");
     }
 
     #[test]

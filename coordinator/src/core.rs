@@ -97,6 +97,8 @@ struct AgentEntry {
     /// Every attempt this agent holds (assigned or running).
     attempts: HashSet<(i64, u32)>,
     draining: bool,
+    /// Attempts this agent started since it connected (`max_use_count`).
+    used: u32,
     tx: mpsc::UnboundedSender<CoordinatorMessage>,
     connected_at: Instant,
     idle_since: Option<Instant>,
@@ -149,6 +151,8 @@ pub struct AgentSnapshot {
     pub capacity: u32,
     pub busy: u32,
     pub draining: bool,
+    /// Attempts started since it connected.
+    pub used: u32,
     pub connected_for: std::time::Duration,
     pub idle_since: Option<Instant>,
     pub remote: SocketAddr,
@@ -422,6 +426,7 @@ impl Core {
                     unacked: HashSet::new(),
                     attempts,
                     draining: false,
+                    used: 0,
                     tx,
                     connected_at: Instant::now(),
                     idle_since,
@@ -501,6 +506,7 @@ impl Core {
                     // last pull; the next pull reports afresh.
                     if entry.unacked.remove(&key) {
                         entry.free_reported = entry.free_reported.saturating_sub(1);
+                        entry.used += 1;
                     }
                 }
                 let applied = state.jobs.get_mut(&a.job_id).map(|job| {
@@ -728,6 +734,7 @@ impl Core {
                 capacity: a.capacity,
                 busy: u32::try_from(a.attempts.len()).unwrap_or(u32::MAX),
                 draining: a.draining,
+                used: a.used,
                 connected_for: a.connected_at.elapsed(),
                 idle_since: a.idle_since,
                 remote: a.remote,

@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, ConfigError, ExecutorChoice, FleetProvider, Secrets};
 use crate::core::{Core, CoreSettings};
 use crate::fleet::local::{LocalFleet, LocalFleetSettings};
-use crate::fleet::{FleetView, SizingPolicy};
+use crate::fleet::FleetView;
 
 /// Why the coordinator could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -254,15 +254,37 @@ pub async fn start(
         shutdown.clone(),
         tracker.clone(),
     ));
+    let blocks = config
+        .fleet
+        .policy
+        .iter()
+        .map(config::PolicyConfig::to_block)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConfigError(format!("fleet.policy: {e}")))?;
+    let fleet_settings = fleet::FleetSettings {
+        policy: fleet::policy::FleetPolicy {
+            capacity_per_instance: config.fleet.capacity_per_instance,
+            max_instances: config.fleet.max_instances,
+            max_use_count: config.fleet.max_use_count,
+            boot_timeout: Some(config.fleet.boot_timeout),
+            launch_rate: (config.fleet.max_launches > 0).then_some(fleet::policy::LaunchRate {
+                max: config.fleet.max_launches,
+                per: config.fleet.launch_window,
+            }),
+            idle: fleet::schedule::ActivePolicy {
+                idle_count: config.fleet.idle_count,
+                idle_time: config.fleet.idle_time,
+                scale_factor: config.fleet.scale_factor,
+                scale_factor_limit: config.fleet.scale_factor_limit,
+                block: None,
+            },
+        },
+        blocks,
+    };
     tracker.spawn(fleet::reconcile(
         fleet.clone(),
         core.clone(),
-        SizingPolicy {
-            capacity_per_instance: config.fleet.capacity_per_instance,
-            max_instances: config.fleet.max_instances,
-            idle_count: config.fleet.idle_count,
-            idle_time: config.fleet.idle_time,
-        },
+        fleet_settings,
         fleet_view.clone(),
         shutdown.clone(),
     ));

@@ -99,6 +99,9 @@ pub struct HarnessOptions {
     pub imds_instances: usize,
     /// Put a UDP relay the test controls between agents and coordinator.
     pub relay: bool,
+    /// Extra TOML: keys for `[fleet]`, then tables (`[[fleet.policy]]`).
+    pub fleet_keys: &'static str,
+    pub fleet_tables: &'static str,
 }
 
 impl Default for HarnessOptions {
@@ -115,6 +118,8 @@ impl Default for HarnessOptions {
             standin: StandInConfig::default(),
             imds_instances: 0,
             relay: false,
+            fleet_keys: "",
+            fleet_tables: "",
         }
     }
 }
@@ -176,10 +181,13 @@ capacity_per_instance = {capacity}
 max_instances = {max}
 idle_count = {idle_count}
 idle_time = "{idle}"
+{fleet_keys}
 
 [fleet.local]
 executor = "{executor}"
 default_image = "{TEST_IMAGE}"
+
+{fleet_tables}
 "#,
             state = dir.path().join("state").display().to_string(),
             concurrent = options.concurrent,
@@ -193,6 +201,8 @@ default_image = "{TEST_IMAGE}"
             idle_count = options.idle_count,
             idle = options.idle_time,
             executor = options.executor,
+            fleet_keys = options.fleet_keys,
+            fleet_tables = options.fleet_tables,
         );
         let config_path = dir.path().join("coordinator.toml");
         std::fs::write(&config_path, &config_text)?;

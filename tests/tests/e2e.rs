@@ -510,3 +510,67 @@ async fn demo_command_runs_its_pipeline_green() {
     assert!(stdout.contains("Every job ended as expected."), "{stdout}");
     assert!(stdout.contains("Executor: "), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_period_in_force_keeps_an_idle_instance_warm() {
+    let h = Harness::start(HarnessOptions {
+        executor: "shell",
+        capacity_per_instance: 1,
+        fleet_tables:
+            "[[fleet.policy]]\nperiods = [\"* * * * *\"]\nidle_count = 1\nidle_time = \"10m\"\n",
+        ..HarnessOptions::default()
+    })
+    .await
+    .unwrap();
+    // No job at all: the period in force asks for one idle slot.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while h.coordinator().core.agents().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no warm instance was started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        h.coordinator().fleet_view.get().len(),
+        1,
+        "exactly one warm instance"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_reached_max_use_count_is_replaced() {
+    let h = Harness::start(HarnessOptions {
+        executor: "shell",
+        capacity_per_instance: 1,
+        max_instances: 2,
+        fleet_keys: "max_use_count = 1",
+        ..HarnessOptions::default()
+    })
+    .await
+    .unwrap();
+    let first = h
+        .standin
+        .push_job(JobSpec::new("one").script(["echo one"]))
+        .await
+        .unwrap();
+    let r = h.wait_final(first, JOB_TIMEOUT).await.unwrap();
+    assert!(
+        r.trace_text().contains("instance local-1"),
+        "{}",
+        r.trace_text()
+    );
+    let second = h
+        .standin
+        .push_job(JobSpec::new("two").script(["echo two"]))
+        .await
+        .unwrap();
+    let r = h.wait_final(second, JOB_TIMEOUT).await.unwrap();
+    assert_eq!(r.state, JobState::Success, "{}", r.trace_text());
+    assert!(
+        !r.trace_text().contains("instance local-1 "),
+        "a used-up instance takes no new job: {}",
+        r.trace_text()
+    );
+}

@@ -17,8 +17,8 @@ pub mod local;
 pub mod policy;
 pub mod schedule;
 
+use policy::InstanceState;
 pub use policy::SizingPolicy;
-use policy::{InstanceState, InstanceView};
 
 /// How often the fleet is reconciled even when nothing signalled a change.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
@@ -86,45 +86,54 @@ impl FleetView {
     }
 }
 
+/// The sizing knobs and time-of-day blocks the reconcile loop applies.
+#[derive(Clone, Debug)]
+pub struct FleetSettings {
+    /// Base policy; its `idle` knobs are the default when no block matches.
+    pub policy: policy::FleetPolicy,
+    pub blocks: Vec<schedule::PolicyBlock>,
+}
+
 /// Sizes the fleet to the work until `stop`. On stop it does nothing more:
 /// a stopping coordinator never scales in.
 pub async fn reconcile<F: Fleet>(
     fleet: Arc<F>,
     core: Arc<Core>,
-    policy: SizingPolicy,
+    settings: FleetSettings,
     view: Arc<FleetView>,
     stop: CancellationToken,
 ) {
+    let mut recent_launches: Vec<Instant> = Vec::new();
+    let mut last_block = None;
     loop {
         let instances = fleet.instances();
         let agents = core.agents();
         let now = Instant::now();
-        let views: Vec<InstanceView> = instances
-            .iter()
-            .map(|i| {
-                let agent = agents.iter().find(|a| a.instance_id == i.id);
-                let state = match agent {
-                    _ if i.removing => InstanceState::Draining,
-                    Some(a) if a.draining => InstanceState::Draining,
-                    Some(a) => InstanceState::Ready {
-                        busy: a.busy,
-                        idle_since: a.idle_since,
-                    },
-                    None => InstanceState::Booting,
-                };
-                InstanceView {
-                    id: i.id.clone(),
-                    state,
-                }
-            })
-            .collect();
+        let mut sized = Vec::with_capacity(instances.len());
+        for i in &instances {
+            let agent = agents.iter().find(|a| a.instance_id == i.id);
+            let state = match agent {
+                _ if i.removing => InstanceState::Draining,
+                Some(a) if a.draining => InstanceState::Draining,
+                Some(a) => InstanceState::Ready {
+                    busy: a.busy,
+                    idle_since: a.idle_since,
+                },
+                None => InstanceState::Booting,
+            };
+            sized.push(policy::Instance {
+                id: i.id.clone(),
+                state,
+                launched_at: i.launched_at,
+                used: agent.map_or(0, |a| a.used),
+            });
+        }
         view.set(
-            instances
+            sized
                 .iter()
-                .zip(&views)
-                .map(|(i, v)| InstanceStatus {
+                .map(|i| InstanceStatus {
                     id: i.id.clone(),
-                    state: match v.state {
+                    state: match i.state {
                         InstanceState::Booting => "booting",
                         InstanceState::Ready { busy: 0, .. } => "idle",
                         InstanceState::Ready { .. } => "busy",
@@ -134,19 +143,57 @@ pub async fn reconcile<F: Fleet>(
                 })
                 .collect(),
         );
-        let plan = policy::plan(core.demand(), &views, &policy, now);
+        let mut current = settings.policy.clone();
+        current.idle = schedule::active_policy(
+            &settings.blocks,
+            &settings.policy.idle,
+            std::time::SystemTime::now(),
+        );
+        if current.idle.block != last_block {
+            tracing::info!(block = ?current.idle.block, idle_count = current.idle.idle_count, "sizing policy in force changed");
+            last_block = current.idle.block;
+        }
+        if let Some(rate) = current.launch_rate {
+            recent_launches.retain(|t| now.saturating_duration_since(*t) < rate.per);
+        }
+        let plan = policy::plan_with(&policy::PlanInput {
+            demand: core.demand(),
+            instances: &sized,
+            policy: &current,
+            recent_launches: &recent_launches,
+            now,
+        });
+        for reaped in &plan.reap {
+            tracing::warn!(instance = %reaped.id, reason = %reaped.reason, "removing an instance that never joined; check the image and its user-data");
+            if let Err(e) = fleet.remove(&reaped.id).await {
+                tracing::error!(instance = %reaped.id, error = %e, "failed to remove instance");
+            }
+        }
+        for id in &plan.retire {
+            tracing::info!(instance = %id, "instance reached max_use_count; draining and replacing it");
+            core.drain_instance(id, true, "max_use_count reached");
+            if let Err(e) = fleet.remove(id).await {
+                tracing::error!(instance = %id, error = %e, "failed to remove instance");
+            }
+        }
+        for id in &plan.remove {
+            tracing::info!(instance = %id, "removing idle instance");
+            core.drain_instance(id, true, "idle instance removed by the fleet");
+            if let Err(e) = fleet.remove(id).await {
+                tracing::error!(instance = %id, error = %e, "failed to remove instance");
+            }
+        }
         if plan.launch > 0 {
             match fleet.launch(plan.launch).await {
-                Ok(ids) => tracing::info!(count = ids.len(), ids = ?ids, "launched instances"),
+                Ok(ids) => {
+                    recent_launches.extend(ids.iter().map(|_| now));
+                    tracing::info!(count = ids.len(), ids = ?ids, "launched instances");
+                }
                 Err(e) => tracing::error!(error = %e, "failed to launch instances"),
             }
         }
-        for id in plan.remove {
-            tracing::info!(instance = %id, "removing idle instance");
-            core.drain_instance(&id, true, "idle instance removed by the fleet");
-            if let Err(e) = fleet.remove(&id).await {
-                tracing::error!(instance = %id, error = %e, "failed to remove instance");
-            }
+        if plan.held_back != policy::HeldBack::default() {
+            tracing::debug!(held_back = ?plan.held_back, "launches held back");
         }
         tokio::select! {
             () = stop.cancelled() => return,
