@@ -2,7 +2,7 @@
 //! it to the work the coordinator holds.
 //!
 //! [`Fleet`] is the seam (`local` here: agent processes on this machine);
-//! the decision itself is [`policy::plan`], a pure function. Not responsible
+//! the decision itself is [`policy::plan_with`], a pure function. Not responsible
 //! for what runs on an instance (the agent) or for jobs (`core`).
 
 use std::sync::{Arc, Mutex};
@@ -18,7 +18,6 @@ pub mod policy;
 pub mod schedule;
 
 use policy::InstanceState;
-pub use policy::SizingPolicy;
 
 /// How often the fleet is reconciled even when nothing signalled a change.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);

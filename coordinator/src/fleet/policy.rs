@@ -13,24 +13,6 @@ use tokio::time::Instant;
 
 use super::schedule::ActivePolicy;
 
-/// Knobs, named as in gitlab-runner's `[runners.autoscaler]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SizingPolicy {
-    pub capacity_per_instance: u32,
-    pub max_instances: u32,
-    /// Idle job slots to keep ready beyond demand.
-    pub idle_count: u32,
-    /// How long an instance must sit idle before it may be removed.
-    pub idle_time: Duration,
-}
-
-/// One instance as the policy sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct InstanceView {
-    pub id: String,
-    pub state: InstanceState,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InstanceState {
     /// Launched, agent not connected yet.
@@ -40,11 +22,12 @@ pub enum InstanceState {
         busy: u32,
         idle_since: Option<Instant>,
     },
-    /// Being removed; counts for nothing.
+    /// Being removed: no capacity, but it still counts towards
+    /// `max_instances` while it exists.
     Draining,
 }
 
-/// One instance with what the full policy needs beyond [`InstanceView`].
+/// One instance as the policy sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Instance {
     pub id: String,
@@ -80,23 +63,6 @@ pub struct FleetPolicy {
     pub launch_rate: Option<LaunchRate>,
     /// The idle knobs in force now (see [`super::schedule::active_policy`]).
     pub idle: ActivePolicy,
-}
-
-impl From<&SizingPolicy> for FleetPolicy {
-    fn from(p: &SizingPolicy) -> Self {
-        FleetPolicy {
-            capacity_per_instance: p.capacity_per_instance,
-            max_instances: p.max_instances,
-            max_use_count: 0,
-            boot_timeout: None,
-            launch_rate: None,
-            idle: ActivePolicy {
-                idle_count: p.idle_count,
-                idle_time: p.idle_time,
-                ..ActivePolicy::default()
-            },
-        }
-    }
 }
 
 /// Everything [`plan_with`] decides from.
@@ -161,31 +127,6 @@ pub struct Plan {
     /// Booting instances to terminate now, with the reason to report.
     pub reap: Vec<Reaped>,
     pub held_back: HeldBack,
-}
-
-/// Decides launches and removals with the basic knobs only.
-///
-/// `demand` is the number of job attempts the coordinator holds that need a
-/// slot (queued plus running). Booting instances count as capacity, so a slow
-/// boot never causes a second launch for the same job.
-pub fn plan(demand: u32, instances: &[InstanceView], policy: &SizingPolicy, now: Instant) -> Plan {
-    let instances: Vec<Instance> = instances
-        .iter()
-        .map(|i| Instance {
-            id: i.id.clone(),
-            state: i.state.clone(),
-            // Unknown here; harmless because no boot timeout is set.
-            launched_at: now,
-            used: 0,
-        })
-        .collect();
-    plan_with(&PlanInput {
-        demand,
-        instances: &instances,
-        policy: &FleetPolicy::from(policy),
-        recent_launches: &[],
-        now,
-    })
 }
 
 /// Idle slots to keep: at least `idle_count`, or `scale_factor` × slots in
@@ -314,13 +255,45 @@ mod tests {
         now - Duration::from_secs(secs)
     }
 
-    fn policy(cap: u32, max: u32, idle_count: u32) -> SizingPolicy {
-        SizingPolicy {
+    /// The basic knobs only: no use limit, boot timeout or launch rate.
+    fn policy(cap: u32, max: u32, idle_count: u32) -> FleetPolicy {
+        FleetPolicy {
             capacity_per_instance: cap,
             max_instances: max,
-            idle_count,
-            idle_time: MINUTE,
+            max_use_count: 0,
+            boot_timeout: None,
+            launch_rate: None,
+            idle: ActivePolicy {
+                idle_count,
+                idle_time: MINUTE,
+                ..ActivePolicy::default()
+            },
         }
+    }
+
+    /// One instance as the basic table writes it; launched "now", unused.
+    struct InstanceView {
+        id: String,
+        state: InstanceState,
+    }
+
+    fn plan(demand: u32, views: &[InstanceView], policy: &FleetPolicy, now: Instant) -> Plan {
+        let instances: Vec<Instance> = views
+            .iter()
+            .map(|v| Instance {
+                id: v.id.clone(),
+                state: v.state.clone(),
+                launched_at: now,
+                used: 0,
+            })
+            .collect();
+        plan_with(&PlanInput {
+            demand,
+            instances: &instances,
+            policy,
+            recent_launches: &[],
+            now,
+        })
     }
 
     fn launch(n: u32) -> Plan {
@@ -337,8 +310,7 @@ mod tests {
         }
     }
 
-    /// The basic knobs through the `plan` wrapper, as the reconcile loop
-    /// calls it.
+    /// The basic knobs only.
     #[test]
     fn basic_table() {
         let now = clock();
@@ -356,7 +328,7 @@ mod tests {
         let booting = |id: &str| view(id, InstanceState::Booting);
         let draining = |id: &str| view(id, InstanceState::Draining);
         #[rustfmt::skip]
-        let cases: Vec<(&str, u32, Vec<InstanceView>, SizingPolicy, Plan)> = vec![
+        let cases: Vec<(&str, u32, Vec<InstanceView>, FleetPolicy, Plan)> = vec![
             // name,                               demand, instances,                    (cap, max, idle_count), want
             ("nothing to do",                       0, vec![],                                       policy(1, 4, 0), Plan::default()),
             ("scale out from zero",                 3, vec![],                                       policy(1, 4, 0), launch(3)),
