@@ -25,6 +25,26 @@ if ! docker info >/dev/null 2>&1; then
   exit 1
 fi
 
+# The AWS fleet tests drive the real AWS SDK against moto's server. It is
+# installed from PyPI into a virtual environment outside the clone, reused
+# between runs and made anew when the pinned version changes.
+MOTO_VERSION=5.2.5
+MOTO_VENV="${SERVITOR_MOTO_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/servitor-moto-$MOTO_VERSION}"
+if ! [ -x "$MOTO_VENV/bin/moto_server" ]; then
+  echo "installing moto[server]==$MOTO_VERSION into $MOTO_VENV"
+  if ! python3 -m venv "$MOTO_VENV" >/dev/null 2>&1; then
+    # Debian splits venv support into its own package.
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv
+    rm -rf "$MOTO_VENV"
+    python3 -m venv "$MOTO_VENV"
+  fi
+  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+fi
+export SERVITOR_MOTO_SERVER="$MOTO_VENV/bin/moto_server"
+
 # The end-to-end tests start the built binaries: build them first.
-cargo build --workspace --bins
+# --all-targets, as the tests below: the same features, so nothing is built twice.
+cargo build --workspace --all-targets
 cargo test --workspace --all-targets "$@"

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use servitor_proto::admin::admin_client::AdminClient;
 use servitor_proto::admin::admin_server::{Admin, AdminServer};
 use servitor_proto::admin::{
-    AgentStatus, DrainRequest, DrainResponse, InstanceStatus, JobStatus, StatusRequest,
-    StatusResponse,
+    AgentStatus, DrainRequest, DrainResponse, FleetStatus, InstanceStatus, JobStatus,
+    StatusRequest, StatusResponse,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -76,16 +76,26 @@ impl Admin for AdminState {
                 trace_bytes: j.output_bytes,
             })
             .collect();
-        let instances = self
-            .fleet
-            .get()
-            .into_iter()
+        let summary = self.fleet.summary();
+        let instances = summary
+            .instances
+            .iter()
             .map(|i| InstanceStatus {
-                instance_id: i.id,
+                instance_id: i.id.clone(),
                 state: i.state.to_owned(),
                 age_secs: i.age.as_secs(),
+                instance_type: i.instance_type.clone(),
+                market: i.market.clone(),
+                protected: i.protected,
             })
             .collect();
+        let fleet = FleetStatus {
+            provider: summary.provider.to_owned(),
+            desired: summary.desired,
+            spent_usd: summary.spent_usd,
+            budget_usd: summary.budget_usd,
+            budget_held: summary.budget_held,
+        };
         Ok(Response::new(StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             system_id: self.system_id.clone(),
@@ -94,6 +104,7 @@ impl Admin for AdminState {
             agents,
             jobs,
             instances,
+            fleet: Some(fleet),
         }))
     }
 
@@ -198,12 +209,58 @@ pub fn render_status(status: &StatusResponse) -> String {
         status.concurrent,
         if status.draining { "  (draining)" } else { "" }
     );
-    let _ = writeln!(out, "\nINSTANCES ({})", status.instances.len());
+    let fleet = status.fleet.clone().unwrap_or_default();
+    let mut heading = format!(
+        "\nFLEET {}  instances {}",
+        if fleet.provider.is_empty() {
+            "?"
+        } else {
+            &fleet.provider
+        },
+        status.instances.len()
+    );
+    if let Some(desired) = fleet.desired {
+        let _ = write!(heading, "  desired {desired}");
+    }
+    match fleet.budget_usd {
+        Some(cap) => {
+            let _ = write!(
+                heading,
+                "  spent ${:.2} of ${cap:.2} this month",
+                fleet.spent_usd
+            );
+        }
+        None if fleet.spent_usd > 0.0 => {
+            let _ = write!(heading, "  spent ${:.2} this month", fleet.spent_usd);
+        }
+        None => {}
+    }
+    if fleet.budget_held > 0 {
+        let _ = write!(
+            heading,
+            "  ({} launches held back by the budget)",
+            fleet.budget_held
+        );
+    }
+    let _ = writeln!(out, "{heading}");
     for i in &status.instances {
+        let kind = [i.instance_type.as_str(), i.market.as_str()]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
         let _ = writeln!(
             out,
-            "  {:<20} {:<10} up {}s",
-            i.instance_id, i.state, i.age_secs
+            "  {:<20} {:<10} {:<18} up {}s{}",
+            i.instance_id,
+            i.state,
+            kind,
+            i.age_secs,
+            if i.protected == Some(true) {
+                "  protected"
+            } else {
+                ""
+            }
         );
     }
     let _ = writeln!(out, "\nAGENTS ({})", status.agents.len());

@@ -37,6 +37,32 @@ pub struct Config {
     #[serde(default)]
     pub admin: AdminConfig,
     pub fleet: FleetConfig,
+    /// A monthly spending cap; none by default.
+    #[serde(default)]
+    pub budget: Option<BudgetConfig>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[budget]`: the fleet stays under a monthly cap.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    /// Most the fleet may cost in a calendar month (UTC), in US dollars.
+    pub monthly_usd: f64,
+    /// Hourly on-demand prices by instance type (Spot prices come from
+    /// EC2's price history).
+    #[serde(default)]
+    pub on_demand_hourly_usd: std::collections::BTreeMap<String, f64>,
+}
+
+/// `[metrics]`: Prometheus metrics over HTTP.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// TCP address serving `/metrics`; none by default.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -90,6 +116,8 @@ impl Default for AdminConfig {
 pub enum FleetProvider {
     /// Agent processes on this machine.
     Local,
+    /// An existing EC2 Auto Scaling group (`[fleet.aws]`).
+    AwsAsg,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -132,6 +160,28 @@ pub struct FleetConfig {
     pub policy: Vec<PolicyConfig>,
     #[serde(default)]
     pub local: LocalFleetConfig,
+    #[serde(default)]
+    pub aws: Option<AwsFleetConfig>,
+}
+
+/// `[fleet.aws]`: the Auto Scaling group the coordinator sizes.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsFleetConfig {
+    /// The group's name. It must exist; its launch template starts agents
+    /// from user-data (see packer/).
+    pub group: String,
+    /// Region; by default aws-config's chain (`AWS_REGION`, the profile,
+    /// instance metadata).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Endpoint for the Auto Scaling and EC2 APIs, e.g. a VPC endpoint.
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// A termination lifecycle hook on the group to complete once an
+    /// instance's agent has handed back or finished its jobs.
+    #[serde(default)]
+    pub lifecycle_hook: Option<String>,
 }
 
 /// A `[[fleet.policy]]` block, as gitlab-runner's `[[runners.autoscaler.policy]]`.
@@ -310,6 +360,50 @@ impl Config {
         if self.fleet.max_instances == 0 {
             return fail("fleet.max_instances", "must be at least 1");
         }
+        match (self.fleet.provider, &self.fleet.aws) {
+            (FleetProvider::AwsAsg, None) => {
+                return fail(
+                    "fleet.provider",
+                    "is \"aws-asg\" but there is no [fleet.aws] table; add one with group = \"<auto scaling group name>\"",
+                )
+            }
+            (FleetProvider::AwsAsg, Some(aws)) => {
+                if aws.group.trim().is_empty() {
+                    return fail("fleet.aws.group", "must name the auto scaling group");
+                }
+                if let Some(url) = &aws.endpoint_url {
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return fail(
+                            "fleet.aws.endpoint_url",
+                            &format!("{url:?} must start with https:// (or http://)"),
+                        );
+                    }
+                }
+            }
+            (FleetProvider::Local, Some(_)) => {
+                return fail(
+                    "fleet.aws",
+                    "is set but fleet.provider is \"local\"; set provider = \"aws-asg\" or remove [fleet.aws]",
+                )
+            }
+            (FleetProvider::Local, None) => {}
+        }
+        if let Some(budget) = &self.budget {
+            if !budget.monthly_usd.is_finite() || budget.monthly_usd <= 0.0 {
+                return fail(
+                    "budget.monthly_usd",
+                    "must be a positive number of US dollars (remove [budget] for no cap)",
+                );
+            }
+            for (t, price) in &budget.on_demand_hourly_usd {
+                if !price.is_finite() || *price < 0.0 {
+                    return fail(
+                        &format!("budget.on_demand_hourly_usd.{t:?}"),
+                        "must be a price of at least 0 US dollars an hour",
+                    );
+                }
+            }
+        }
         if !self.fleet.scale_factor.is_finite() || self.fleet.scale_factor < 0.0 {
             return fail("fleet.scale_factor", "must be a number of at least 0");
         }
@@ -393,6 +487,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("fleet.policy[0]: timezone"), "{err}");
+    }
+
+    #[test]
+    fn aws_example_parses_and_mistakes_are_named() {
+        let text = include_str!("../coordinator.aws.example.toml");
+        let config = Config::from_toml_str(text, "coordinator.aws.example.toml").unwrap();
+        assert_eq!(config.fleet.provider, FleetProvider::AwsAsg);
+        let aws = config.fleet.aws.as_ref().unwrap();
+        assert_eq!(aws.group, "servitor-runners");
+        let budget = config.budget.as_ref().unwrap();
+        assert!(budget.monthly_usd > 0.0);
+        assert!(config.metrics.listen.is_some());
+        let no_table = text.replace("[fleet.aws]", "[fleet.awz]");
+        let err = Config::from_toml_str(&no_table, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("awz"), "{err}");
+        let mut cut = String::new();
+        let mut skip = false;
+        for line in text.lines() {
+            if line.starts_with('[') {
+                skip = line == "[fleet.aws]";
+            }
+            if !skip {
+                cut.push_str(line);
+                cut.push('\n');
+            }
+        }
+        let err = Config::from_toml_str(&cut, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no [fleet.aws] table"), "{err}");
+        let err = Config::from_toml_str(
+            &text.replace("monthly_usd = 300.0", "monthly_usd = -1.0"),
+            "c.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("budget.monthly_usd"), "{err}");
     }
 
     #[test]

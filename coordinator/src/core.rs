@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::lease::{Lease, LeaseEvent, LeaseState};
+use crate::metrics::Metrics;
 use crate::store::{LeaseRecord, Store};
 
 /// Something the job's own task must act on.
@@ -50,6 +51,8 @@ pub enum JobEvent {
         attempt: u32,
         result: Finished,
     },
+    /// A line for the job's log from the coordinator (why it waits).
+    Notice(String),
     /// The attempt is gone (agent lost or interrupted); `next` says what
     /// becomes of the job.
     Lost {
@@ -78,8 +81,21 @@ struct HeldJob {
     lease: Lease,
     events: mpsc::UnboundedSender<JobEvent>,
     taken_at: Instant,
+    /// When its current attempt was queued (for the queue-wait metric).
+    queued_at: Instant,
+    /// Told in its log that it waits for budget.
+    waiting_noticed: bool,
     /// Log bytes of the current attempt received so far.
     output_bytes: u64,
+}
+
+/// What a drain request found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Drained {
+    Yes,
+    NoAgent,
+    /// Asked to drain only an idle agent, and it was not.
+    Busy,
 }
 
 /// One connected agent.
@@ -124,6 +140,7 @@ struct State {
     next_session: u64,
     /// Where leases are persisted; `None` keeps them in memory only.
     store: Option<Store>,
+    metrics: Arc<Metrics>,
 }
 
 impl State {
@@ -147,6 +164,10 @@ impl State {
 pub struct AgentSnapshot {
     pub agent_id: String,
     pub instance_id: String,
+    /// As the agent read them from instance metadata; empty off EC2.
+    pub instance_type: String,
+    pub zone: String,
+    pub market: String,
     pub executor: String,
     pub capacity: u32,
     pub busy: u32,
@@ -185,6 +206,7 @@ pub struct Core {
     settings: CoreSettings,
     /// Woken when demand or the agent set changes (the fleet listens).
     pub changed: Notify,
+    metrics: Arc<Metrics>,
 }
 
 impl Core {
@@ -195,13 +217,16 @@ impl Core {
 
     /// A core holding nothing that persists leases in `store`.
     pub fn with_store(settings: CoreSettings, store: Option<Store>) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::new());
         Arc::new(Self {
             state: Mutex::new(State {
                 store,
+                metrics: metrics.clone(),
                 ..State::default()
             }),
             settings,
             changed: Notify::new(),
+            metrics,
         })
     }
 
@@ -237,6 +262,8 @@ impl Core {
                     lease: restored,
                     events: tx,
                     taken_at: Instant::now(),
+                    queued_at: Instant::now(),
+                    waiting_noticed: false,
                     output_bytes: 0,
                 },
             );
@@ -301,6 +328,8 @@ impl Core {
                     lease: Lease::new(self.settings.max_attempts),
                     events: tx,
                     taken_at: Instant::now(),
+                    queued_at: Instant::now(),
+                    waiting_noticed: false,
                     output_bytes: 0,
                 },
             );
@@ -603,6 +632,7 @@ impl Core {
             }
             Some(Msg::Interrupting(notice)) => {
                 tracing::warn!(agent = %agent_id, reason = %notice.reason, "agent is being interrupted; re-running its jobs elsewhere");
+                state.metrics.spot_interruption();
                 let instance = state
                     .agents
                     .get(agent_id)
@@ -693,21 +723,65 @@ impl Core {
     /// Tells the agent on an instance to take no more work and, if asked, to
     /// exit once idle. Returns false if no agent runs there.
     pub fn drain_instance(&self, instance_id: &str, exit_when_idle: bool, reason: &str) -> bool {
+        self.drain_where(instance_id, exit_when_idle, reason, false) == Drained::Yes
+    }
+
+    /// Like [`Core::drain_instance`], but only if the instance's agent holds
+    /// no attempt at this moment: the check and the drain happen under one
+    /// lock, so no job can reach the instance in between. Returns whether
+    /// it may be removed (also when no agent runs there).
+    pub fn drain_if_idle(&self, instance_id: &str, exit_when_idle: bool, reason: &str) -> bool {
+        self.drain_where(instance_id, exit_when_idle, reason, true) != Drained::Busy
+    }
+
+    fn drain_where(
+        &self,
+        instance_id: &str,
+        exit_when_idle: bool,
+        reason: &str,
+        only_idle: bool,
+    ) -> Drained {
         let mut state = self.lock();
-        let mut found = false;
-        for entry in state.agents.values_mut() {
-            if entry.instance.instance_id == instance_id {
-                entry.draining = true;
-                let _ = entry.tx.send(CoordinatorMessage {
-                    msg: Some(coordinator_message::Msg::Drain(Drain {
-                        reason: reason.to_owned(),
-                        exit_when_idle,
-                    })),
-                });
-                found = true;
+        let on_instance = |a: &AgentEntry| a.instance.instance_id == instance_id;
+        if only_idle
+            && state
+                .agents
+                .values()
+                .any(|a| on_instance(a) && !(a.attempts.is_empty() && a.unacked.is_empty()))
+        {
+            return Drained::Busy;
+        }
+        let mut drained = Drained::NoAgent;
+        for entry in state.agents.values_mut().filter(|a| on_instance(a)) {
+            entry.draining = true;
+            let _ = entry.tx.send(CoordinatorMessage {
+                msg: Some(coordinator_message::Msg::Drain(Drain {
+                    reason: reason.to_owned(),
+                    exit_when_idle,
+                })),
+            });
+            drained = Drained::Yes;
+        }
+        drained
+    }
+
+    /// Tells every queued job, once, why it waits (in its log).
+    pub fn notify_waiting(&self, text: &str) {
+        let mut state = self.lock();
+        let queued: Vec<i64> = state.queue.iter().copied().collect();
+        for id in queued {
+            if let Some(job) = state.jobs.get_mut(&id) {
+                if job.lease.state == LeaseState::Queued && !job.waiting_noticed {
+                    job.waiting_noticed = true;
+                    let _ = job.events.send(JobEvent::Notice(text.to_owned()));
+                }
             }
         }
-        found
+    }
+
+    /// The coordinator's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Attempts that need a slot: queued plus assigned or running.
@@ -730,6 +804,9 @@ impl Core {
             .map(|(id, a)| AgentSnapshot {
                 agent_id: id.clone(),
                 instance_id: a.instance.instance_id.clone(),
+                instance_type: a.instance.instance_type.clone(),
+                zone: a.instance.availability_zone.clone(),
+                market: a.instance.market.clone(),
                 executor: a.executor.clone(),
                 capacity: a.capacity,
                 busy: u32::try_from(a.attempts.len()).unwrap_or(u32::MAX),
@@ -829,6 +906,8 @@ fn lose_attempt(state: &mut State, (job_id, attempt): (i64, u32), reason: &str) 
                 reason: reason.to_owned(),
                 next: AfterLoss::Requeued,
             });
+            job.queued_at = Instant::now();
+            state.metrics.rerun();
             state.persist_lease(job_id);
             state.queue.push_back(job_id);
         }
@@ -882,6 +961,7 @@ fn dispatch(state: &mut State) {
             continue;
         }
         let attempt = job.lease.attempt;
+        state.metrics.observe_queue_wait(job.queued_at.elapsed());
         let raw = job.raw.clone();
         let events = job.events.clone();
         // Write ahead: a restarted coordinator must know who has it.

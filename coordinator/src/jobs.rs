@@ -18,9 +18,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::core::{AfterLoss, Core, JobEvent};
+use crate::fleet::pricing::{PriceBook, PricedInstance};
 use crate::gitlab::{
     FinalState, GitLabClient, GitLabError, JobReporter, ReceivedJob, RemoteEvent, Resume,
 };
+use crate::metrics::Outcome as JobOutcome;
 use crate::store::{LeaseRecord, Store};
 use servitor_agent::backoff::Backoff;
 
@@ -51,6 +53,16 @@ pub struct JobsContext {
     pub store: Option<Store>,
     /// One permit per job held (`concurrent`).
     pub slots: Arc<Semaphore>,
+    /// What instances cost, for the cost line at the end of each log.
+    pub prices: Arc<PriceBook>,
+}
+
+/// Where one attempt ran and for how long, for the cost line.
+#[derive(Clone, Debug)]
+struct AttemptUse {
+    instance: servitor_proto::agent::InstanceFacts,
+    started: tokio::time::Instant,
+    ended: Option<tokio::time::Instant>,
 }
 
 /// A job found in the lease book after a restart.
@@ -204,6 +216,12 @@ async fn run_job(
     restored: Option<Restored>,
 ) {
     let job_id = payload.id;
+    // A job resumed after a restart learns no new assignment for its
+    // running attempt; its cost line counts from the restart.
+    let resumed_on = restored
+        .as_ref()
+        .and_then(|r| r.lease.agent.clone())
+        .map(|agent| (agent, tokio::time::Instant::now()));
     let (reporter, mut remote, mut events, mut progress) = match restored {
         Some(Restored {
             lease,
@@ -263,6 +281,7 @@ async fn run_job(
 
     let mut canceling = false;
     let mut waiting_said = false;
+    let mut uses: Vec<AttemptUse> = Vec::new();
     let wait_note = tokio::time::sleep(Duration::from_millis(500));
     tokio::pin!(wait_note);
 
@@ -273,108 +292,179 @@ async fn run_job(
     } else {
         loop {
             tokio::select! {
-                () = cancel.cancelled() => {
-                    // The coordinator is shutting down: the lease stays in the
-                    // store and the job keeps running on its agent; the next
-                    // start picks it up. Nothing is reported.
-                    return;
-                }
-                () = &mut wait_note, if !waiting_said && progress.attempt == 0 => {
-                    waiting_said = true;
-                    reporter.append(Bytes::from(format!("{BOLD_YELLOW}Waiting for a free agent slot...{RESET}\n")));
-                }
-                event = remote.recv() => match event {
-                    Some(RemoteEvent::Canceling) => {
-                        canceling = true;
-                        reporter.append(Bytes::from(format!("{BOLD_YELLOW}Job is being canceled{RESET}\n")));
-                        if !ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab")
-                            && ctx.core.unqueue_job(job_id)
-                        {
-                            // Never ran: nothing to stop, report right away.
-                            break FinalState::Canceled;
+                        () = cancel.cancelled() => {
+                            // The coordinator is shutting down: the lease stays in the
+                            // store and the job keeps running on its agent; the next
+                            // start picks it up. Nothing is reported.
+                            return;
                         }
-                    }
-                    Some(RemoteEvent::Abort(reason)) => {
-                        tracing::info!(%reason, "GitLab ended the job; stopping it without a final update");
-                        ctx.core.cancel_job(job_id, CancelMode::Abort, "canceled in GitLab");
-                        ctx.core.release_job(job_id);
-                        return;
-                    }
-                    None => {}
-                },
-                event = events.recv() => match event {
-                    None => return,
-                    Some(JobEvent::Assigned { attempt, agent, instance, executor }) => {
-                        progress = AttemptProgress { attempt, ..AttemptProgress::default() };
-                        reporter.append(Bytes::from(format!(
-                            "{}{BOLD_CYAN}Attempt {attempt} of {}: agent {agent} on {}, {executor} executor, started {}{RESET}\n",
-                            section_start(attempt),
-                            ctx.max_attempts,
-                            describe_instance(&instance),
-                            utc_now(),
-                        )));
-                        if canceling {
-                            ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab");
+                        () = &mut wait_note, if !waiting_said && progress.attempt == 0 => {
+                            waiting_said = true;
+                            reporter.append(Bytes::from(format!("{BOLD_YELLOW}Waiting for a free agent slot...{RESET}\n")));
                         }
-                    }
-                    Some(JobEvent::Started { .. }) => {}
-                    Some(JobEvent::Output { attempt, offset, bytes }) if attempt == progress.attempt => {
-                        if let Some(fresh) = progress.take_output(offset, bytes) {
-                            ctx.core.record_output(job_id, fresh.len());
-                            reporter.append_output(attempt, progress.output_bytes, fresh);
-                        }
-                    }
-                    Some(JobEvent::Output { .. }) => {}
-                    Some(JobEvent::OutputEnd { attempt }) if attempt == progress.attempt => {
-                        progress.output_ended = true;
-                    }
-                    Some(JobEvent::OutputEnd { .. }) => {}
-                    Some(JobEvent::Finished { attempt, result }) if attempt == progress.attempt => {
-                        let state = final_state_for(&result, canceling);
-                        progress.result = Some(result);
-                        // The rest of the output may still be in flight.
-                        let deadline = tokio::time::Instant::now() + OUTPUT_DRAIN_TIMEOUT;
-                        drain_output(&mut events, &mut progress, &reporter, deadline).await;
-                        break state;
-                    }
-                    Some(JobEvent::Finished { .. }) => {}
-                    Some(JobEvent::Lost { attempt, reason, next }) => {
-                        reporter.append(Bytes::from(format!(
-                            "\n{BOLD_YELLOW}Attempt {attempt} stopped at {}: {reason}.{RESET}\n{}",
-                            utc_now(),
-                            section_end(attempt)
-                        )));
-                        progress = AttemptProgress::default();
-                        match next {
-                            AfterLoss::Requeued => reporter.append(Bytes::from(format!(
-                                "{BOLD_YELLOW}Running the job again (attempt {} of {}). GitLab still sees one running job.{RESET}\n",
-                                attempt + 1,
-                                ctx.max_attempts
-                            ))),
-                            AfterLoss::Exhausted => {
-                                reporter.append(Bytes::from(format!(
-                                    "{BOLD_RED}No attempts left: all {} were interrupted.{RESET}\n",
-                                    ctx.max_attempts
-                                )));
-                                break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
+                        event = remote.recv() => match event {
+                            Some(RemoteEvent::Canceling) => {
+                                canceling = true;
+                                reporter.append(Bytes::from(format!("{BOLD_YELLOW}Job is being canceled{RESET}\n")));
+                                if !ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab")
+                                    && ctx.core.unqueue_job(job_id)
+                                {
+                                    // Never ran: nothing to stop, report right away.
+                                    break FinalState::Canceled;
+                                }
                             }
-                            AfterLoss::NoRerun => {
-                                break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
+                            Some(RemoteEvent::Abort(reason)) => {
+                                tracing::info!(%reason, "GitLab ended the job; stopping it without a final update");
+                                ctx.core.cancel_job(job_id, CancelMode::Abort, "canceled in GitLab");
+                                ctx.core.release_job(job_id);
+                                return;
                             }
-                        }
+                            None => {}
+                        },
+                        event = events.recv() => match event {
+                            None => return,
+                            Some(JobEvent::Notice(text)) => {
+                                reporter.append(Bytes::from(format!("{BOLD_YELLOW}{text}{RESET}\n")));
+                            }
+                            Some(JobEvent::Assigned { attempt, agent, instance, executor }) => {
+                                progress = AttemptProgress { attempt, ..AttemptProgress::default() };
+                                if uses.is_empty() {
+                if let Some((agent, since)) = &resumed_on {
+                    if let Some(a) = ctx.core.agents().into_iter().find(|a| a.agent_id == *agent) {
+                        uses.push(AttemptUse {
+                            instance: servitor_proto::agent::InstanceFacts {
+                                instance_id: a.instance_id,
+                                instance_type: a.instance_type,
+                                availability_zone: a.zone,
+                                market: a.market,
+                                ..Default::default()
+                            },
+                            started: *since,
+                            ended: None,
+                        });
                     }
-                },
+                }
             }
+            end_use(&mut uses);
+                                uses.push(AttemptUse { instance: instance.clone(), started: tokio::time::Instant::now(), ended: None });
+                                reporter.append(Bytes::from(format!(
+                                    "{}{BOLD_CYAN}Attempt {attempt} of {}: agent {agent} on {}, {executor} executor, started {}{RESET}\n",
+                                    section_start(attempt),
+                                    ctx.max_attempts,
+                                    describe_instance(&instance),
+                                    utc_now(),
+                                )));
+                                if canceling {
+                                    ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab");
+                                }
+                            }
+                            Some(JobEvent::Started { .. }) => {}
+                            Some(JobEvent::Output { attempt, offset, bytes }) if attempt == progress.attempt => {
+                                if let Some(fresh) = progress.take_output(offset, bytes) {
+                                    ctx.core.record_output(job_id, fresh.len());
+                                    reporter.append_output(attempt, progress.output_bytes, fresh);
+                                }
+                            }
+                            Some(JobEvent::Output { .. }) => {}
+                            Some(JobEvent::OutputEnd { attempt }) if attempt == progress.attempt => {
+                                progress.output_ended = true;
+                            }
+                            Some(JobEvent::OutputEnd { .. }) => {}
+                            Some(JobEvent::Finished { attempt, result }) if attempt == progress.attempt => {
+                                let state = final_state_for(&result, canceling);
+                                progress.result = Some(result);
+                                // The rest of the output may still be in flight.
+                                let deadline = tokio::time::Instant::now() + OUTPUT_DRAIN_TIMEOUT;
+                                drain_output(&mut events, &mut progress, &reporter, deadline).await;
+                                break state;
+                            }
+                            Some(JobEvent::Finished { .. }) => {}
+                            Some(JobEvent::Lost { attempt, reason, next }) => {
+                                if uses.is_empty() {
+                if let Some((agent, since)) = &resumed_on {
+                    if let Some(a) = ctx.core.agents().into_iter().find(|a| a.agent_id == *agent) {
+                        uses.push(AttemptUse {
+                            instance: servitor_proto::agent::InstanceFacts {
+                                instance_id: a.instance_id,
+                                instance_type: a.instance_type,
+                                availability_zone: a.zone,
+                                market: a.market,
+                                ..Default::default()
+                            },
+                            started: *since,
+                            ended: None,
+                        });
+                    }
+                }
+            }
+            end_use(&mut uses);
+                                reporter.append(Bytes::from(format!(
+                                    "\n{BOLD_YELLOW}Attempt {attempt} stopped at {}: {reason}.{RESET}\n{}",
+                                    utc_now(),
+                                    section_end(attempt)
+                                )));
+                                progress = AttemptProgress::default();
+                                match next {
+                                    AfterLoss::Requeued => reporter.append(Bytes::from(format!(
+                                        "{BOLD_YELLOW}Running the job again (attempt {} of {}). GitLab still sees one running job.{RESET}\n",
+                                        attempt + 1,
+                                        ctx.max_attempts
+                                    ))),
+                                    AfterLoss::Exhausted => {
+                                        reporter.append(Bytes::from(format!(
+                                            "{BOLD_RED}No attempts left: all {} were interrupted.{RESET}\n",
+                                            ctx.max_attempts
+                                        )));
+                                        break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
+                                    }
+                                    AfterLoss::NoRerun => {
+                                        break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
+                                    }
+                                }
+                            }
+                        },
+                    }
         }
     };
 
     if progress.attempt > 0 {
         reporter.append(Bytes::from(section_end(progress.attempt)));
     }
+    if uses.is_empty() {
+        if let Some((agent, since)) = &resumed_on {
+            if let Some(a) = ctx.core.agents().into_iter().find(|a| a.agent_id == *agent) {
+                uses.push(AttemptUse {
+                    instance: servitor_proto::agent::InstanceFacts {
+                        instance_id: a.instance_id,
+                        instance_type: a.instance_type,
+                        availability_zone: a.zone,
+                        market: a.market,
+                        ..Default::default()
+                    },
+                    started: *since,
+                    ended: None,
+                });
+            }
+        }
+    }
+    end_use(&mut uses);
+    ctx.core.metrics().job_finished(match &final_state {
+        FinalState::Success => JobOutcome::Success,
+        FinalState::Canceled => JobOutcome::Canceled,
+        FinalState::Failed {
+            kind: FailureKind::Interrupted,
+            ..
+        } => JobOutcome::Interrupted,
+        FinalState::Failed { .. } => JobOutcome::Failed,
+    });
     reporter.append(Bytes::from(closing_line(
         &final_state,
         progress.result.as_ref(),
     )));
+    // The last line says where the job ran and what it cost.
+    if let Some(line) = cost_line(&uses, &ctx.prices) {
+        reporter.append(Bytes::from(format!("{BOLD_CYAN}{line}{RESET}\n")));
+    }
     match reporter.finish(final_state).await {
         Ok(report) => tracing::info!(
             failure_reason = report.failure_reason.unwrap_or("none"),
@@ -493,6 +583,71 @@ fn describe_instance(instance: &servitor_proto::agent::InstanceFacts) -> String 
     } else {
         format!("instance {id} ({})", details.join(", "))
     }
+}
+
+/// Marks the running attempt's use as ended.
+fn end_use(uses: &mut [AttemptUse]) {
+    if let Some(last) = uses.last_mut() {
+        last.ended.get_or_insert_with(tokio::time::Instant::now);
+    }
+}
+
+/// "Ran on m5.large (spot, us-east-1a) for 2m 5s; estimated cost $0.0012":
+/// where each attempt ran and what the instance time cost at its hourly
+/// price. `None` when no attempt ran.
+fn cost_line(uses: &[AttemptUse], prices: &PriceBook) -> Option<String> {
+    let last = uses.last()?;
+    let mut total = Duration::ZERO;
+    let mut cost = 0.0;
+    let mut unknown = false;
+    for u in uses {
+        let ran = u
+            .ended
+            .unwrap_or_else(tokio::time::Instant::now)
+            .saturating_duration_since(u.started);
+        total += ran;
+        let priced = PricedInstance {
+            instance_type: u.instance.instance_type.clone(),
+            zone: u.instance.availability_zone.clone(),
+            market: u.instance.market.clone(),
+        };
+        match prices.hourly(&priced) {
+            Some(hourly) => cost += hourly * ran.as_secs_f64() / 3600.0,
+            None => unknown = true,
+        }
+    }
+    let kind = if last.instance.instance_type.is_empty() {
+        "an instance of unknown type".to_owned()
+    } else {
+        last.instance.instance_type.clone()
+    };
+    let details: Vec<&str> = [
+        last.instance.market.as_str(),
+        last.instance.availability_zone.as_str(),
+    ]
+    .into_iter()
+    .filter(|s| !s.is_empty())
+    .collect();
+    let details = if details.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", details.join(", "))
+    };
+    let attempts = if uses.len() > 1 {
+        format!(" over {} attempts", uses.len())
+    } else {
+        String::new()
+    };
+    let ran = humantime::format_duration(Duration::from_secs(total.as_secs()));
+    let estimate = if unknown {
+        "estimated cost unknown (no price for this instance type; see budget.on_demand_hourly_usd)"
+            .to_owned()
+    } else {
+        format!("estimated cost ${cost:.4}")
+    };
+    Some(format!(
+        "Ran on {kind}{details} for {ran}{attempts}; {estimate}"
+    ))
 }
 
 /// The last line of the job log, in gitlab-runner's words.

@@ -21,6 +21,7 @@ pub mod gitlab;
 pub mod jobs;
 pub mod lease;
 pub mod link;
+pub mod metrics;
 pub mod pki;
 pub mod standin;
 pub mod store;
@@ -34,8 +35,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ConfigError, ExecutorChoice, FleetProvider, Secrets};
 use crate::core::{Core, CoreSettings};
+use crate::fleet::aws::{AwsFleet, AwsFleetSettings};
 use crate::fleet::local::{LocalFleet, LocalFleetSettings};
-use crate::fleet::FleetView;
+use crate::fleet::pricing::PriceBook;
+use crate::fleet::{FleetError, FleetView, ReconcileContext};
 
 /// Why the coordinator could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +62,12 @@ pub enum CoordinatorError {
     Admin(#[from] admin::AdminError),
     #[error("{0}")]
     Store(#[from] store::StoreError),
+    #[error("{0}")]
+    Fleet(#[from] FleetError),
+    #[error("{0}")]
+    Metrics(#[from] metrics::MetricsError),
+    #[error("{0}")]
+    Budget(#[from] fleet::budget::BudgetError),
 }
 
 impl CoordinatorError {
@@ -69,6 +78,8 @@ impl CoordinatorError {
                 servitor_agent::EXIT_CONFIG
             }
             CoordinatorError::GitLab(e) if !e.is_retryable() => servitor_agent::EXIT_CONFIG,
+            CoordinatorError::Fleet(e) if !e.is_retryable() => servitor_agent::EXIT_CONFIG,
+            CoordinatorError::Metrics(e) if !e.is_retryable() => servitor_agent::EXIT_CONFIG,
             _ => servitor_agent::EXIT_TRANSIENT,
         }
     }
@@ -91,8 +102,13 @@ pub struct StartOptions {
 #[derive(Debug)]
 pub struct Coordinator {
     pub core: Arc<Core>,
-    pub fleet: Arc<LocalFleet>,
+    /// The local fleet, when `fleet.provider = "local"`.
+    pub local_fleet: Option<Arc<LocalFleet>>,
+    /// The Auto Scaling group, when `fleet.provider = "aws-asg"`.
+    pub aws_fleet: Option<Arc<AwsFleet>>,
     pub fleet_view: Arc<FleetView>,
+    /// Where Prometheus metrics are served, when configured.
+    pub metrics_addr: Option<SocketAddr>,
     /// The agent link's bound address.
     pub link_addr: SocketAddr,
     pub admin_socket: PathBuf,
@@ -190,37 +206,57 @@ pub async fn start(
     } else {
         link_addr
     };
-    let FleetProvider::Local = config.fleet.provider;
-    let command = match (
-        &options.agent_command,
-        config.fleet.local.agent_command.is_empty(),
-    ) {
-        (Some(c), _) => c.clone(),
-        (None, false) => config.fleet.local.agent_command.clone(),
-        (None, true) => {
-            let exe = std::env::current_exe().map_err(|source| CoordinatorError::StateDir {
-                path: PathBuf::from("current executable"),
-                source,
+    let prices = Arc::new(PriceBook::new(
+        config
+            .budget
+            .as_ref()
+            .map(|b| b.on_demand_hourly_usd.clone())
+            .unwrap_or_default(),
+    ));
+    let ledger = match &config.budget {
+        Some(_) => Some(Arc::new(std::sync::Mutex::new(
+            fleet::budget::SpendLedger::open(&config.state_dir)?,
+        ))),
+        None => None,
+    };
+    let metrics_addr = match config.metrics.listen {
+        Some(addr) => {
+            let server = metrics::bind(addr).await?;
+            let bound = server.local_addr();
+            tracing::info!(addr = %bound, "serving Prometheus metrics on /metrics");
+            let metrics = core.metrics().clone();
+            let stop = shutdown.clone();
+            tracker.spawn(async move {
+                if let Err(e) = server.run(metrics, stop).await {
+                    tracing::error!(error = %e, "metrics server stopped");
+                }
+            });
+            Some(bound)
+        }
+        None => None,
+    };
+    let (local_fleet, aws_fleet) = match config.fleet.provider {
+        FleetProvider::Local => (
+            Some(local_fleet(&config, &options, dial, &ca_pem_path)?),
+            None,
+        ),
+        FleetProvider::AwsAsg => {
+            let aws = config.fleet.aws.as_ref().ok_or_else(|| {
+                ConfigError(
+                    "fleet.provider is \"aws-asg\" but there is no [fleet.aws] table".into(),
+                )
             })?;
-            vec![exe.display().to_string(), "agent".to_owned()]
+            let fleet = AwsFleet::connect(AwsFleetSettings {
+                group: aws.group.clone(),
+                region: aws.region.clone(),
+                endpoint_url: aws.endpoint_url.clone(),
+                lifecycle_hook: aws.lifecycle_hook.clone(),
+                max_instances: config.fleet.max_instances,
+            })
+            .await?;
+            (None, Some(Arc::new(fleet)))
         }
     };
-    let fleet = Arc::new(LocalFleet::new(LocalFleetSettings {
-        command,
-        base_dir: config.state_dir.join("local-fleet"),
-        coordinator: dial,
-        ca_file: ca_pem_path.clone(),
-        join_token_file: config.agents.join_token_file.clone(),
-        executor: match config.fleet.local.executor {
-            ExecutorChoice::Auto => "auto",
-            ExecutorChoice::Docker => "docker",
-            ExecutorChoice::Shell => "shell",
-        }
-        .to_owned(),
-        default_image: config.fleet.local.default_image.clone(),
-        capacity: config.fleet.capacity_per_instance,
-        imds_endpoints: options.local_imds_endpoints.clone(),
-    }));
 
     let stop_polling = shutdown.child_token();
     let admin_socket = config.admin_socket();
@@ -262,6 +298,13 @@ pub async fn start(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ConfigError(format!("fleet.policy: {e}")))?;
     let fleet_settings = fleet::FleetSettings {
+        budget: config
+            .budget
+            .as_ref()
+            .map(|b| fleet::budget::BudgetSettings {
+                monthly_usd: b.monthly_usd,
+                on_demand_hourly_usd: b.on_demand_hourly_usd.clone(),
+            }),
         policy: fleet::policy::FleetPolicy {
             capacity_per_instance: config.fleet.capacity_per_instance,
             max_instances: config.fleet.max_instances,
@@ -281,13 +324,28 @@ pub async fn start(
         },
         blocks,
     };
-    tracker.spawn(fleet::reconcile(
-        fleet.clone(),
-        core.clone(),
-        fleet_settings,
-        fleet_view.clone(),
-        shutdown.clone(),
-    ));
+    let reconcile_ctx = ReconcileContext {
+        core: core.clone(),
+        view: fleet_view.clone(),
+        metrics: core.metrics().clone(),
+        prices: prices.clone(),
+        ledger,
+    };
+    if let Some(fleet) = &local_fleet {
+        tracker.spawn(fleet::reconcile(
+            fleet.clone(),
+            reconcile_ctx,
+            fleet_settings,
+            shutdown.clone(),
+        ));
+    } else if let Some(fleet) = &aws_fleet {
+        tracker.spawn(fleet::reconcile(
+            fleet.clone(),
+            reconcile_ctx,
+            fleet_settings,
+            shutdown.clone(),
+        ));
+    }
     let jobs_ctx = jobs::JobsContext {
         core: core.clone(),
         gitlab,
@@ -297,6 +355,7 @@ pub async fn start(
         slots: Arc::new(tokio::sync::Semaphore::new(
             usize::try_from(config.concurrent).unwrap_or(usize::MAX),
         )),
+        prices,
     };
     let resumed = !stored.is_empty();
     for job in stored {
@@ -361,8 +420,10 @@ pub async fn start(
 
     Ok(Coordinator {
         core,
-        fleet,
+        local_fleet,
+        aws_fleet,
         fleet_view,
+        metrics_addr,
         link_addr,
         admin_socket,
         system_id,
@@ -370,6 +431,46 @@ pub async fn start(
         shutdown,
         tracker,
     })
+}
+
+/// The local fleet: agent processes started through this binary's own
+/// `agent` subcommand unless told otherwise.
+fn local_fleet(
+    config: &Config,
+    options: &StartOptions,
+    dial: SocketAddr,
+    ca_pem_path: &std::path::Path,
+) -> Result<Arc<LocalFleet>, CoordinatorError> {
+    let command = match (
+        &options.agent_command,
+        config.fleet.local.agent_command.is_empty(),
+    ) {
+        (Some(c), _) => c.clone(),
+        (None, false) => config.fleet.local.agent_command.clone(),
+        (None, true) => {
+            let exe = std::env::current_exe().map_err(|source| CoordinatorError::StateDir {
+                path: PathBuf::from("current executable"),
+                source,
+            })?;
+            vec![exe.display().to_string(), "agent".to_owned()]
+        }
+    };
+    Ok(Arc::new(LocalFleet::new(LocalFleetSettings {
+        command,
+        base_dir: config.state_dir.join("local-fleet"),
+        coordinator: dial,
+        ca_file: ca_pem_path.to_owned(),
+        join_token_file: config.agents.join_token_file.clone(),
+        executor: match config.fleet.local.executor {
+            ExecutorChoice::Auto => "auto",
+            ExecutorChoice::Docker => "docker",
+            ExecutorChoice::Shell => "shell",
+        }
+        .to_owned(),
+        default_image: config.fleet.local.default_image.clone(),
+        capacity: config.fleet.capacity_per_instance,
+        imds_endpoints: options.local_imds_endpoints.clone(),
+    })))
 }
 
 /// Loads the configuration and secrets, reporting problems as a

@@ -6,6 +6,8 @@
 //! A prerequisite that is missing (Docker, the job image, the agent binary)
 //! fails the test with a message naming it; nothing passes silently.
 
+pub mod aws;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -317,8 +319,9 @@ default_image = "{TEST_IMAGE}"
     pub fn signal_agent(&self, instance: &str, signal: &str) -> anyhow::Result<()> {
         let pid = self
             .coordinator()
-            .fleet
-            .pid(instance)
+            .local_fleet
+            .as_ref()
+            .and_then(|f| f.pid(instance))
             .with_context(|| format!("{instance} is not running"))?;
         let status = std::process::Command::new("kill")
             .arg(format!("-{signal}"))

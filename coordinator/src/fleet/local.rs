@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use super::{Fleet, FleetError, FleetInstance};
+use super::{Fleet, FleetError, FleetInstance, Observation};
 
 /// How long a drained agent gets to exit on its own before it is killed.
 const REMOVE_GRACE: Duration = Duration::from_secs(30);
@@ -208,6 +208,33 @@ impl LocalFleet {
         self.procs().get(id).and_then(|p| p.process.pid())
     }
 
+    /// Instances alive now; agents that exited are forgotten.
+    pub fn instances(&self) -> Vec<FleetInstance> {
+        let mut procs = self.procs();
+        procs.retain(|id, p| match p.process.exited() {
+            Some(status) => {
+                tracing::info!(instance = %id, %status, "local agent exited");
+                false
+            }
+            None => true,
+        });
+        let mut out: Vec<FleetInstance> = procs
+            .iter()
+            .map(|(id, p)| FleetInstance {
+                id: id.clone(),
+                launched_at: p.launched_at,
+                removing: p.removing,
+                protected: None,
+                awaiting_release: false,
+                instance_type: "local".to_owned(),
+                zone: String::new(),
+                market: "local".to_owned(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.launched_at.cmp(&b.launched_at).then(a.id.cmp(&b.id)));
+        out
+    }
+
     fn spawn_one(&self) -> Result<String, FleetError> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let id = format!("local-{n}");
@@ -253,29 +280,23 @@ impl LocalFleet {
 }
 
 impl Fleet for LocalFleet {
-    fn instances(&self) -> Vec<FleetInstance> {
-        let mut procs = self.procs();
-        procs.retain(|id, p| match p.process.exited() {
-            Some(status) => {
-                tracing::info!(instance = %id, %status, "local agent exited");
-                false
-            }
-            None => true,
-        });
-        let mut out: Vec<FleetInstance> = procs
-            .iter()
-            .map(|(id, p)| FleetInstance {
-                id: id.clone(),
-                launched_at: p.launched_at,
-                removing: p.removing,
-            })
-            .collect();
-        out.sort_by(|a, b| a.launched_at.cmp(&b.launched_at).then(a.id.cmp(&b.id)));
-        out
+    fn provider(&self) -> &'static str {
+        "local"
     }
 
-    async fn launch(&self, count: u32) -> Result<Vec<String>, FleetError> {
-        (0..count).map(|_| self.spawn_one()).collect()
+    async fn observe(&self) -> Result<Observation, FleetError> {
+        Ok(Observation {
+            instances: self.instances(),
+            ..Observation::default()
+        })
+    }
+
+    async fn launch(&self, count: u32) -> Result<u32, FleetError> {
+        let ids = (0..count)
+            .map(|_| self.spawn_one())
+            .collect::<Result<Vec<_>, _>>()?;
+        tracing::debug!(?ids, "started local agents");
+        Ok(count)
     }
 
     async fn remove(&self, id: &str) -> Result<(), FleetError> {

@@ -100,8 +100,9 @@ async fn first_line_latency(executor: &'static str) -> anyhow::Result<(Vec<Durat
             tokio::time::sleep(Duration::from_secs(2)).await;
             let pid = h
                 .coordinator()
-                .fleet
-                .pid("local-1")
+                .local_fleet
+                .as_ref()
+                .and_then(|f| f.pid("local-1"))
                 .context("local-1 is not running")?;
             rss = rss_kib(pid)?;
         }

@@ -1,0 +1,312 @@
+//! The monthly budget: how many launches the cap still pays for (a pure
+//! function, table-tested here), and the month-to-date spend ledger that
+//! survives restarts.
+//!
+//! The rule: a launch is allowed only while the month's spend so far plus
+//! the whole fleet, the new instances included, running until the month
+//! ends stays within `budget.monthly_usd`. That is a promise the fleet can
+//! keep whatever happens next, since idle instances only ever make the
+//! real bill smaller. Busy instances are never stopped for money: the cap
+//! holds scale-out, not work in progress.
+//!
+//! Not responsible for prices (`pricing`) or for carrying decisions out
+//! (the reconcile loop).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::schedule::TimeZone;
+
+/// The operator's budget.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BudgetSettings {
+    /// Most the fleet may cost in a calendar month (UTC), in US dollars.
+    pub monthly_usd: f64,
+    /// What on-demand instances cost an hour, by instance type.
+    pub on_demand_hourly_usd: BTreeMap<String, f64>,
+}
+
+/// Everything [`affordable_launches`] decides from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BudgetInput {
+    pub monthly_usd: f64,
+    pub spent_usd: f64,
+    /// What the instances running now cost an hour together.
+    pub running_hourly_usd: f64,
+    /// What one more instance costs an hour.
+    pub launch_hourly_usd: f64,
+    /// Hours until the month ends.
+    pub hours_left: f64,
+    /// Launches the sizing policy asks for.
+    pub wanted: u32,
+}
+
+/// How many of the wanted launches the cap pays for (see the module
+/// comment for the rule).
+pub fn affordable_launches(i: &BudgetInput) -> u32 {
+    if i.wanted == 0 {
+        return 0;
+    }
+    let per_instance = i.launch_hourly_usd * i.hours_left.max(0.0);
+    let committed = i.spent_usd + i.running_hourly_usd * i.hours_left.max(0.0);
+    let room = i.monthly_usd - committed;
+    // `<=` rather than `!(>)`: a NaN price cannot reach here, the
+    // configuration and the price parser only produce finite numbers.
+    if per_instance <= 0.0 {
+        // Free instances: only a cap already broken stops them.
+        return if room >= 0.0 { i.wanted } else { 0 };
+    }
+    if room < per_instance {
+        return 0;
+    }
+    let fits = (room / per_instance).floor();
+    if fits >= f64::from(i.wanted) {
+        i.wanted
+    } else {
+        // Below `wanted`, so it fits in a u32.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let n = fits as u32;
+        n
+    }
+}
+
+/// The calendar month (UTC) of a moment, as `YYYY-MM`.
+pub fn month_of(now: SystemTime) -> String {
+    let t = TimeZone::UTC.local(now);
+    format!("{:04}-{:02}", t.year, t.month)
+}
+
+/// Hours from `now` to the start of the next calendar month (UTC).
+pub fn hours_left_in_month(now: SystemTime) -> f64 {
+    let t = TimeZone::UTC.local(now);
+    let (year, month) = if t.month == 12 {
+        (t.year + 1, 1)
+    } else {
+        (t.year, t.month + 1)
+    };
+    let next = days_from_civil(year, month, 1) * 86_400;
+    let now_secs = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    // Whole-second unix times of this era are exact in an f64.
+    #[allow(clippy::cast_precision_loss)]
+    let next = next as f64;
+    ((next - now_secs) / 3600.0).max(0.0)
+}
+
+/// Days from 1970-01-01 to a civil date (proleptic Gregorian), counting in
+/// 400-year eras that start on 1 March so the leap day ends its year.
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let year_of_era = y.rem_euclid(400);
+    let m = i64::from(month);
+    let day_of_year = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+/// A ledger failure.
+#[derive(Debug, thiserror::Error)]
+pub enum BudgetError {
+    #[error("cannot read the spend ledger {path}: {detail}; fix or remove the file (spend this month is then counted from zero)")]
+    Read { path: PathBuf, detail: String },
+    #[error("cannot write the spend ledger {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+struct LedgerRecord {
+    month: String,
+    spent_usd: f64,
+}
+
+/// Month-to-date spend, kept in `state_dir/spend.json`.
+#[derive(Debug)]
+pub struct SpendLedger {
+    path: PathBuf,
+    record: LedgerRecord,
+}
+
+/// How much accrued spend may go unsaved: a crash loses at most this.
+const SAVE_EVERY_USD: f64 = 0.01;
+
+impl SpendLedger {
+    /// Opens the ledger in `state_dir`, empty if there is none yet.
+    ///
+    /// # Errors
+    /// The file exists but cannot be read or parsed.
+    pub fn open(state_dir: &Path) -> Result<Self, BudgetError> {
+        let path = state_dir.join("spend.json");
+        let record = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| BudgetError::Read {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => LedgerRecord::default(),
+            Err(e) => {
+                return Err(BudgetError::Read {
+                    path,
+                    detail: e.to_string(),
+                })
+            }
+        };
+        Ok(Self { path, record })
+    }
+
+    /// Adds what instances costing `hourly_usd` together cost over
+    /// `elapsed`, up to `now`. A new month starts from zero.
+    pub fn accrue(&mut self, now: SystemTime, hourly_usd: f64, elapsed: Duration) {
+        let month = month_of(now);
+        let mut dirty = false;
+        if self.record.month != month {
+            self.record = LedgerRecord {
+                month,
+                spent_usd: 0.0,
+            };
+            dirty = true;
+        }
+        let before = self.record.spent_usd;
+        self.record.spent_usd += hourly_usd.max(0.0) * elapsed.as_secs_f64() / 3600.0;
+        let saved = self.saved_usd();
+        if dirty || self.record.spent_usd - saved >= SAVE_EVERY_USD || before == 0.0 {
+            if let Err(e) = self.save() {
+                tracing::warn!(error = %e, "spend ledger not saved; a restart would forget part of this month's spend");
+            }
+        }
+    }
+
+    /// What was last written, to save only when it moved enough.
+    fn saved_usd(&self) -> f64 {
+        std::fs::read(&self.path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<LedgerRecord>(&b).ok())
+            .filter(|r| r.month == self.record.month)
+            .map_or(0.0, |r| r.spent_usd)
+    }
+
+    /// Spend so far in the month of `now`.
+    pub fn spent(&self, now: SystemTime) -> f64 {
+        if self.record.month == month_of(now) {
+            self.record.spent_usd
+        } else {
+            0.0
+        }
+    }
+
+    /// Writes the ledger (atomically: a crash leaves the old or the new).
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn save(&self) -> Result<(), BudgetError> {
+        let fail = |source| BudgetError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let tmp = self.path.with_extension("tmp");
+        let bytes = serde_json::to_vec(&self.record).map_err(|e| fail(std::io::Error::other(e)))?;
+        std::fs::write(&tmp, bytes).map_err(fail)?;
+        std::fs::rename(&tmp, &self.path).map_err(fail)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(
+        monthly: f64,
+        spent: f64,
+        running: f64,
+        launch: f64,
+        hours: f64,
+        wanted: u32,
+    ) -> BudgetInput {
+        BudgetInput {
+            monthly_usd: monthly,
+            spent_usd: spent,
+            running_hourly_usd: running,
+            launch_hourly_usd: launch,
+            hours_left: hours,
+            wanted,
+        }
+    }
+
+    #[test]
+    fn the_cap_holds_scale_out() {
+        #[rustfmt::skip]
+        let cases = [
+            // name,                                   monthly, spent, running/h, launch/h, hours, wanted, want
+            ("plenty of room",                          1000.0,   0.0,   0.0,   0.10,  100.0, 5, 5),
+            ("room for exactly two",                      20.0,   0.0,   0.0,   0.10,  100.0, 5, 2),
+            ("just under two",                            19.99,  0.0,   0.0,   0.10,  100.0, 5, 1),
+            ("spend so far counts",                       20.0,  10.0,   0.0,   0.10,  100.0, 5, 1),
+            ("running fleet counts to month end",         20.0,   0.0,   0.15,  0.10,  100.0, 5, 0),
+            ("cap already broken",                        20.0,  25.0,   0.0,   0.10,  100.0, 5, 0),
+            ("near month end the same money buys more",   20.0,   0.0,   0.0,   0.10,   10.0, 50, 20),
+            ("free instances only stop at a broken cap",  20.0,   5.0,   0.0,   0.0,   100.0, 3, 3),
+            ("free instances, cap broken",                20.0,  21.0,   0.0,   0.0,   100.0, 3, 0),
+            ("nothing wanted",                            20.0,   0.0,   0.0,   0.10,  100.0, 0, 0),
+            ("spot-cheap: tiny prices barely count",      10.0,   0.0,   0.00001, 0.00001, 720.0, 8, 8),
+        ];
+        for (name, monthly, spent, running, launch, hours, wanted, want) in cases {
+            assert_eq!(
+                affordable_launches(&input(monthly, spent, running, launch, hours, wanted)),
+                want,
+                "{name}"
+            );
+        }
+    }
+
+    fn utc(year: i64, month: u32, day: u32, hour: u64) -> SystemTime {
+        let days = u64::try_from(days_from_civil(year, month, day)).expect("after 1970");
+        UNIX_EPOCH + Duration::from_secs(days * 86_400 + hour * 3600)
+    }
+
+    #[test]
+    fn months_and_hours_left() {
+        assert_eq!(month_of(utc(2026, 12, 1, 18)), "2026-12");
+        assert_eq!(month_of(utc(2024, 2, 29, 23)), "2024-02");
+        // December: 31 days, from the 1st at 18:00 to January 1st.
+        assert!((hours_left_in_month(utc(2026, 12, 1, 18)) - (30.0 * 24.0 + 6.0)).abs() < 1e-9);
+        // A leap February.
+        assert!((hours_left_in_month(utc(2024, 2, 1, 0)) - 29.0 * 24.0).abs() < 1e-9);
+        assert!((hours_left_in_month(utc(2025, 2, 28, 23)) - 1.0).abs() < 1e-9);
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+    }
+
+    #[test]
+    fn the_ledger_accrues_survives_a_reopen_and_resets_each_month() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dec = utc(2026, 12, 10, 0);
+        let mut ledger = SpendLedger::open(dir.path()).expect("open");
+        assert_eq!(ledger.spent(dec), 0.0);
+        // Two instances at $0.50 an hour for 3 hours.
+        ledger.accrue(dec, 1.0, Duration::from_secs(3 * 3600));
+        assert!((ledger.spent(dec) - 3.0).abs() < 1e-9);
+        ledger.save().expect("save");
+        let reopened = SpendLedger::open(dir.path()).expect("reopen");
+        assert!((reopened.spent(dec) - 3.0).abs() < 1e-9);
+        // January starts from zero.
+        let jan = utc(2027, 1, 1, 1);
+        assert_eq!(reopened.spent(jan), 0.0);
+        let mut reopened = reopened;
+        reopened.accrue(jan, 2.0, Duration::from_secs(1800));
+        assert!((reopened.spent(jan) - 1.0).abs() < 1e-9);
+        // A damaged file is named with the fix.
+        std::fs::write(dir.path().join("spend.json"), b"{not json").expect("write");
+        let err = SpendLedger::open(dir.path())
+            .expect_err("damaged")
+            .to_string();
+        assert!(
+            err.contains("spend.json") && err.contains("remove the file"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,111 @@
+#!/bin/bash
+# user-data for a Servitor agent instance launched from the servitor-agent
+# image: writes the agent's configuration and starts the agent.
+#
+# Fill in the values below (or export them before running the script; the
+# environment wins). Instance metadata serves user-data to anything on the
+# instance that can reach it, the join token included: see packer/README.md.
+set -euo pipefail
+
+# The coordinator's agent link, host:port (UDP).
+COORDINATOR="${COORDINATOR:-coordinator.internal:7443}"
+# Pin of the coordinator's CA, "sha256:" + 64 hex digits. The coordinator logs
+# it at start (ca_pin on "agent link listening"), or compute it on the
+# coordinator: openssl x509 -in /var/lib/servitor/ca.pem -outform DER | sha256sum
+CA_SHA256="${CA_SHA256:-sha256:REPLACE-WITH-THE-PIN}"
+# The coordinator's agents.join_token_file content.
+JOIN_TOKEN="${JOIN_TOKEN:-}"
+# Jobs this instance runs at once (the coordinator's fleet.capacity_per_instance).
+CAPACITY="${CAPACITY:-1}"
+# Image for jobs that name none.
+DEFAULT_IMAGE="${DEFAULT_IMAGE:-debian:bookworm-slim}"
+
+# For tests: write somewhere else, and leave systemd alone.
+SERVITOR_ETC="${SERVITOR_ETC:-/etc/servitor-agent}"
+SERVITOR_NO_SYSTEMCTL="${SERVITOR_NO_SYSTEMCTL:-0}"
+
+AGENT_USER=servitor-agent
+STATE_DIR=/var/lib/servitor-agent
+
+fail() {
+    echo "servitor user-data: $*" >&2
+    exit 1
+}
+
+# The values land in TOML strings; a quote, a backslash or a control
+# character would break out of them.
+check_plain() {
+    local name=$1 value=$2
+    if [[ -z $value ]]; then
+        fail "$name is empty; set it at the top of the user-data script"
+    fi
+    if [[ $value == *[\"\\]* || $value == *[[:cntrl:]]* ]]; then
+        fail "$name must not contain quotes, backslashes or control characters"
+    fi
+}
+
+check_plain COORDINATOR "$COORDINATOR"
+if [[ ! $COORDINATOR =~ ^.+:[0-9]{1,5}$ ]]; then
+    fail "COORDINATOR \"$COORDINATOR\" must be host:port, e.g. coordinator.internal:7443"
+fi
+if [[ ! $CA_SHA256 =~ ^sha256:[0-9a-fA-F]{64}$ ]]; then
+    fail "CA_SHA256 \"$CA_SHA256\" must be \"sha256:\" followed by 64 hex digits; copy ca_pin from the coordinator's start-up log"
+fi
+if [[ -z ${JOIN_TOKEN//[[:space:]]/} ]]; then
+    fail "JOIN_TOKEN is empty; set it to the content of the coordinator's agents.join_token_file"
+fi
+if [[ ! $CAPACITY =~ ^[1-9][0-9]*$ ]]; then
+    fail "CAPACITY \"$CAPACITY\" must be a whole number of at least 1"
+fi
+check_plain DEFAULT_IMAGE "$DEFAULT_IMAGE"
+
+# Only root on an instance built from the image can hand files to the
+# agent's user; a test run as anyone else keeps them its own.
+owner=""
+if [[ $(id -u) -eq 0 ]] && getent passwd "$AGENT_USER" >/dev/null; then
+    owner=$AGENT_USER
+fi
+
+mkdir -p "$SERVITOR_ETC"
+
+# Written next to the target and renamed, so the agent never reads half a
+# file, and the token is never readable by others, not even briefly.
+write_file() {
+    local path=$1 mode=$2 file_owner=$3 tmp
+    tmp=$(mktemp "$path.XXXXXX")
+    cat >"$tmp"
+    chmod "$mode" "$tmp"
+    if [[ -n $file_owner ]]; then
+        chown "$file_owner:" "$tmp"
+    fi
+    mv -f "$tmp" "$path"
+}
+
+printf '%s\n' "$JOIN_TOKEN" | write_file "$SERVITOR_ETC/join-token" 0600 "$owner"
+
+# Every key here must be one agent/src/config.rs accepts: unknown keys are
+# errors. tests/tests/packer.rs parses the result with the agent's loader.
+write_file "$SERVITOR_ETC/agent.toml" 0644 "" <<EOF
+# Written by user-data at first boot.
+coordinator = "$COORDINATOR"
+ca_sha256 = "$CA_SHA256"
+join_token_file = "$SERVITOR_ETC/join-token"
+state_dir = "$STATE_DIR"
+capacity = $CAPACITY
+
+[executor]
+kind = "docker"
+default_image = "$DEFAULT_IMAGE"
+pull_policy = "if-not-present"
+work_dir = "$STATE_DIR/builds"
+
+[instance]
+imds = true
+EOF
+
+echo "servitor user-data: wrote $SERVITOR_ETC/agent.toml (coordinator $COORDINATOR, capacity $CAPACITY)"
+
+if [[ $SERVITOR_NO_SYSTEMCTL == 1 ]]; then
+    exit 0
+fi
+systemctl enable --now servitor-agent.service

@@ -1,0 +1,751 @@
+//! The AWS side of the end-to-end harness: moto's server on a free
+//! 127.0.0.1 port as the Auto Scaling and EC2 APIs (driven through the real
+//! AWS SDK), an Auto Scaling group in it, and an "instance booter" that
+//! plays the part of EC2 booting each instance moto creates: it starts a
+//! real agent whose instance metadata stand-in reports that instance's id,
+//! type and zone, and kills it when the instance leaves the group.
+//!
+//! moto launches no machines; everything else here is the real thing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use aws_sdk_autoscaling::config::{Credentials, Region};
+use servitor_agent::imds::{ImdsStandIn, InstanceSpec};
+use tokio_util::sync::CancellationToken;
+
+/// Region every test works in.
+pub const REGION: &str = "us-east-1";
+/// The zone the test groups launch into.
+pub const ZONE: &str = "us-east-1a";
+/// The instance type of the test groups' launch template.
+pub const INSTANCE_TYPE: &str = "m5.large";
+
+/// The coordinator under test reads credentials through aws-config's
+/// normal chain; the environment is the first link. moto accepts any.
+pub fn aws_environment() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Set once, with the same values, before any test reads them; the
+        // standard library serialises its own environment access.
+        std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+        std::env::set_var("AWS_REGION", REGION);
+    });
+}
+
+/// moto's server, stopped when dropped.
+#[derive(Debug)]
+pub struct Moto {
+    child: tokio::process::Child,
+    url: String,
+}
+
+/// Where moto's server is: `SERVITOR_MOTO_SERVER`, else `moto_server` on
+/// the PATH.
+fn moto_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("SERVITOR_MOTO_SERVER") {
+        return Ok(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let candidate = dir.join("moto_server");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("moto's server is missing: these tests need `moto_server` (pip install 'moto[server]'); tests/run.sh installs it in a virtual environment and sets SERVITOR_MOTO_SERVER")
+}
+
+impl Moto {
+    /// Starts moto's server on a free port and waits until it answers.
+    ///
+    /// # Errors
+    /// moto is missing or does not come up.
+    pub async fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let binary = moto_binary()?;
+        let child = tokio::process::Command::new(&binary)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let url = format!("http://127.0.0.1:{port}");
+        let moto = Self { child, url };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Ok(moto);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("moto's server did not answer on {} within 30s", moto.url);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The endpoint URL for both services.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// An SDK configuration that reaches this server.
+    pub async fn sdk_config(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(Region::new(REGION))
+            .endpoint_url(&self.url)
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+            .load()
+            .await
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// One instance of the group as the test sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupInstance {
+    pub id: String,
+    pub lifecycle: String,
+    pub protected: bool,
+}
+
+/// An Auto Scaling group in moto, and the clients to look at it.
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub name: String,
+    pub asg: aws_sdk_autoscaling::Client,
+    pub ec2: aws_sdk_ec2::Client,
+}
+
+impl Group {
+    /// Creates a launch template (`m5.large`, on-demand) and a group using
+    /// it in one zone: MinSize 0, the given MaxSize, desired 0.
+    ///
+    /// # Errors
+    /// Any API call fails.
+    pub async fn create(moto: &Moto, name: &str, max_size: i32) -> anyhow::Result<Self> {
+        let config = moto.sdk_config().await;
+        let asg = aws_sdk_autoscaling::Client::new(&config);
+        let ec2 = aws_sdk_ec2::Client::new(&config);
+        let images = ec2
+            .describe_images()
+            .owners("amazon")
+            .send()
+            .await
+            .context("DescribeImages")?;
+        let image = images
+            .images()
+            .first()
+            .and_then(|i| i.image_id())
+            .context("moto lists no images")?
+            .to_owned();
+        let template = format!("{name}-template");
+        ec2.create_launch_template()
+            .launch_template_name(&template)
+            .launch_template_data(
+                aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                    .image_id(image)
+                    .instance_type(aws_sdk_ec2::types::InstanceType::from(INSTANCE_TYPE))
+                    .build(),
+            )
+            .send()
+            .await
+            .context("CreateLaunchTemplate")?;
+        asg.create_auto_scaling_group()
+            .auto_scaling_group_name(name)
+            .launch_template(
+                aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                    .launch_template_name(&template)
+                    .version("$Latest")
+                    .build(),
+            )
+            .availability_zones(ZONE)
+            .min_size(0)
+            .max_size(max_size)
+            .desired_capacity(0)
+            .send()
+            .await
+            .context("CreateAutoScalingGroup")?;
+        Ok(Self {
+            name: name.to_owned(),
+            asg,
+            ec2,
+        })
+    }
+
+    /// Desired capacity and instances now.
+    ///
+    /// # Errors
+    /// The call fails or the group is gone.
+    pub async fn describe(&self) -> anyhow::Result<(i32, Vec<GroupInstance>)> {
+        let out = self
+            .asg
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(&self.name)
+            .send()
+            .await
+            .context("DescribeAutoScalingGroups")?;
+        let group = out
+            .auto_scaling_groups()
+            .first()
+            .context("the group is gone")?;
+        let instances = group
+            .instances()
+            .iter()
+            .map(|i| GroupInstance {
+                id: i.instance_id().unwrap_or_default().to_owned(),
+                lifecycle: i
+                    .lifecycle_state()
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_default(),
+                protected: i.protected_from_scale_in().unwrap_or(false),
+            })
+            .collect();
+        Ok((group.desired_capacity().unwrap_or(0), instances))
+    }
+
+    /// Sets the desired capacity as someone other than the coordinator.
+    ///
+    /// # Errors
+    /// The call fails.
+    pub async fn set_desired(&self, desired: i32) -> anyhow::Result<()> {
+        self.asg
+            .set_desired_capacity()
+            .auto_scaling_group_name(&self.name)
+            .desired_capacity(desired)
+            .send()
+            .await
+            .context("SetDesiredCapacity")?;
+        Ok(())
+    }
+
+    /// The EC2 state (`running`, `terminated`, ...) of an instance.
+    ///
+    /// # Errors
+    /// The call fails or the instance is unknown.
+    pub async fn ec2_state(&self, id: &str) -> anyhow::Result<String> {
+        let out = self
+            .ec2
+            .describe_instances()
+            .instance_ids(id)
+            .send()
+            .await
+            .context("DescribeInstances")?;
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find(|i| i.instance_id() == Some(id))
+            .and_then(|i| i.state())
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_owned())
+            .with_context(|| format!("no instance {id}"))
+    }
+
+    /// Waits until `check` holds for the group, polling it.
+    ///
+    /// # Errors
+    /// Timeout, with the last view of the group.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(i32, &[GroupInstance]) -> bool,
+    ) -> anyhow::Result<(i32, Vec<GroupInstance>)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let (desired, instances) = self.describe().await?;
+            if check(desired, &instances) {
+                return Ok((desired, instances));
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("timed out waiting for {what}; desired {desired}, instances {instances:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// How booted agents reach the coordinator and what they run.
+#[derive(Clone, Debug)]
+pub struct BootSettings {
+    pub coordinator: std::net::SocketAddr,
+    pub ca_file: PathBuf,
+    pub join_token_file: PathBuf,
+    /// `docker` or `shell`.
+    pub executor: &'static str,
+    pub capacity: u32,
+    /// What instance metadata says of the market: `spot` or `on-demand`.
+    pub market: &'static str,
+    /// Instances that never boot (a broken image): the first `n` launched.
+    pub broken: usize,
+}
+
+#[derive(Debug)]
+struct Booted {
+    child: tokio::process::Child,
+    _imds: ImdsStandIn,
+    dir: PathBuf,
+}
+
+/// Plays EC2: boots an agent for every instance moto puts in the group,
+/// and takes it away when the instance leaves.
+#[derive(Debug)]
+pub struct Booter {
+    booted: Arc<Mutex<HashMap<String, Booted>>>,
+    /// Every instance id ever seen, in order, and whether it booted.
+    pub seen: Arc<Mutex<Vec<(String, bool)>>>,
+    stop: CancellationToken,
+    base: PathBuf,
+}
+
+impl Booter {
+    /// Starts watching the group.
+    pub fn start(group: Group, settings: BootSettings, base: &Path) -> Self {
+        let booted: Arc<Mutex<HashMap<String, Booted>>> = Arc::default();
+        let seen: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+        let stop = CancellationToken::new();
+        let booter = Self {
+            booted: booted.clone(),
+            seen: seen.clone(),
+            stop: stop.clone(),
+            base: base.to_owned(),
+        };
+        let base = base.to_owned();
+        tokio::spawn(async move {
+            loop {
+                if let Ok((_, instances)) = group.describe().await {
+                    let live: Vec<&GroupInstance> = instances
+                        .iter()
+                        .filter(|i| {
+                            i.lifecycle == "InService" || i.lifecycle.starts_with("Pending")
+                        })
+                        .collect();
+                    // Instances that left the group: their machine is gone.
+                    let gone: Vec<String> = {
+                        let map = lock(&booted);
+                        map.keys()
+                            .filter(|id| !live.iter().any(|i| &&i.id == id))
+                            .cloned()
+                            .collect()
+                    };
+                    for id in gone {
+                        if let Some(mut b) = lock(&booted).remove(&id) {
+                            let _ = b.child.start_kill();
+                        }
+                    }
+                    for i in live {
+                        let known = lock(&seen).iter().any(|(id, _)| *id == i.id);
+                        if known {
+                            continue;
+                        }
+                        let boots = lock(&seen).len() >= settings.broken;
+                        lock(&seen).push((i.id.clone(), boots));
+                        if !boots {
+                            continue;
+                        }
+                        match boot(&i.id, &settings, &base).await {
+                            Ok(b) => {
+                                lock(&booted).insert(i.id.clone(), b);
+                            }
+                            Err(e) => {
+                                tracing::error!(instance = %i.id, error = %e, "test booter failed to start an agent")
+                            }
+                        }
+                    }
+                }
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+            }
+            for (_, mut b) in lock(&booted).drain() {
+                let _ = b.child.start_kill();
+            }
+        });
+        booter
+    }
+
+    /// Instances with a running agent now.
+    pub fn running(&self) -> Vec<String> {
+        let mut ids: Vec<String> = lock(&self.booted).keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// Every booted agent's log, for failure messages.
+    pub fn agent_logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = std::fs::read_dir(&self.base) {
+            for entry in entries.flatten() {
+                let log = entry.path().join("agent.log");
+                if let Ok(text) = std::fs::read_to_string(&log) {
+                    out.push_str(&format!("--- {}\n{text}\n", log.display()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Where an instance's agent keeps its files.
+    pub fn dir_of(&self, id: &str) -> Option<PathBuf> {
+        lock(&self.booted).get(id).map(|b| b.dir.clone())
+    }
+}
+
+impl Drop for Booter {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for (_, mut b) in lock(&self.booted).drain() {
+            let _ = b.child.start_kill();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Boots one instance: its metadata service and its agent.
+async fn boot(id: &str, s: &BootSettings, base: &Path) -> anyhow::Result<Booted> {
+    let imds = ImdsStandIn::start(InstanceSpec {
+        instance_id: id.to_owned(),
+        instance_type: INSTANCE_TYPE.to_owned(),
+        zone: ZONE.to_owned(),
+        region: REGION.to_owned(),
+        life_cycle: s.market.to_owned(),
+    })
+    .await
+    .context("starting an instance metadata stand-in")?;
+    let dir = base.join(id);
+    std::fs::create_dir_all(&dir)?;
+    let mut config = format!(
+        "coordinator = {coordinator:?}\nca_file = {ca:?}\njoin_token_file = {join:?}\nname = {id:?}\nstate_dir = {state:?}\ncapacity = {capacity}\n\n[executor]\nkind = {kind:?}\nwork_dir = {work:?}\n",
+        coordinator = s.coordinator.to_string(),
+        ca = s.ca_file.display().to_string(),
+        join = s.join_token_file.display().to_string(),
+        state = dir.join("state").display().to_string(),
+        capacity = s.capacity,
+        kind = s.executor,
+        work = dir.join("builds").display().to_string(),
+    );
+    if s.executor == "docker" {
+        config.push_str(&format!("default_image = {:?}\n", crate::TEST_IMAGE));
+    }
+    config.push_str(&format!(
+        "\n[instance]\nimds = true\nimds_endpoint = {:?}\n",
+        imds.url()
+    ));
+    let config_path = dir.join("agent.toml");
+    std::fs::write(&config_path, config)?;
+    let log = std::fs::File::create(dir.join("agent.log"))?;
+    let child = tokio::process::Command::new(crate::agent_binary()?)
+        .arg("--config")
+        .arg(&config_path)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting an agent")?;
+    Ok(Booted {
+        child,
+        _imds: imds,
+        dir,
+    })
+}
+
+/// Knobs of one AWS harness.
+#[derive(Clone, Debug)]
+pub struct AwsOptions {
+    /// `docker` or `shell`.
+    pub executor: &'static str,
+    pub concurrent: u32,
+    pub max_instances: u32,
+    pub capacity_per_instance: u32,
+    pub idle_count: u32,
+    pub idle_time: &'static str,
+    pub boot_timeout: &'static str,
+    /// The group's MaxSize.
+    pub group_max_size: i32,
+    pub market: &'static str,
+    /// The first `n` instances never boot.
+    pub broken: usize,
+    /// Extra keys for `[fleet]`.
+    pub fleet_keys: String,
+    /// Extra keys for `[fleet.aws]`.
+    pub aws_keys: String,
+    /// Extra tables at the end (`[[fleet.policy]]`, `[budget]`).
+    pub tables: String,
+}
+
+impl Default for AwsOptions {
+    fn default() -> Self {
+        Self {
+            executor: "shell",
+            concurrent: 4,
+            max_instances: 3,
+            capacity_per_instance: 1,
+            idle_count: 0,
+            idle_time: "2s",
+            boot_timeout: "2m",
+            group_max_size: 10,
+            market: "spot",
+            broken: 0,
+            fleet_keys: String::new(),
+            aws_keys: String::new(),
+            tables: String::new(),
+        }
+    }
+}
+
+/// moto, a group in it, a GitLab stand-in, the coordinator sizing the
+/// group (started in process through the same `start` the binary uses),
+/// and the booter playing EC2.
+#[derive(Debug)]
+pub struct AwsHarness {
+    pub standin: servitor_coordinator::standin::StandIn,
+    pub coordinator: Option<servitor_coordinator::Coordinator>,
+    pub group: Group,
+    pub booter: Booter,
+    pub moto: Moto,
+    pub dir: tempfile::TempDir,
+    config_text: String,
+    shutdown: CancellationToken,
+}
+
+impl AwsHarness {
+    /// Starts everything.
+    ///
+    /// # Errors
+    /// Any prerequisite (moto, Docker, the agent binary) or start failure.
+    pub async fn start(options: AwsOptions) -> anyhow::Result<Self> {
+        crate::init_tracing();
+        aws_environment();
+        if options.executor == "docker" {
+            crate::ensure_test_image().await?;
+        }
+        let moto = Moto::start().await?;
+        let group = Group::create(&moto, "servitor-test", options.group_max_size).await?;
+        let dir = tempfile::tempdir()?;
+        let standin = servitor_coordinator::standin::StandIn::start(Default::default())
+            .await
+            .context("starting the GitLab stand-in")?;
+        std::fs::write(
+            dir.path().join("runner-token"),
+            servitor_coordinator::standin::DEFAULT_RUNNER_TOKEN,
+        )?;
+        std::fs::write(
+            dir.path().join("join-token"),
+            "aws-test-join-token-0123456789",
+        )?;
+        // A fixed port, so agents find a restarted coordinator again.
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let state = dir.path().join("state");
+        let config_text = format!(
+            r#"
+state_dir = {state:?}
+concurrent = {concurrent}
+
+[gitlab]
+url = {url:?}
+token_file = {token:?}
+
+[agents]
+listen = "127.0.0.1:{port}"
+join_token_file = {join:?}
+lost_grace = "30s"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[fleet]
+provider = "aws-asg"
+capacity_per_instance = {capacity}
+max_instances = {max}
+idle_count = {idle_count}
+idle_time = "{idle}"
+boot_timeout = "{boot}"
+{fleet_keys}
+
+[fleet.aws]
+group = {group:?}
+region = "{REGION}"
+endpoint_url = {endpoint:?}
+{aws_keys}
+
+{tables}
+"#,
+            state = state.display().to_string(),
+            concurrent = options.concurrent,
+            url = standin.url(),
+            token = dir.path().join("runner-token").display().to_string(),
+            join = dir.path().join("join-token").display().to_string(),
+            capacity = options.capacity_per_instance,
+            max = options.max_instances,
+            idle_count = options.idle_count,
+            idle = options.idle_time,
+            boot = options.boot_timeout,
+            fleet_keys = options.fleet_keys,
+            group = group.name,
+            endpoint = moto.url(),
+            aws_keys = options.aws_keys,
+            tables = options.tables,
+        );
+        let shutdown = CancellationToken::new();
+        let coordinator = start_coordinator(&config_text, shutdown.clone()).await?;
+        let booter = Booter::start(
+            group.clone(),
+            BootSettings {
+                coordinator: coordinator.link_addr,
+                ca_file: coordinator.ca_pem_path.clone(),
+                join_token_file: dir.path().join("join-token"),
+                executor: options.executor,
+                capacity: options.capacity_per_instance,
+                market: options.market,
+                broken: options.broken,
+            },
+            &dir.path().join("instances"),
+        );
+        Ok(Self {
+            standin,
+            coordinator: Some(coordinator),
+            group,
+            booter,
+            moto,
+            dir,
+            config_text,
+            shutdown,
+        })
+    }
+
+    /// The running coordinator.
+    pub fn coordinator(&self) -> &servitor_coordinator::Coordinator {
+        self.coordinator
+            .as_ref()
+            .expect("the coordinator runs until the harness stops it")
+    }
+
+    /// Stops the coordinator (a clean stop: leases stay, nothing scales
+    /// in) and starts a new one on the same state and group.
+    ///
+    /// # Errors
+    /// The new coordinator does not start.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        if let Some(c) = self.coordinator.take() {
+            c.wait().await;
+        }
+        self.shutdown = CancellationToken::new();
+        // The old link's socket closes once its last connection has gone.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            match start_coordinator(&self.config_text, self.shutdown.clone()).await {
+                Ok(c) => {
+                    self.coordinator = Some(c);
+                    return Ok(());
+                }
+                Err(e)
+                    if format!("{e:#}").contains("Address already in use")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The coordinator's Prometheus metrics, fetched over HTTP.
+    ///
+    /// # Errors
+    /// The endpoint does not answer.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let addr = self
+            .coordinator()
+            .metrics_addr
+            .context("metrics are not configured")?;
+        let body = reqwest::get(format!("http://{addr}/metrics"))
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(body)
+    }
+
+    /// Waits for a job's final state, with its log and the agents' logs in
+    /// the error if it does not get there.
+    ///
+    /// # Errors
+    /// Timeout.
+    pub async fn wait_final(
+        &self,
+        job_id: i64,
+        timeout: Duration,
+    ) -> anyhow::Result<servitor_coordinator::standin::JobRecord> {
+        match self.standin.wait_for_final(job_id, timeout).await {
+            Ok(r) => Ok(r),
+            Err(e) => bail!(
+                "{e}; log so far:\n{}\nagent logs:\n{}",
+                self.standin
+                    .job(job_id)
+                    .map(|r| r.trace_text())
+                    .unwrap_or_default(),
+                self.booter.agent_logs()
+            ),
+        }
+    }
+}
+
+impl Drop for AwsHarness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A metric's value from a Prometheus text exposition, by its full name
+/// with labels as written (`servitor_x{a="b"}`).
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn start_coordinator(
+    config_text: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<servitor_coordinator::Coordinator> {
+    let config = servitor_coordinator::config::Config::from_toml_str(config_text, "test config")?;
+    let secrets = config.load_secrets()?;
+    servitor_coordinator::start(
+        config,
+        secrets,
+        servitor_coordinator::StartOptions::default(),
+        shutdown,
+    )
+    .await
+    .context("starting the coordinator")
+}
