@@ -39,6 +39,8 @@ pub struct AdminState {
     pub core: Arc<Core>,
     pub fleet: Arc<FleetView>,
     pub system_id: String,
+    /// The CA pin agents are configured with (`ca_sha256`).
+    pub ca_pin: String,
     pub concurrent: u32,
     /// Cancelled by the Drain call: stop taking GitLab jobs.
     pub stop_polling: CancellationToken,
@@ -105,6 +107,7 @@ impl Admin for AdminState {
             jobs,
             instances,
             fleet: Some(fleet),
+            ca_pin: self.ca_pin.clone(),
         }))
     }
 
@@ -209,6 +212,9 @@ pub fn render_status(status: &StatusResponse) -> String {
         status.concurrent,
         if status.draining { "  (draining)" } else { "" }
     );
+    if !status.ca_pin.is_empty() {
+        let _ = writeln!(out, "agents trust ca_sha256 = {:?}", status.ca_pin);
+    }
     let fleet = status.fleet.clone().unwrap_or_default();
     let mut heading = format!(
         "\nFLEET {}  instances {}",

@@ -113,6 +113,9 @@ struct AgentEntry {
     /// Every attempt this agent holds (assigned or running).
     attempts: HashSet<(i64, u32)>,
     draining: bool,
+    /// Said its instance is going away (Spot notice, Auto Scaling
+    /// termination, SIGTERM) or at risk (rebalance recommendation).
+    interrupted: bool,
     /// Attempts this agent started since it connected (`max_use_count`).
     used: u32,
     tx: mpsc::UnboundedSender<CoordinatorMessage>,
@@ -141,6 +144,9 @@ struct State {
     /// Where leases are persisted; `None` keeps them in memory only.
     store: Option<Store>,
     metrics: Arc<Metrics>,
+    /// Instances whose agent said they are going away or at risk, and
+    /// when; kept after the agent leaves so the fleet can let them go.
+    doomed: HashMap<String, Instant>,
 }
 
 impl State {
@@ -172,6 +178,9 @@ pub struct AgentSnapshot {
     pub capacity: u32,
     pub busy: u32,
     pub draining: bool,
+    /// Its instance is going away; it holds nothing worth keeping it for
+    /// once `busy` is 0.
+    pub interrupted: bool,
     /// Attempts started since it connected.
     pub used: u32,
     pub connected_for: std::time::Duration,
@@ -455,6 +464,7 @@ impl Core {
                     unacked: HashSet::new(),
                     attempts,
                     draining: false,
+                    interrupted: false,
                     used: 0,
                     tx,
                     connected_at: Instant::now(),
@@ -644,8 +654,12 @@ impl Core {
                     format!("instance {instance}: {}", notice.reason)
                 };
                 let mut taken = Vec::new();
+                if !instance.is_empty() {
+                    state.doomed.insert(instance.clone(), Instant::now());
+                }
                 if let Some(entry) = state.agents.get_mut(agent_id) {
                     entry.draining = true;
+                    entry.interrupted = true;
                     entry.free_reported = 0;
                     entry.unacked.clear();
                     taken.extend(entry.attempts.drain());
@@ -669,7 +683,12 @@ impl Core {
                 tracing::info!(agent = %agent_id, reason = %draining.reason, "agent takes no new work");
                 if let Some(entry) = state.agents.get_mut(agent_id) {
                     entry.draining = true;
+                    entry.interrupted = true;
                     entry.free_reported = 0;
+                    let instance = entry.instance.instance_id.clone();
+                    if !instance.is_empty() {
+                        state.doomed.insert(instance, Instant::now());
+                    }
                 }
             }
             Some(Msg::Hello(_)) => {
@@ -779,6 +798,15 @@ impl Core {
         }
     }
 
+    /// Instances whose agent said they are going away (Spot notice, Auto
+    /// Scaling termination, SIGTERM) or at risk (rebalance), also after the
+    /// agent has left. Forgotten after a day.
+    pub fn doomed_instances(&self) -> HashSet<String> {
+        let mut state = self.lock();
+        state.doomed.retain(|_, at| at.elapsed() < DOOMED_MEMORY);
+        state.doomed.keys().cloned().collect()
+    }
+
     /// The coordinator's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
@@ -811,6 +839,7 @@ impl Core {
                 capacity: a.capacity,
                 busy: u32::try_from(a.attempts.len()).unwrap_or(u32::MAX),
                 draining: a.draining,
+                interrupted: a.interrupted,
                 used: a.used,
                 connected_for: a.connected_at.elapsed(),
                 idle_since: a.idle_since,
@@ -864,6 +893,10 @@ fn touch_idle(entry: &mut AgentEntry) {
         entry.idle_since = None;
     }
 }
+
+/// How long an interrupted instance is remembered: far longer than any
+/// instance outlives its notice.
+const DOOMED_MEMORY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// CI variable with which a job opts out of re-runs (a deploy that must not
 /// run twice): set to `false`, the job fails at its first interruption.

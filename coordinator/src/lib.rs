@@ -264,6 +264,7 @@ pub async fn start(
         core: core.clone(),
         fleet: fleet_view.clone(),
         system_id: system_id.clone(),
+        ca_pin: pki.ca_sha256_pin(),
         concurrent: config.concurrent,
         stop_polling: stop_polling.clone(),
     };

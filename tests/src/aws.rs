@@ -300,7 +300,7 @@ pub struct BootSettings {
 #[derive(Debug)]
 struct Booted {
     child: tokio::process::Child,
-    _imds: ImdsStandIn,
+    imds: ImdsStandIn,
     dir: PathBuf,
 }
 
@@ -403,6 +403,20 @@ impl Booter {
         out
     }
 
+    /// Makes an instance's metadata announce a Spot interruption.
+    ///
+    /// # Errors
+    /// The instance has no running agent.
+    pub fn spot_notice(&self, id: &str) -> anyhow::Result<()> {
+        let booted = lock(&self.booted);
+        let b = booted
+            .get(id)
+            .with_context(|| format!("{id} has no running agent"))?;
+        b.imds
+            .set_spot_action("terminate", Duration::from_secs(120));
+        Ok(())
+    }
+
     /// Where an instance's agent keeps its files.
     pub fn dir_of(&self, id: &str) -> Option<PathBuf> {
         lock(&self.booted).get(id).map(|b| b.dir.clone())
@@ -466,11 +480,7 @@ async fn boot(id: &str, s: &BootSettings, base: &Path) -> anyhow::Result<Booted>
         .kill_on_drop(true)
         .spawn()
         .context("starting an agent")?;
-    Ok(Booted {
-        child,
-        _imds: imds,
-        dir,
-    })
+    Ok(Booted { child, imds, dir })
 }
 
 /// Knobs of one AWS harness.

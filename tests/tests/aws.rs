@@ -324,6 +324,7 @@ async fn the_budget_caps_scale_out_and_waiting_jobs_say_so() {
             .into_inner(),
     );
     assert!(status.contains("FLEET aws-asg"), "{status}");
+    assert!(status.contains("ca_sha256 = \"sha256:"), "{status}");
     assert!(status.contains("this month"), "{status}");
 }
 
@@ -405,4 +406,89 @@ async fn a_used_up_instance_finishes_its_job_before_it_is_replaced() {
     assert!(r.trace_text().contains(&format!("on instance {worn}")));
     assert!(r2.trace_text().contains(&format!("on instance {fresh}")));
     assert_eq!(h.group.ec2_state(worn).await.unwrap(), "terminated");
+}
+
+/// A Spot notice on the instance running a job: the job is handed back and
+/// runs again on a new instance (GitLab sees one job), and the doomed
+/// instance is terminated as soon as it holds nothing, desired capacity
+/// lowered, so the group does not replace it on top of the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spot_notice_moves_the_job_to_a_new_instance_and_lets_the_old_one_go() {
+    let h = AwsHarness::start(AwsOptions {
+        max_instances: 2,
+        idle_time: "30s",
+        ..AwsOptions::default()
+    })
+    .await
+    .unwrap();
+    let id = h
+        .standin
+        .push_job(JobSpec::new("interrupted").script(["echo started", "sleep 6", "echo finished"]))
+        .await
+        .unwrap();
+    h.standin
+        .wait_for(id, "the job running", TIMEOUT, |r| {
+            r.trace_text().contains("\nstarted\n")
+        })
+        .await
+        .unwrap();
+    let doomed = h.booter.seen.lock().unwrap()[0].0.clone();
+    h.booter.spot_notice(&doomed).unwrap();
+    let r = h.wait_final(id, TIMEOUT).await.unwrap();
+    let text = r.trace_text();
+    assert_eq!(r.state, JobState::Success, "{text}");
+    assert!(text.contains("Attempt 2 of 3"), "{text}");
+    assert_eq!(h.group.ec2_state(&doomed).await.unwrap(), "terminated");
+    let (desired, instances) = h.group.describe().await.unwrap();
+    assert_eq!(desired, 1, "only the new instance: {instances:?}");
+    assert_eq!(h.booter.seen.lock().unwrap().len(), 2);
+    let m = h.metrics().await.unwrap();
+    assert_eq!(
+        metric(&m, "servitor_spot_interruptions_total"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "servitor_job_reruns_total"), Some(1.0), "{m}");
+}
+
+/// A group that does not exist is a configuration error (exit 64) that
+/// names the group and the fix, before anything else is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_group_is_named_with_the_fix() {
+    servitor_tests::aws::aws_environment();
+    let moto = servitor_tests::aws::Moto::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let standin = servitor_coordinator::standin::StandIn::start(Default::default())
+        .await
+        .unwrap();
+    std::fs::write(
+        dir.path().join("token"),
+        servitor_coordinator::standin::DEFAULT_RUNNER_TOKEN,
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("join"), "join-token-0123456789").unwrap();
+    let text = format!(
+        "state_dir = {state:?}\n[gitlab]\nurl = {url:?}\ntoken_file = {token:?}\n[agents]\nlisten = \"127.0.0.1:0\"\njoin_token_file = {join:?}\n[fleet]\nprovider = \"aws-asg\"\nmax_instances = 2\n[fleet.aws]\ngroup = \"no-such-group\"\nendpoint_url = {endpoint:?}\n",
+        state = dir.path().join("state").display().to_string(),
+        url = standin.url(),
+        token = dir.path().join("token").display().to_string(),
+        join = dir.path().join("join").display().to_string(),
+        endpoint = moto.url(),
+    );
+    let config = servitor_coordinator::config::Config::from_toml_str(&text, "c.toml").unwrap();
+    let secrets = config.load_secrets().unwrap();
+    let err = servitor_coordinator::start(
+        config,
+        secrets,
+        Default::default(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("no-such-group") && message.contains("fix fleet.aws.group"),
+        "{message}"
+    );
+    assert_eq!(err.exit_code(), 64, "{message}");
 }

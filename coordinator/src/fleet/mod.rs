@@ -246,6 +246,7 @@ pub async fn reconcile<F: Fleet>(
     let mut last_accrual = std::time::SystemTime::now();
     let mut budget_said = false;
     let mut retiring = std::collections::HashSet::new();
+    let mut joined = std::collections::HashMap::new();
     let mut failures: u32 = 0;
     loop {
         let observed = match fleet.observe().await {
@@ -280,6 +281,7 @@ pub async fn reconcile<F: Fleet>(
                     last_accrual: &mut last_accrual,
                     budget_said: &mut budget_said,
                     retiring: &mut retiring,
+                    joined: &mut joined,
                 },
                 &stop,
             )
@@ -305,6 +307,8 @@ struct ReconcileMemory<'a> {
     budget_said: &'a mut bool,
     /// Instances drained for `max_use_count`, removed once idle.
     retiring: &'a mut std::collections::HashSet<String>,
+    /// Instances whose agent joined, and when it was last seen.
+    joined: &'a mut std::collections::HashMap<String, Instant>,
 }
 
 async fn reconcile_once<F: Fleet>(
@@ -326,10 +330,19 @@ async fn reconcile_once<F: Fleet>(
     let mut to_protect = Vec::new();
     let mut to_unprotect = Vec::new();
     let mut to_release = Vec::new();
+    memory
+        .joined
+        .retain(|id, _| observed.instances.iter().any(|i| i.id == *id));
     for i in &observed.instances {
         let agent = agents.iter().find(|a| a.instance_id == i.id);
+        if agent.is_some() {
+            memory.joined.insert(i.id.clone(), now);
+        }
+        // An instance whose agent was here and left is no capacity: it is
+        // not booting, and it may never serve again.
+        let left = agent.is_none() && memory.joined.contains_key(&i.id);
         let state = match agent {
-            _ if i.removing => InstanceState::Draining,
+            _ if i.removing || left => InstanceState::Draining,
             Some(a) if a.draining => InstanceState::Draining,
             Some(a) => InstanceState::Ready {
                 busy: a.busy,
@@ -541,6 +554,41 @@ async fn reconcile_once<F: Fleet>(
         tracing::info!(instance = %id, "instance reached max_use_count; draining it, it goes once its jobs are done");
         core.drain_instance(id, true, "max_use_count reached");
         memory.retiring.insert(id.clone());
+    }
+    // An instance going away (Spot notice, Auto Scaling termination) or at
+    // risk (rebalance) is let go as soon as its jobs are handed back or
+    // done: terminating it ourselves, with the desired capacity lowered,
+    // keeps the group from launching a replacement nobody asked for; the
+    // policy launches one if the work needs it.
+    // An instance whose agent left and did not come back within the boot
+    // timeout is broken: it goes too.
+    let grace = settings.policy.boot_timeout.unwrap_or(Duration::MAX);
+    let doomed = core.doomed_instances();
+    for i in observed.instances.iter().filter(|i| !i.removing) {
+        let why = match agents.iter().find(|a| a.instance_id == i.id) {
+            Some(a) if a.interrupted && a.busy == 0 => {
+                Some("it was interrupted and its jobs are handed back")
+            }
+            Some(_) => None,
+            None if doomed.contains(&i.id) => Some("it was interrupted and its agent has left"),
+            None => memory
+                .joined
+                .get(&i.id)
+                .filter(|since| now.saturating_duration_since(**since) >= grace)
+                .map(|_| "its agent left and did not come back within the boot timeout"),
+        };
+        if let Some(why) = why {
+            match fleet.remove(&i.id).await {
+                Ok(()) => {
+                    tracing::info!(instance = %i.id, reason = why, "removed an instance that serves no more");
+                    ctx.metrics.scale_op(ScaleOp::Terminate, 1);
+                    memory.joined.remove(&i.id);
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %i.id, error = %e, "failed to remove an instance that serves no more");
+                }
+            }
+        }
     }
     // Retired instances go once their running jobs are done, never before.
     let mut done = Vec::new();
