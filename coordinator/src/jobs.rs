@@ -292,161 +292,113 @@ async fn run_job(
     } else {
         loop {
             tokio::select! {
-                        () = cancel.cancelled() => {
-                            // The coordinator is shutting down: the lease stays in the
-                            // store and the job keeps running on its agent; the next
-                            // start picks it up. Nothing is reported.
-                            return;
-                        }
-                        () = &mut wait_note, if !waiting_said && progress.attempt == 0 => {
-                            waiting_said = true;
-                            reporter.append(Bytes::from(format!("{BOLD_YELLOW}Waiting for a free agent slot...{RESET}\n")));
-                        }
-                        event = remote.recv() => match event {
-                            Some(RemoteEvent::Canceling) => {
-                                canceling = true;
-                                reporter.append(Bytes::from(format!("{BOLD_YELLOW}Job is being canceled{RESET}\n")));
-                                if !ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab")
-                                    && ctx.core.unqueue_job(job_id)
-                                {
-                                    // Never ran: nothing to stop, report right away.
-                                    break FinalState::Canceled;
-                                }
-                            }
-                            Some(RemoteEvent::Abort(reason)) => {
-                                tracing::info!(%reason, "GitLab ended the job; stopping it without a final update");
-                                ctx.core.cancel_job(job_id, CancelMode::Abort, "canceled in GitLab");
-                                ctx.core.release_job(job_id);
-                                return;
-                            }
-                            None => {}
-                        },
-                        event = events.recv() => match event {
-                            None => return,
-                            Some(JobEvent::Notice(text)) => {
-                                reporter.append(Bytes::from(format!("{BOLD_YELLOW}{text}{RESET}\n")));
-                            }
-                            Some(JobEvent::Assigned { attempt, agent, instance, executor }) => {
-                                progress = AttemptProgress { attempt, ..AttemptProgress::default() };
-                                if uses.is_empty() {
-                if let Some((agent, since)) = &resumed_on {
-                    if let Some(a) = ctx.core.agents().into_iter().find(|a| a.agent_id == *agent) {
-                        uses.push(AttemptUse {
-                            instance: servitor_proto::agent::InstanceFacts {
-                                instance_id: a.instance_id,
-                                instance_type: a.instance_type,
-                                availability_zone: a.zone,
-                                market: a.market,
-                                ..Default::default()
-                            },
-                            started: *since,
-                            ended: None,
-                        });
-                    }
+                () = cancel.cancelled() => {
+                    // The coordinator is shutting down: the lease stays in the
+                    // store and the job keeps running on its agent; the next
+                    // start picks it up. Nothing is reported.
+                    return;
                 }
-            }
-            end_use(&mut uses);
-                                uses.push(AttemptUse { instance: instance.clone(), started: tokio::time::Instant::now(), ended: None });
-                                reporter.append(Bytes::from(format!(
-                                    "{}{BOLD_CYAN}Attempt {attempt} of {}: agent {agent} on {}, {executor} executor, started {}{RESET}\n",
-                                    section_start(attempt),
-                                    ctx.max_attempts,
-                                    describe_instance(&instance),
-                                    utc_now(),
-                                )));
-                                if canceling {
-                                    ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab");
-                                }
-                            }
-                            Some(JobEvent::Started { .. }) => {}
-                            Some(JobEvent::Output { attempt, offset, bytes }) if attempt == progress.attempt => {
-                                if let Some(fresh) = progress.take_output(offset, bytes) {
-                                    ctx.core.record_output(job_id, fresh.len());
-                                    reporter.append_output(attempt, progress.output_bytes, fresh);
-                                }
-                            }
-                            Some(JobEvent::Output { .. }) => {}
-                            Some(JobEvent::OutputEnd { attempt }) if attempt == progress.attempt => {
-                                progress.output_ended = true;
-                            }
-                            Some(JobEvent::OutputEnd { .. }) => {}
-                            Some(JobEvent::Finished { attempt, result }) if attempt == progress.attempt => {
-                                let state = final_state_for(&result, canceling);
-                                progress.result = Some(result);
-                                // The rest of the output may still be in flight.
-                                let deadline = tokio::time::Instant::now() + OUTPUT_DRAIN_TIMEOUT;
-                                drain_output(&mut events, &mut progress, &reporter, deadline).await;
-                                break state;
-                            }
-                            Some(JobEvent::Finished { .. }) => {}
-                            Some(JobEvent::Lost { attempt, reason, next }) => {
-                                if uses.is_empty() {
-                if let Some((agent, since)) = &resumed_on {
-                    if let Some(a) = ctx.core.agents().into_iter().find(|a| a.agent_id == *agent) {
-                        uses.push(AttemptUse {
-                            instance: servitor_proto::agent::InstanceFacts {
-                                instance_id: a.instance_id,
-                                instance_type: a.instance_type,
-                                availability_zone: a.zone,
-                                market: a.market,
-                                ..Default::default()
-                            },
-                            started: *since,
-                            ended: None,
-                        });
-                    }
+                () = &mut wait_note, if !waiting_said && progress.attempt == 0 => {
+                    waiting_said = true;
+                    reporter.append(Bytes::from(format!("{BOLD_YELLOW}Waiting for a free agent slot...{RESET}\n")));
                 }
-            }
-            end_use(&mut uses);
-                                reporter.append(Bytes::from(format!(
-                                    "\n{BOLD_YELLOW}Attempt {attempt} stopped at {}: {reason}.{RESET}\n{}",
-                                    utc_now(),
-                                    section_end(attempt)
-                                )));
-                                progress = AttemptProgress::default();
-                                match next {
-                                    AfterLoss::Requeued => reporter.append(Bytes::from(format!(
-                                        "{BOLD_YELLOW}Running the job again (attempt {} of {}). GitLab still sees one running job.{RESET}\n",
-                                        attempt + 1,
-                                        ctx.max_attempts
-                                    ))),
-                                    AfterLoss::Exhausted => {
-                                        reporter.append(Bytes::from(format!(
-                                            "{BOLD_RED}No attempts left: all {} were interrupted.{RESET}\n",
-                                            ctx.max_attempts
-                                        )));
-                                        break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
-                                    }
-                                    AfterLoss::NoRerun => {
-                                        break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
-                                    }
-                                }
-                            }
-                        },
+                event = remote.recv() => match event {
+                    Some(RemoteEvent::Canceling) => {
+                        canceling = true;
+                        reporter.append(Bytes::from(format!("{BOLD_YELLOW}Job is being canceled{RESET}\n")));
+                        if !ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab")
+                            && ctx.core.unqueue_job(job_id)
+                        {
+                            // Never ran: nothing to stop, report right away.
+                            break FinalState::Canceled;
+                        }
                     }
+                    Some(RemoteEvent::Abort(reason)) => {
+                        tracing::info!(%reason, "GitLab ended the job; stopping it without a final update");
+                        ctx.core.cancel_job(job_id, CancelMode::Abort, "canceled in GitLab");
+                        ctx.core.release_job(job_id);
+                        return;
+                    }
+                    None => {}
+                },
+                event = events.recv() => match event {
+                    None => return,
+                    Some(JobEvent::Notice(text)) => {
+                        reporter.append(Bytes::from(format!("{BOLD_YELLOW}{text}{RESET}\n")));
+                    }
+                    Some(JobEvent::Assigned { attempt, agent, instance, executor }) => {
+                        progress = AttemptProgress { attempt, ..AttemptProgress::default() };
+                        resumed_use(&mut uses, resumed_on.as_ref(), &ctx.core);
+                        end_use(&mut uses);
+                        uses.push(AttemptUse { instance: instance.clone(), started: tokio::time::Instant::now(), ended: None });
+                        reporter.append(Bytes::from(format!(
+                            "{}{BOLD_CYAN}Attempt {attempt} of {}: agent {agent} on {}, {executor} executor, started {}{RESET}\n",
+                            section_start(attempt),
+                            ctx.max_attempts,
+                            describe_instance(&instance),
+                            utc_now(),
+                        )));
+                        if canceling {
+                            ctx.core.cancel_job(job_id, CancelMode::Graceful, "canceled in GitLab");
+                        }
+                    }
+                    Some(JobEvent::Started { .. }) => {}
+                    Some(JobEvent::Output { attempt, offset, bytes }) if attempt == progress.attempt => {
+                        if let Some(fresh) = progress.take_output(offset, bytes) {
+                            ctx.core.record_output(job_id, fresh.len());
+                            reporter.append_output(attempt, progress.output_bytes, fresh);
+                        }
+                    }
+                    Some(JobEvent::Output { .. }) => {}
+                    Some(JobEvent::OutputEnd { attempt }) if attempt == progress.attempt => {
+                        progress.output_ended = true;
+                    }
+                    Some(JobEvent::OutputEnd { .. }) => {}
+                    Some(JobEvent::Finished { attempt, result }) if attempt == progress.attempt => {
+                        let state = final_state_for(&result, canceling);
+                        progress.result = Some(result);
+                        // The rest of the output may still be in flight.
+                        let deadline = tokio::time::Instant::now() + OUTPUT_DRAIN_TIMEOUT;
+                        drain_output(&mut events, &mut progress, &reporter, deadline).await;
+                        break state;
+                    }
+                    Some(JobEvent::Finished { .. }) => {}
+                    Some(JobEvent::Lost { attempt, reason, next }) => {
+                        resumed_use(&mut uses, resumed_on.as_ref(), &ctx.core);
+                        end_use(&mut uses);
+                        reporter.append(Bytes::from(format!(
+                            "\n{BOLD_YELLOW}Attempt {attempt} stopped at {}: {reason}.{RESET}\n{}",
+                            utc_now(),
+                            section_end(attempt)
+                        )));
+                        progress = AttemptProgress::default();
+                        match next {
+                            AfterLoss::Requeued => reporter.append(Bytes::from(format!(
+                                "{BOLD_YELLOW}Running the job again (attempt {} of {}). GitLab still sees one running job.{RESET}\n",
+                                attempt + 1,
+                                ctx.max_attempts
+                            ))),
+                            AfterLoss::Exhausted => {
+                                reporter.append(Bytes::from(format!(
+                                    "{BOLD_RED}No attempts left: all {} were interrupted.{RESET}\n",
+                                    ctx.max_attempts
+                                )));
+                                break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
+                            }
+                            AfterLoss::NoRerun => {
+                                break FinalState::Failed { kind: FailureKind::Interrupted, exit_code: None };
+                            }
+                        }
+                    }
+                },
+            }
         }
     };
 
     if progress.attempt > 0 {
         reporter.append(Bytes::from(section_end(progress.attempt)));
     }
-    if uses.is_empty() {
-        if let Some((agent, since)) = &resumed_on {
-            if let Some(a) = ctx.core.agents().into_iter().find(|a| a.agent_id == *agent) {
-                uses.push(AttemptUse {
-                    instance: servitor_proto::agent::InstanceFacts {
-                        instance_id: a.instance_id,
-                        instance_type: a.instance_type,
-                        availability_zone: a.zone,
-                        market: a.market,
-                        ..Default::default()
-                    },
-                    started: *since,
-                    ended: None,
-                });
-            }
-        }
-    }
+    resumed_use(&mut uses, resumed_on.as_ref(), &ctx.core);
     end_use(&mut uses);
     ctx.core.metrics().job_finished(match &final_state {
         FinalState::Success => JobOutcome::Success,
@@ -582,6 +534,35 @@ fn describe_instance(instance: &servitor_proto::agent::InstanceFacts) -> String 
         format!("instance {id}")
     } else {
         format!("instance {id} ({})", details.join(", "))
+    }
+}
+
+/// The use of an attempt that was running when the coordinator restarted:
+/// no assignment announces it, so it is read off its agent, counted from
+/// the restart. Only while nothing else is recorded.
+fn resumed_use(
+    uses: &mut Vec<AttemptUse>,
+    resumed_on: Option<&(String, tokio::time::Instant)>,
+    core: &Core,
+) {
+    let Some((agent, since)) = resumed_on else {
+        return;
+    };
+    if !uses.is_empty() {
+        return;
+    }
+    if let Some(a) = core.agents().into_iter().find(|a| a.agent_id == *agent) {
+        uses.push(AttemptUse {
+            instance: servitor_proto::agent::InstanceFacts {
+                instance_id: a.instance_id,
+                instance_type: a.instance_type,
+                availability_zone: a.zone,
+                market: a.market,
+                ..Default::default()
+            },
+            started: *since,
+            ended: None,
+        });
     }
 }
 

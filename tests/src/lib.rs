@@ -24,6 +24,21 @@ use tokio_util::sync::CancellationToken;
 /// The job image tests run in, built from the host's static busybox.
 pub const TEST_IMAGE: &str = "servitor-test-job:latest";
 
+/// The `p`-th percentile (0.0 to 1.0) of sorted samples, nearest rank;
+/// for the bench binaries.
+///
+/// # Panics
+/// On no samples.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    #[allow(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss
+    )]
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
 /// Test logs on stderr when `RUST_LOG` asks for them.
 pub fn init_tracing() {
     servitor_agent::telemetry::init(servitor_agent::telemetry::LogFormat::Plain, "warn");

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use servitor_coordinator::standin::JobSpec;
-use servitor_tests::{Harness, HarnessOptions};
+use servitor_tests::{percentile, Harness, HarnessOptions};
 
 /// Jobs measured per executor.
 const SAMPLES: usize = 10;
@@ -50,11 +50,6 @@ fn rss_kib(pid: u32) -> anyhow::Result<Rss> {
         anon: status_kib(pid, "RssAnon:")?,
         file: status_kib(pid, "RssFile:")?,
     })
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 async fn first_line_latency(executor: &'static str) -> anyhow::Result<(Vec<Duration>, Rss)> {
