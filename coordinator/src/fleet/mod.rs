@@ -29,6 +29,9 @@ use pricing::{PriceBook, PricedInstance};
 /// How often the fleet is reconciled even when nothing signalled a change.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long after a deadline the loop wakes, so the deadline has passed.
+const DEADLINE_SLACK: Duration = Duration::from_millis(10);
+
 /// A fleet failure.
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
@@ -247,6 +250,7 @@ pub async fn reconcile<F: Fleet>(
     let mut budget_said = false;
     let mut retiring = std::collections::HashSet::new();
     let mut joined = std::collections::HashMap::new();
+    let mut wake_at = None;
     let mut failures: u32 = 0;
     loop {
         let observed = match fleet.observe().await {
@@ -282,6 +286,7 @@ pub async fn reconcile<F: Fleet>(
                     budget_said: &mut budget_said,
                     retiring: &mut retiring,
                     joined: &mut joined,
+                    wake_at: &mut wake_at,
                 },
                 &stop,
             )
@@ -294,7 +299,7 @@ pub async fn reconcile<F: Fleet>(
                 // Let a burst of changes settle into one decision.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            () = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+            () = tokio::time::sleep_until(next_tick(wake_at)) => {}
         }
     }
 }
@@ -307,6 +312,9 @@ struct ReconcileMemory<'a> {
     budget_said: &'a mut bool,
     /// Instances drained for `max_use_count`, removed once idle.
     retiring: &'a mut std::collections::HashSet<String>,
+    /// When the plan may next change with no event (an idle time running
+    /// out); the loop wakes then.
+    wake_at: &'a mut Option<Instant>,
     /// Instances whose agent joined, and when it was last seen.
     joined: &'a mut std::collections::HashMap<String, Instant>,
 }
@@ -425,6 +433,7 @@ async fn reconcile_once<F: Fleet>(
     }
     let demand = core.demand();
     ctx.metrics.set_jobs_held(count(&core.jobs()));
+    *memory.wake_at = policy::next_deadline(&sized, &current, now);
     let mut plan = policy::plan_with(&policy::PlanInput {
         demand,
         instances: &sized,
@@ -647,6 +656,13 @@ async fn reconcile_once<F: Fleet>(
     if plan.held_back != policy::HeldBack::default() {
         tracing::debug!(held_back = ?plan.held_back, "launches held back");
     }
+}
+
+/// The regular tick, or sooner when an idle time runs out (just after it,
+/// so the policy sees it passed).
+fn next_tick(wake_at: Option<Instant>) -> Instant {
+    let regular = Instant::now() + RECONCILE_INTERVAL;
+    wake_at.map_or(regular, |at| regular.min(at + DEADLINE_SLACK))
 }
 
 fn count<T>(items: &[T]) -> u32 {

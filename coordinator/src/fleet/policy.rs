@@ -239,6 +239,28 @@ pub fn plan_with(input: &PlanInput<'_>) -> Plan {
     out
 }
 
+/// The next moment the plan may change with no event: an idle instance
+/// passing `idle_time`, a booting one passing the boot timeout. The
+/// reconcile loop wakes then rather than on its next regular tick.
+pub fn next_deadline(
+    instances: &[Instance],
+    policy: &FleetPolicy,
+    now: Instant,
+) -> Option<Instant> {
+    instances
+        .iter()
+        .filter_map(|i| match &i.state {
+            InstanceState::Ready {
+                busy: 0,
+                idle_since: Some(since),
+            } => Some(*since + policy.idle.idle_time),
+            InstanceState::Booting => policy.boot_timeout.map(|t| i.launched_at + t),
+            _ => None,
+        })
+        .filter(|at| *at > now)
+        .min()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -659,6 +681,36 @@ mod tests {
             });
             assert_eq!(got, c.want, "{}", c.name);
         }
+    }
+
+    #[test]
+    fn the_next_deadline_is_the_earliest_idle_or_boot_expiry() {
+        let now = clock();
+        let p = full(); // idle_time 1m, boot timeout 5m
+        let fleet = instances(
+            now,
+            &[
+                I::Ready("busy", 1, None, 0),
+                I::Ready("idle-20s", 0, Some(20), 0),
+                I::Ready("idle-50s", 0, Some(50), 0),
+                I::Ready("expired", 0, Some(600), 0),
+                I::Boot("booting-4m", 240),
+            ],
+        );
+        assert_eq!(
+            next_deadline(&fleet, &p, now),
+            Some(now + Duration::from_secs(10)),
+            "idle for 50 s of 60: due in 10 s; an expired one is the plan's already"
+        );
+        let booting = instances(now, &[I::Boot("b", 240)]);
+        assert_eq!(
+            next_deadline(&booting, &p, now),
+            Some(now + Duration::from_secs(60))
+        );
+        assert_eq!(
+            next_deadline(&instances(now, &[I::Ready("busy", 1, None, 0)]), &p, now),
+            None
+        );
     }
 
     /// A period switch changes `idle_count`, and with it the plan.
