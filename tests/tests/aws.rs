@@ -497,3 +497,54 @@ async fn a_missing_group_is_named_with_the_fix() {
     );
     assert_eq!(err.exit_code(), 64, "{message}");
 }
+
+/// A `[[fleet.policy]]` period switching off changes `idle_count` back:
+/// the warm instance its period kept is terminated once it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_period_switching_off_lets_its_warm_instance_go() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let mut now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    if now % 60 > 40 {
+        // Too close to the minute's end to see the instance come up first.
+        tokio::time::sleep(Duration::from_secs(61 - now % 60)).await;
+        now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+    }
+    let (minute, hour) = (now / 60 % 60, now / 3600 % 24);
+    let h = AwsHarness::start(AwsOptions {
+        idle_time: "1s",
+        tables: format!(
+            "[[fleet.policy]]\nperiods = [\"{minute} {hour} * * *\"]\ntimezone = \"UTC\"\nidle_count = 1\nidle_time = \"1s\"\n"
+        ),
+        ..AwsOptions::default()
+    })
+    .await
+    .unwrap();
+    let (_, warm) = h
+        .group
+        .wait_for("a warm instance during the period", TIMEOUT, |d, i| {
+            d == 1 && i.len() == 1
+        })
+        .await
+        .unwrap();
+    h.group
+        .wait_for("scale-in after the period", TIMEOUT, |d, i| {
+            d == 0 && i.is_empty()
+        })
+        .await
+        .unwrap();
+    let ended = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        ended / 60 % 60 != minute,
+        "the instance stayed while its period was in force"
+    );
+    assert_eq!(h.group.ec2_state(&warm[0].id).await.unwrap(), "terminated");
+}
