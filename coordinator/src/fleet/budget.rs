@@ -97,6 +97,14 @@ pub fn hours_left_in_month(now: SystemTime) -> f64 {
     ((next - now_secs) / 3600.0).max(0.0)
 }
 
+/// Time since the current calendar month (UTC) began.
+fn since_month_start(now: SystemTime) -> Duration {
+    let t = TimeZone::UTC.local(now);
+    let start = u64::try_from(days_from_civil(t.year, t.month, 1) * 86_400).unwrap_or(0);
+    now.duration_since(UNIX_EPOCH + Duration::from_secs(start))
+        .unwrap_or_default()
+}
+
 /// Days from 1970-01-01 to a civil date (proleptic Gregorian), counting in
 /// 400-year eras that start on 1 March so the leap day ends its year.
 fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
@@ -125,6 +133,9 @@ pub enum BudgetError {
 struct LedgerRecord {
     month: String,
     spent_usd: f64,
+    /// Unix seconds the spend is counted up to.
+    #[serde(default)]
+    as_of_unix: u64,
 }
 
 /// Month-to-date spend, kept in `state_dir/spend.json`.
@@ -165,15 +176,19 @@ impl SpendLedger {
     pub fn accrue(&mut self, now: SystemTime, hourly_usd: f64, elapsed: Duration) {
         let month = month_of(now);
         let mut dirty = false;
+        let mut elapsed = elapsed;
         if self.record.month != month {
             self.record = LedgerRecord {
                 month,
-                spent_usd: 0.0,
+                ..LedgerRecord::default()
             };
             dirty = true;
+            // Only this month's share of a span that began in the last.
+            elapsed = elapsed.min(since_month_start(now));
         }
         let before = self.record.spent_usd;
         self.record.spent_usd += hourly_usd.max(0.0) * elapsed.as_secs_f64() / 3600.0;
+        self.record.as_of_unix = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let saved = self.saved_usd();
         if dirty || self.record.spent_usd - saved >= SAVE_EVERY_USD || before == 0.0 {
             if let Err(e) = self.save() {
@@ -189,6 +204,14 @@ impl SpendLedger {
             .and_then(|b| serde_json::from_slice::<LedgerRecord>(&b).ok())
             .filter(|r| r.month == self.record.month)
             .map_or(0.0, |r| r.spent_usd)
+    }
+
+    /// Up to when the spend was counted when the ledger was last written:
+    /// a restarted coordinator accrues the time it was down from here, at
+    /// the rate of the fleet it finds (the instances it adopts ran on).
+    pub fn counted_until(&self) -> Option<SystemTime> {
+        (self.record.as_of_unix > 0)
+            .then(|| UNIX_EPOCH + Duration::from_secs(self.record.as_of_unix))
     }
 
     /// Spend so far in the month of `now`.
@@ -299,6 +322,18 @@ mod tests {
         let mut reopened = reopened;
         reopened.accrue(jan, 2.0, Duration::from_secs(1800));
         assert!((reopened.spent(jan) - 1.0).abs() < 1e-9);
+        // A restart accrues its downtime from where the ledger stopped.
+        let later = jan + Duration::from_secs(600);
+        reopened.accrue(later, 6.0, Duration::from_secs(600));
+        reopened.save().expect("save");
+        let again = SpendLedger::open(dir.path()).expect("reopen");
+        assert_eq!(again.counted_until(), Some(later));
+        assert!((again.spent(later) - 2.0).abs() < 1e-9);
+        // A span reaching back into December counts only its January part.
+        let mut fresh =
+            SpendLedger::open(tempfile::tempdir().expect("tempdir").path()).expect("open");
+        fresh.accrue(utc(2027, 1, 1, 1), 1.0, Duration::from_secs(5 * 3600));
+        assert!((fresh.spent(utc(2027, 1, 1, 1)) - 1.0).abs() < 1e-9);
         // A damaged file is named with the fix.
         std::fs::write(dir.path().join("spend.json"), b"{not json").expect("write");
         let err = SpendLedger::open(dir.path())

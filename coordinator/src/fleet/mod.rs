@@ -246,7 +246,17 @@ pub async fn reconcile<F: Fleet>(
     let core = &ctx.core;
     let mut recent_launches: Vec<Instant> = Vec::new();
     let mut last_block = None;
-    let mut last_accrual = std::time::SystemTime::now();
+    // Accrue from where the ledger stopped: the coordinator's downtime cost
+    // money too.
+    let mut last_accrual = ctx
+        .ledger
+        .as_ref()
+        .and_then(|l| {
+            l.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .counted_until()
+        })
+        .unwrap_or_else(std::time::SystemTime::now);
     let mut budget_said = false;
     let mut retiring = std::collections::HashSet::new();
     let mut joined = std::collections::HashMap::new();
