@@ -387,25 +387,40 @@ impl Fleet for AwsFleet {
     async fn observe(&self) -> Result<Observation, FleetError> {
         let group = self.describe_group().await?;
         let desired = to_u32(group.desired_capacity());
-        let max_size = to_u32(group.max_size());
+        let (min_size, max_size) = (to_u32(group.min_size()), to_u32(group.max_size()));
         let intent = {
             let mut state = self.lock();
             state.max_size = Some(max_size);
-            match state.intent {
+            let wanted = match state.intent {
                 Some(i) => i,
                 None => {
                     tracing::info!(group = %self.settings.group, desired, instances = group.instances().len(), "adopting the auto scaling group as it is");
-                    state.intent = Some(desired);
                     desired
                 }
+            };
+            // Someone may have moved the group's bounds; AWS refuses a
+            // desired capacity outside them.
+            let bounded = wanted.clamp(min_size, max_size.max(min_size));
+            if bounded != wanted {
+                tracing::warn!(group = %self.settings.group, wanted, min_size, max_size, "the desired capacity the coordinator wants is outside the group's MinSize..MaxSize; keeping to the bounds");
             }
+            state.intent = Some(bounded);
+            bounded
         };
         let mut desired_now = desired;
-        let drift_corrected = desired != intent;
-        if drift_corrected {
+        let mut drift_corrected = false;
+        if desired != intent {
             tracing::warn!(group = %self.settings.group, found = desired, wanted = intent, "desired capacity drifted (changed outside the coordinator); setting it back");
-            self.set_desired(intent).await?;
-            desired_now = intent;
+            match self.set_desired(intent).await {
+                Ok(()) => {
+                    desired_now = intent;
+                    drift_corrected = true;
+                }
+                // The rest of the pass (protection above all) still runs.
+                Err(e) => {
+                    tracing::warn!(error = %e, "failed to set the desired capacity back; trying again next pass")
+                }
+            }
         }
 
         let ids: Vec<String> = group
