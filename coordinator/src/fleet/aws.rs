@@ -32,6 +32,11 @@ const PROFILE_TTL: Duration = Duration::from_secs(600);
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// At most about two looks at the group a second however fast jobs come
+/// and go: each pass makes at least one Describe call, and the Auto Scaling
+/// API throttles an account's calls (shared with every other tool in it).
+const MIN_PASS_GAP: Duration = Duration::from_millis(500);
+
 /// AWS takes at most 50 instance ids in one `SetInstanceProtection`.
 const PROTECTION_BATCH: usize = 50;
 
@@ -382,6 +387,10 @@ impl AwsFleet {
 impl Fleet for AwsFleet {
     fn provider(&self) -> &'static str {
         "aws-asg"
+    }
+
+    fn min_pass_gap(&self) -> Duration {
+        MIN_PASS_GAP
     }
 
     async fn observe(&self) -> Result<Observation, FleetError> {

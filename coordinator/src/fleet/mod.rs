@@ -29,6 +29,9 @@ use pricing::{PriceBook, PricedInstance};
 /// How often the fleet is reconciled even when nothing signalled a change.
 const RECONCILE_INTERVAL: Duration = Duration::from_secs(2);
 
+/// How long a burst of changes may settle into one decision.
+const SETTLE: Duration = Duration::from_millis(50);
+
 /// How long after a deadline the loop wakes, so the deadline has passed.
 const DEADLINE_SLACK: Duration = Duration::from_millis(10);
 
@@ -143,6 +146,11 @@ pub trait Fleet: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<(), FleetError>> + Send {
         let _ = id;
         async { Ok(()) }
+    }
+    /// The least time between two looks at the fleet when changes come
+    /// fast, so a busy coordinator does not run into API rate limits.
+    fn min_pass_gap(&self) -> Duration {
+        Duration::ZERO
     }
     /// The current Spot price of an instance type in a zone, in US dollars
     /// an hour; `None` where the fleet has no Spot market.
@@ -263,6 +271,7 @@ pub async fn reconcile<F: Fleet>(
     let mut wake_at = None;
     let mut failures: u32 = 0;
     loop {
+        let pass_started = tokio::time::Instant::now();
         let observed = match fleet.observe().await {
             Ok(o) => {
                 failures = 0;
@@ -306,8 +315,10 @@ pub async fn reconcile<F: Fleet>(
             biased;
             () = stop.cancelled() => return,
             () = core.changed.notified() => {
-                // Let a burst of changes settle into one decision.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Let a burst of changes settle into one decision, and keep
+                // a busy coordinator's API calls to the fleet's pace.
+                let settle = tokio::time::Instant::now() + SETTLE;
+                tokio::time::sleep_until(settle.max(pass_started + fleet.min_pass_gap())).await;
             }
             () = tokio::time::sleep_until(next_tick(wake_at)) => {}
         }
