@@ -113,9 +113,6 @@ struct AgentEntry {
     /// Every attempt this agent holds (assigned or running).
     attempts: HashSet<(i64, u32)>,
     draining: bool,
-    /// Said its instance is going away (Spot notice, Auto Scaling
-    /// termination, SIGTERM) or at risk (rebalance recommendation).
-    interrupted: bool,
     /// Attempts this agent started since it connected (`max_use_count`).
     used: u32,
     tx: mpsc::UnboundedSender<CoordinatorMessage>,
@@ -178,9 +175,6 @@ pub struct AgentSnapshot {
     pub capacity: u32,
     pub busy: u32,
     pub draining: bool,
-    /// Its instance is going away; it holds nothing worth keeping it for
-    /// once `busy` is 0.
-    pub interrupted: bool,
     /// Attempts started since it connected.
     pub used: u32,
     pub connected_for: std::time::Duration,
@@ -464,7 +458,6 @@ impl Core {
                     unacked: HashSet::new(),
                     attempts,
                     draining: false,
-                    interrupted: false,
                     used: 0,
                     tx,
                     connected_at: Instant::now(),
@@ -659,7 +652,6 @@ impl Core {
                 }
                 if let Some(entry) = state.agents.get_mut(agent_id) {
                     entry.draining = true;
-                    entry.interrupted = true;
                     entry.free_reported = 0;
                     entry.unacked.clear();
                     taken.extend(entry.attempts.drain());
@@ -683,7 +675,6 @@ impl Core {
                 tracing::info!(agent = %agent_id, reason = %draining.reason, "agent takes no new work");
                 if let Some(entry) = state.agents.get_mut(agent_id) {
                     entry.draining = true;
-                    entry.interrupted = true;
                     entry.free_reported = 0;
                     let instance = entry.instance.instance_id.clone();
                     if !instance.is_empty() {
@@ -787,9 +778,9 @@ impl Core {
     /// Tells every queued job, once, why it waits (in its log).
     pub fn notify_waiting(&self, text: &str) {
         let mut state = self.lock();
-        let queued: Vec<i64> = state.queue.iter().copied().collect();
-        for id in queued {
-            if let Some(job) = state.jobs.get_mut(&id) {
+        let State { queue, jobs, .. } = &mut *state;
+        for id in queue.iter() {
+            if let Some(job) = jobs.get_mut(id) {
                 if job.lease.state == LeaseState::Queued && !job.waiting_noticed {
                     job.waiting_noticed = true;
                     let _ = job.events.send(JobEvent::Notice(text.to_owned()));
@@ -839,7 +830,6 @@ impl Core {
                 capacity: a.capacity,
                 busy: u32::try_from(a.attempts.len()).unwrap_or(u32::MAX),
                 draining: a.draining,
-                interrupted: a.interrupted,
                 used: a.used,
                 connected_for: a.connected_at.elapsed(),
                 idle_since: a.idle_since,

@@ -317,6 +317,8 @@ async fn run_job(
                         tracing::info!(%reason, "GitLab ended the job; stopping it without a final update");
                         ctx.core.cancel_job(job_id, CancelMode::Abort, "canceled in GitLab");
                         ctx.core.release_job(job_id);
+                        // GitLab took the job away: it ends with no result.
+                        ctx.core.metrics().job_finished(JobOutcome::Lost);
                         return;
                     }
                     None => {}

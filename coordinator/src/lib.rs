@@ -60,7 +60,7 @@ pub enum CoordinatorError {
     GitLab(#[from] gitlab::GitLabError),
     #[error("{0}")]
     Admin(#[from] admin::AdminError),
-    #[error("{0}")]
+    #[error("lease book: {0}")]
     Store(#[from] store::StoreError),
     #[error("{0}")]
     Fleet(#[from] FleetError),
@@ -328,7 +328,6 @@ pub async fn start(
     let reconcile_ctx = ReconcileContext {
         core: core.clone(),
         view: fleet_view.clone(),
-        metrics: core.metrics().clone(),
         prices: prices.clone(),
         ledger,
     };

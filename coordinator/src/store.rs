@@ -35,7 +35,7 @@ const PRIVATE_DIR: u32 = 0o700;
 
 /// A store failure, naming the file.
 #[derive(Debug, thiserror::Error)]
-#[error("lease store: cannot {action} {path}: {source}")]
+#[error("cannot {action} {path}: {source}")]
 pub struct StoreError {
     action: &'static str,
     path: PathBuf,
@@ -272,7 +272,9 @@ fn replay_journal(journal: &[u8]) -> (Vec<u8>, Option<(u32, u64)>) {
     (trace, last)
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+/// Replaces a file so that a crash leaves the old or the new content, never
+/// a mix; private to the service user.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension("tmp");
     let mut file = OpenOptions::new()
         .create(true)

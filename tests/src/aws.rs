@@ -302,7 +302,6 @@ pub struct BootSettings {
 struct Booted {
     child: tokio::process::Child,
     imds: ImdsStandIn,
-    dir: PathBuf,
 }
 
 /// Plays EC2: boots an agent for every instance moto puts in the group,
@@ -383,13 +382,6 @@ impl Booter {
         booter
     }
 
-    /// Instances with a running agent now.
-    pub fn running(&self) -> Vec<String> {
-        let mut ids: Vec<String> = lock(&self.booted).keys().cloned().collect();
-        ids.sort();
-        ids
-    }
-
     /// Every booted agent's log, for failure messages.
     pub fn agent_logs(&self) -> String {
         let mut out = String::new();
@@ -416,11 +408,6 @@ impl Booter {
         b.imds
             .set_spot_action("terminate", Duration::from_secs(120));
         Ok(())
-    }
-
-    /// Where an instance's agent keeps its files.
-    pub fn dir_of(&self, id: &str) -> Option<PathBuf> {
-        lock(&self.booted).get(id).map(|b| b.dir.clone())
     }
 }
 
@@ -481,7 +468,7 @@ async fn boot(id: &str, s: &BootSettings, base: &Path) -> anyhow::Result<Booted>
         .kill_on_drop(true)
         .spawn()
         .context("starting an agent")?;
-    Ok(Booted { child, imds, dir })
+    Ok(Booted { child, imds })
 }
 
 /// Knobs of one AWS harness.

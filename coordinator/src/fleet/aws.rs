@@ -377,11 +377,6 @@ impl AwsFleet {
         self.lock().released.insert(id.to_owned());
         Ok(())
     }
-
-    /// The desired capacity the coordinator holds the group to.
-    pub fn intent(&self) -> Option<u32> {
-        self.lock().intent
-    }
 }
 
 impl Fleet for AwsFleet {

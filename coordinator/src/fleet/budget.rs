@@ -122,11 +122,8 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 pub enum BudgetError {
     #[error("cannot read the spend ledger {path}: {detail}; fix or remove the file (spend this month is then counted from zero)")]
     Read { path: PathBuf, detail: String },
-    #[error("cannot write the spend ledger {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("spend ledger: {0}")]
+    Write(#[from] crate::store::StoreError),
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -143,6 +140,8 @@ struct LedgerRecord {
 pub struct SpendLedger {
     path: PathBuf,
     record: LedgerRecord,
+    /// What the file holds, so a pass writes only when the spend moved.
+    saved: LedgerRecord,
 }
 
 /// How much accrued spend may go unsaved: a crash loses at most this.
@@ -168,42 +167,35 @@ impl SpendLedger {
                 })
             }
         };
-        Ok(Self { path, record })
+        Ok(Self {
+            path,
+            saved: record.clone(),
+            record,
+        })
     }
 
     /// Adds what instances costing `hourly_usd` together cost over
     /// `elapsed`, up to `now`. A new month starts from zero.
     pub fn accrue(&mut self, now: SystemTime, hourly_usd: f64, elapsed: Duration) {
         let month = month_of(now);
-        let mut dirty = false;
         let mut elapsed = elapsed;
         if self.record.month != month {
             self.record = LedgerRecord {
                 month,
                 ..LedgerRecord::default()
             };
-            dirty = true;
             // Only this month's share of a span that began in the last.
             elapsed = elapsed.min(since_month_start(now));
         }
-        let before = self.record.spent_usd;
         self.record.spent_usd += hourly_usd.max(0.0) * elapsed.as_secs_f64() / 3600.0;
         self.record.as_of_unix = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let saved = self.saved_usd();
-        if dirty || self.record.spent_usd - saved >= SAVE_EVERY_USD || before == 0.0 {
+        let moved = self.record.month != self.saved.month
+            || self.record.spent_usd - self.saved.spent_usd >= SAVE_EVERY_USD;
+        if moved {
             if let Err(e) = self.save() {
                 tracing::warn!(error = %e, "spend ledger not saved; a restart would forget part of this month's spend");
             }
         }
-    }
-
-    /// What was last written, to save only when it moved enough.
-    fn saved_usd(&self) -> f64 {
-        std::fs::read(&self.path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<LedgerRecord>(&b).ok())
-            .filter(|r| r.month == self.record.month)
-            .map_or(0.0, |r| r.spent_usd)
     }
 
     /// Up to when the spend was counted when the ledger was last written:
@@ -227,15 +219,12 @@ impl SpendLedger {
     ///
     /// # Errors
     /// The file cannot be written.
-    pub fn save(&self) -> Result<(), BudgetError> {
-        let fail = |source| BudgetError::Write {
-            path: self.path.clone(),
-            source,
-        };
-        let tmp = self.path.with_extension("tmp");
-        let bytes = serde_json::to_vec(&self.record).map_err(|e| fail(std::io::Error::other(e)))?;
-        std::fs::write(&tmp, bytes).map_err(fail)?;
-        std::fs::rename(&tmp, &self.path).map_err(fail)
+    pub fn save(&mut self) -> Result<(), BudgetError> {
+        let bytes = serde_json::to_vec(&self.record)
+            .expect("a record of strings and numbers always serialises");
+        crate::store::write_atomically(&self.path, &bytes)?;
+        self.saved = self.record.clone();
+        Ok(())
     }
 }
 
@@ -314,6 +303,13 @@ mod tests {
         ledger.accrue(dec, 1.0, Duration::from_secs(3 * 3600));
         assert!((ledger.spent(dec) - 3.0).abs() < 1e-9);
         ledger.save().expect("save");
+        // Spend that did not move is not written again on every pass.
+        let on_disk = std::fs::read(dir.path().join("spend.json")).expect("read");
+        ledger.accrue(dec + Duration::from_secs(60), 0.0, Duration::from_secs(60));
+        assert_eq!(
+            std::fs::read(dir.path().join("spend.json")).expect("read"),
+            on_disk
+        );
         let reopened = SpendLedger::open(dir.path()).expect("reopen");
         assert!((reopened.spent(dec) - 3.0).abs() < 1e-9);
         // January starts from zero.

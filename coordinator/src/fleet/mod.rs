@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::core::Core;
-use crate::metrics::{Metrics, ScaleOp};
+use crate::metrics::ScaleOp;
 
 pub mod aws;
 pub mod budget;
@@ -227,7 +227,6 @@ pub struct FleetSettings {
 pub struct ReconcileContext {
     pub core: Arc<Core>,
     pub view: Arc<FleetView>,
-    pub metrics: Arc<Metrics>,
     pub prices: Arc<PriceBook>,
     /// Month-to-date spend, persisted; `None` without a budget.
     pub ledger: Option<Arc<Mutex<budget::SpendLedger>>>,
@@ -350,7 +349,7 @@ async fn reconcile_once<F: Fleet>(
 ) {
     let core = &ctx.core;
     if observed.drift_corrected {
-        ctx.metrics.scale_op(ScaleOp::DriftCorrection, 1);
+        core.metrics().scale_op(ScaleOp::DriftCorrection, 1);
     }
     let agents = core.agents();
     let now = Instant::now();
@@ -410,7 +409,9 @@ async fn reconcile_once<F: Fleet>(
     if !to_protect.is_empty() {
         match fleet.protect(&to_protect, true).await {
             Ok(()) => {
-                ctx.metrics.scale_op(ScaleOp::Protect, count(&to_protect));
+                ctx.core
+                    .metrics()
+                    .scale_op(ScaleOp::Protect, count(&to_protect));
                 tracing::info!(instances = ?to_protect, "protected busy instances from scale-in");
             }
             Err(e) => {
@@ -421,7 +422,8 @@ async fn reconcile_once<F: Fleet>(
     if !to_unprotect.is_empty() {
         match fleet.protect(&to_unprotect, false).await {
             Ok(()) => {
-                ctx.metrics
+                ctx.core
+                    .metrics()
                     .scale_op(ScaleOp::Unprotect, count(&to_unprotect));
                 tracing::info!(instances = ?to_unprotect, "removed scale-in protection from idle instances");
             }
@@ -453,7 +455,7 @@ async fn reconcile_once<F: Fleet>(
             .retain(|t| now.saturating_duration_since(*t) < rate.per);
     }
     let demand = core.demand();
-    ctx.metrics.set_jobs_held(count(&core.jobs()));
+    core.metrics().set_jobs_held(count(&core.jobs()));
     *memory.wake_at = policy::next_deadline(&sized, &current, now);
     let mut plan = policy::plan_with(&policy::PlanInput {
         demand,
@@ -522,9 +524,11 @@ async fn reconcile_once<F: Fleet>(
             tracing::info!(spent_usd = spent, "launches are within the budget again");
             *memory.budget_said = false;
         }
-        ctx.metrics.set_spend(spent, Some(budget.monthly_usd));
+        ctx.core
+            .metrics()
+            .set_spend(spent, Some(budget.monthly_usd));
     }
-    ctx.metrics.set_budget_blocked(budget_held);
+    core.metrics().set_budget_blocked(budget_held);
 
     let mut counts = [0u32; 4];
     for i in &sized {
@@ -536,9 +540,10 @@ async fn reconcile_once<F: Fleet>(
         };
         counts[slot] += 1;
     }
-    ctx.metrics
+    ctx.core
+        .metrics()
         .set_instances(counts[0], counts[1], counts[2], counts[3]);
-    ctx.metrics.set_capacity(
+    core.metrics().set_capacity(
         observed.desired.unwrap_or_else(|| count(&sized)),
         count(&observed.instances),
     );
@@ -574,7 +579,7 @@ async fn reconcile_once<F: Fleet>(
     for reaped in &plan.reap {
         tracing::warn!(instance = %reaped.id, reason = %reaped.reason, "removing an instance that never joined; check the image and its user-data");
         match fleet.remove(&reaped.id).await {
-            Ok(()) => ctx.metrics.scale_op(ScaleOp::Reap, 1),
+            Ok(()) => core.metrics().scale_op(ScaleOp::Reap, 1),
             Err(e) => {
                 tracing::error!(instance = %reaped.id, error = %e, "failed to remove instance");
             }
@@ -589,14 +594,14 @@ async fn reconcile_once<F: Fleet>(
     // risk (rebalance) is let go as soon as its jobs are handed back or
     // done: terminating it ourselves, with the desired capacity lowered,
     // keeps the group from launching a replacement nobody asked for; the
-    // policy launches one if the work needs it.
-    // An instance whose agent left and did not come back within the boot
-    // timeout is broken: it goes too.
+    // policy launches one if the work needs it. An instance whose agent
+    // left and did not come back within the boot timeout is broken: it
+    // goes too.
     let grace = settings.policy.boot_timeout.unwrap_or(Duration::MAX);
     let doomed = core.doomed_instances();
     for i in observed.instances.iter().filter(|i| !i.removing) {
         let why = match agents.iter().find(|a| a.instance_id == i.id) {
-            Some(a) if a.interrupted && a.busy == 0 => {
+            Some(a) if doomed.contains(&i.id) && a.busy == 0 => {
                 Some("it was interrupted and its jobs are handed back")
             }
             Some(_) => None,
@@ -611,7 +616,7 @@ async fn reconcile_once<F: Fleet>(
             match fleet.remove(&i.id).await {
                 Ok(()) => {
                     tracing::info!(instance = %i.id, reason = why, "removed an instance that serves no more");
-                    ctx.metrics.scale_op(ScaleOp::Terminate, 1);
+                    core.metrics().scale_op(ScaleOp::Terminate, 1);
                     memory.joined.remove(&i.id);
                 }
                 Err(e) => {
@@ -635,7 +640,7 @@ async fn reconcile_once<F: Fleet>(
                     match fleet.remove(id).await {
                         Ok(()) => {
                             tracing::info!(instance = %id, "removed an instance that reached max_use_count");
-                            ctx.metrics.scale_op(ScaleOp::Retire, 1);
+                            core.metrics().scale_op(ScaleOp::Retire, 1);
                             done.push(id.clone());
                         }
                         Err(e) => {
@@ -658,7 +663,7 @@ async fn reconcile_once<F: Fleet>(
         }
         tracing::info!(instance = %id, "removing idle instance");
         match fleet.remove(id).await {
-            Ok(()) => ctx.metrics.scale_op(ScaleOp::Terminate, 1),
+            Ok(()) => core.metrics().scale_op(ScaleOp::Terminate, 1),
             Err(e) => tracing::error!(instance = %id, error = %e, "failed to remove instance"),
         }
     }
@@ -668,7 +673,7 @@ async fn reconcile_once<F: Fleet>(
                 memory
                     .recent_launches
                     .extend(std::iter::repeat_n(now, n as usize));
-                ctx.metrics.scale_op(ScaleOp::Launch, n);
+                core.metrics().scale_op(ScaleOp::Launch, n);
                 tracing::info!(count = n, demand, "launched instances");
             }
             Err(e) => tracing::error!(error = %e, "failed to launch instances"),
