@@ -1,9 +1,10 @@
 //! The agent's configuration: a TOML file (written by user-data on a cloud
 //! instance, or by the local fleet), checked in full before anything dials.
+//! The types serialise too, so tools and tests write files from them.
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A configuration problem. The message names the file, the key and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -11,7 +12,7 @@ use serde::Deserialize;
 pub struct ConfigError(pub String);
 
 /// Top level of `agent.toml`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// The coordinator's agent link address, `host:port`.
@@ -20,18 +21,18 @@ pub struct AgentConfig {
     #[serde(default = "default_server_name")]
     pub server_name: String,
     /// The coordinator CA certificate (PEM file). Either this or `ca_sha256`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     /// SHA-256 pin of the coordinator CA certificate, `sha256:<hex>`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_sha256: Option<String>,
     /// File holding the join token, used once to enroll.
     pub join_token_file: PathBuf,
     /// Name to enroll under; defaults to the instance id, then the hostname.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Where the agent keeps its key and certificate.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
     /// Jobs run at once.
     #[serde(default = "one")]
@@ -43,7 +44,7 @@ pub struct AgentConfig {
 }
 
 /// Which executor runs jobs.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum ExecutorKind {
     /// Docker when the engine answers, else the shell executor.
@@ -53,13 +54,13 @@ pub enum ExecutorKind {
     Shell,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecutorConfig {
     #[serde(default)]
     pub kind: ExecutorKind,
     /// Image for jobs that name none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_image: Option<String>,
     /// `always`, `if-not-present` or `never`, for jobs that set none.
     #[serde(default = "default_pull_policy")]
@@ -81,7 +82,7 @@ impl Default for ExecutorConfig {
 }
 
 /// Facts about the instance; on EC2 these come from instance metadata.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceConfig {
     /// Watch the instance metadata service (IMDSv2) for Spot interruption
@@ -91,16 +92,16 @@ pub struct InstanceConfig {
     pub imds: bool,
     /// Instance metadata endpoint; by default the AWS SDK's resolution
     /// (`AWS_EC2_METADATA_SERVICE_ENDPOINT`, then `http://169.254.169.254`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imds_endpoint: Option<String>,
     /// Overrides for what instance metadata would say.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub market: Option<String>,
 }
 
@@ -121,7 +122,7 @@ fn yes() -> bool {
     true
 }
 fn default_server_name() -> String {
-    "servitor-coordinator".to_owned()
+    servitor_proto::link::DEFAULT_SERVER_NAME.to_owned()
 }
 fn one() -> u32 {
     1
@@ -137,6 +138,33 @@ fn default_work_dir() -> PathBuf {
 pub const PULL_POLICIES: [&str; 3] = ["always", "if-not-present", "never"];
 
 impl AgentConfig {
+    /// An agent of `coordinator` (`host:port`) that trusts the CA in
+    /// `ca_file`, every optional key at its default.
+    pub fn new(coordinator: String, ca_file: PathBuf, join_token_file: PathBuf) -> Self {
+        Self {
+            coordinator,
+            server_name: default_server_name(),
+            ca_file: Some(ca_file),
+            ca_sha256: None,
+            join_token_file,
+            name: None,
+            state_dir: None,
+            capacity: one(),
+            executor: ExecutorConfig::default(),
+            instance: InstanceConfig::default(),
+        }
+    }
+
+    /// The configuration as `agent.toml` text; [`AgentConfig::from_toml_str`]
+    /// reads it back unchanged.
+    ///
+    /// # Errors
+    /// A value TOML cannot hold.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self)
+            .map_err(|e| ConfigError(format!("cannot write the agent configuration: {e}")))
+    }
+
     /// Parses and validates a configuration text.
     ///
     /// # Errors
@@ -190,7 +218,7 @@ impl AgentConfig {
 }
 
 fn is_pin(pin: &str) -> bool {
-    pin.strip_prefix("sha256:")
+    pin.strip_prefix(servitor_proto::link::PIN_PREFIX)
         .is_some_and(|hex| hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()))
 }
 

@@ -1,20 +1,16 @@
 //! The Servitor agent: dials its coordinator over QUIC with mutual TLS, pulls
 //! jobs, runs them with an [`executor`], and streams their output back.
 //!
-//! [`run_with_config`] is what the binary (and the coordinator's local fleet,
-//! through the same binary) calls; tests call it too.
+//! [`run_with_config`] is what the binary calls (the coordinator's local
+//! fleet starts that binary); tests call it too.
 
 #![forbid(unsafe_code)]
 
-pub mod backoff;
 pub mod config;
 pub mod executor;
 pub mod imds;
 pub mod link;
-pub mod secret;
 pub mod session;
-pub mod signals;
-pub mod telemetry;
 
 use servitor_proto::agent::InstanceFacts;
 use tokio_util::sync::CancellationToken;
@@ -25,8 +21,8 @@ use crate::executor::shell::ShellExecutor;
 use crate::executor::AnyExecutor;
 use crate::imds::InstanceMetadata;
 use crate::link::{CaTrust, LinkSettings};
-use crate::secret::Secret;
 use crate::session::{AgentError, AgentSettings};
+use servitor_runtime::secret::Secret;
 
 /// Turns a validated configuration into settings: reads the trust anchor
 /// and join token, picks the executor.
@@ -224,19 +220,16 @@ impl RunError {
     /// Exit code for systemd: 64 for what a restart cannot fix.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::Config(_) | RunError::Agent(AgentError::Refused(_)) => EXIT_CONFIG,
-            RunError::Agent(AgentError::Link(_)) => EXIT_TRANSIENT,
+            RunError::Config(_) | RunError::Agent(AgentError::Refused(_)) => {
+                servitor_runtime::exit::CONFIG
+            }
+            RunError::Agent(AgentError::Link(_)) => servitor_runtime::exit::TRANSIENT,
         }
     }
 }
 
 /// Notices waiting for the session; they are rare and tiny.
 const NOTICE_QUEUE: usize = 8;
-
-/// Exit code: transient failure, restart (systemd `Restart=on-failure`).
-pub const EXIT_TRANSIENT: u8 = 1;
-/// Exit code: bad configuration or usage (`RestartPreventExitStatus=64`).
-pub const EXIT_CONFIG: u8 = 64;
 
 /// The key that marks this agent installation's containers: its work
 /// directory, which no two agents on one host share.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use servitor_agent::config::AgentConfig;
-use servitor_agent::telemetry::{self, LogFormat};
+use servitor_runtime::telemetry::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 /// The Servitor agent.
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("servitor-agent: {e}");
-            return ExitCode::from(servitor_agent::EXIT_CONFIG);
+            return ExitCode::from(servitor_runtime::exit::CONFIG);
         }
     };
     if cli.check_config {
@@ -44,14 +44,14 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("servitor-agent: cannot start the async runtime: {e}");
-            return ExitCode::from(servitor_agent::EXIT_TRANSIENT);
+            return ExitCode::from(servitor_runtime::exit::TRANSIENT);
         }
     };
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        if let Err(e) = servitor_agent::signals::cancel_on_signals(shutdown.clone()) {
+        if let Err(e) = servitor_runtime::signals::cancel_on_signals(shutdown.clone()) {
             eprintln!("servitor-agent: cannot install signal handlers: {e}");
-            return ExitCode::from(servitor_agent::EXIT_TRANSIENT);
+            return ExitCode::from(servitor_runtime::exit::TRANSIENT);
         }
         match servitor_agent::run_with_config(config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,

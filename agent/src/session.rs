@@ -24,9 +24,9 @@ use servitor_proto::job::JobPayload;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
 use crate::executor::{AnyExecutor, CancelSignals, Executor, JobContext, JobResult};
 use crate::link::{connect, LinkError, LinkSettings};
+use servitor_runtime::backoff::Backoff;
 
 /// Reconnect backoff bounds: quick first retry, at most a minute apart.
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
@@ -376,7 +376,7 @@ async fn session(
         .capacity
         .saturating_sub(len_u32(state.running.len()));
     let hello = Hello {
-        protocol_version: servitor_proto::PROTOCOL_VERSION,
+        protocol_version: servitor_proto::link::PROTOCOL_VERSION,
         agent_name: settings.link.agent_name.clone(),
         instance: Some(settings.instance.clone()),
         capacity: settings.capacity,

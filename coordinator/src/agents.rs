@@ -14,6 +14,8 @@ use servitor_proto::agent::{
     Welcome,
 };
 use servitor_proto::frame::{read_frame, write_frame};
+use servitor_proto::link::{HEARTBEAT_INTERVAL, MISSED_HEARTBEATS, STALE_ATTEMPT_CODE};
+use servitor_runtime::link::code;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,15 +26,10 @@ use crate::link::{AgentConnection, LinkServer};
 
 /// How long a new connection has to open its control stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Heartbeat cadence asked of agents; QUIC keep-alives already detect a dead
-/// path, this also catches a frozen agent process.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// Largest read from an output stream at once.
 const OUTPUT_CHUNK_BYTES: usize = 64 * 1024;
 /// Why a session ended when the agent finished its control stream.
 const CLEAN_GOODBYE: &str = "agent closed its control stream";
-/// QUIC application error code: the attempt is no longer wanted.
-const STALE_ATTEMPT_CODE: u32 = 1;
 
 /// Accepts authenticated agent connections until `stop`, one task each.
 pub async fn serve_agents(
@@ -101,10 +98,10 @@ async fn serve_agent(
             return;
         }
     };
-    if hello.protocol_version != servitor_proto::PROTOCOL_VERSION {
+    if hello.protocol_version != servitor_proto::link::PROTOCOL_VERSION {
         tracing::error!(
             theirs = hello.protocol_version,
-            ours = servitor_proto::PROTOCOL_VERSION,
+            ours = servitor_proto::link::PROTOCOL_VERSION,
             "agent speaks another protocol version; upgrade the agent image"
         );
         connection.close(3u32.into(), b"protocol version mismatch");
@@ -176,7 +173,7 @@ async fn serve_agent(
 
     // Reader: the agent's messages into the core. Silence longer than a few
     // heartbeats means a frozen agent even if QUIC still answers.
-    let silence_limit = HEARTBEAT_INTERVAL * 3;
+    let silence_limit = HEARTBEAT_INTERVAL * MISSED_HEARTBEATS;
     let ended = loop {
         tokio::select! {
             () = stop.cancelled() => break "coordinator stopping",
@@ -225,17 +222,17 @@ async fn route_output(core: Arc<Core>, agent_id: String, mut stream: quinn::Recv
         Ok(None) => return,
         Err(e) => {
             tracing::warn!(error = %e, "output stream without a valid header");
-            let _ = stream.stop(STALE_ATTEMPT_CODE.into());
+            let _ = stream.stop(code(STALE_ATTEMPT_CODE));
             return;
         }
     };
     let Some(attempt) = header.attempt else {
-        let _ = stream.stop(STALE_ATTEMPT_CODE.into());
+        let _ = stream.stop(code(STALE_ATTEMPT_CODE));
         return;
     };
     let Some(events) = core.output_target(&agent_id, attempt) else {
         tracing::warn!(%attempt, "output of a stale attempt refused; stopping it");
-        let _ = stream.stop(STALE_ATTEMPT_CODE.into());
+        let _ = stream.stop(code(STALE_ATTEMPT_CODE));
         core.stop_stale(&agent_id, attempt);
         return;
     };
@@ -252,7 +249,7 @@ async fn route_output(core: Arc<Core>, agent_id: String, mut stream: quinn::Recv
                 });
                 offset += len;
                 if sent.is_err() {
-                    let _ = stream.stop(STALE_ATTEMPT_CODE.into());
+                    let _ = stream.stop(code(STALE_ATTEMPT_CODE));
                     return;
                 }
             }

@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-use servitor_agent::secret::Secret;
+use serde::{Deserialize, Serialize};
+use servitor_runtime::secret::Secret;
 
 /// A configuration problem. The message names the file, the key and the fix.
 #[derive(Debug, thiserror::Error)]
@@ -18,7 +18,7 @@ use servitor_agent::secret::Secret;
 pub struct ConfigError(pub String);
 
 /// Top level of `coordinator.toml`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where the coordinator keeps its CA, system id and leases.
@@ -38,14 +38,14 @@ pub struct Config {
     pub admin: AdminConfig,
     pub fleet: FleetConfig,
     /// A monthly spending cap; none by default.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
 }
 
 /// `[budget]`: the fleet stays under a monthly cap.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BudgetConfig {
     /// Most the fleet may cost in a calendar month (UTC), in US dollars.
@@ -57,15 +57,15 @@ pub struct BudgetConfig {
 }
 
 /// `[metrics]`: Prometheus metrics over HTTP.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// TCP address serving `/metrics`; none by default.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GitLabConfig {
     /// GitLab's URL, e.g. `https://gitlab.example.com`.
@@ -74,7 +74,7 @@ pub struct GitLabConfig {
     pub token_file: PathBuf,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentsConfig {
     /// UDP address the agent link (QUIC) listens on.
@@ -94,7 +94,7 @@ pub struct AgentsConfig {
     pub lost_grace: Duration,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Unix socket of the admin gRPC API; relative paths are below `state_dir`.
@@ -111,7 +111,7 @@ impl Default for AdminConfig {
 }
 
 /// Which fleet runs the agents.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum FleetProvider {
     /// Agent processes on this machine.
@@ -120,7 +120,7 @@ pub enum FleetProvider {
     AwsAsg,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetConfig {
     pub provider: FleetProvider,
@@ -160,12 +160,12 @@ pub struct FleetConfig {
     pub policy: Vec<PolicyConfig>,
     #[serde(default)]
     pub local: LocalFleetConfig,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsFleetConfig>,
 }
 
 /// `[fleet.aws]`: the Auto Scaling group the coordinator sizes.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsFleetConfig {
     /// The group's name. It must exist; its launch template starts agents
@@ -173,19 +173,19 @@ pub struct AwsFleetConfig {
     pub group: String,
     /// Region; by default aws-config's chain (`AWS_REGION`, the profile,
     /// instance metadata).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
     /// Endpoint for the Auto Scaling and EC2 APIs, e.g. a VPC endpoint.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
     /// A termination lifecycle hook on the group to complete once an
     /// instance's agent has handed back or finished its jobs.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lifecycle_hook: Option<String>,
 }
 
 /// A `[[fleet.policy]]` block, as gitlab-runner's `[[runners.autoscaler.policy]]`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Cron expressions (minute hour day month weekday); empty means always.
@@ -205,7 +205,7 @@ pub struct PolicyConfig {
 }
 
 /// How local agents run their jobs.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum ExecutorChoice {
     /// Docker when the engine answers, else the shell executor.
@@ -215,16 +215,16 @@ pub enum ExecutorChoice {
     Shell,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalFleetConfig {
     #[serde(default)]
     pub executor: ExecutorChoice,
     /// Image for jobs that name none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_image: Option<String>,
-    /// Program and arguments that start an agent; by default this binary's
-    /// own `agent` subcommand.
+    /// Program and arguments that start an agent; by default the
+    /// `servitor-agent` binary beside the coordinator's.
     #[serde(default)]
     pub agent_command: Vec<String>,
 }
@@ -260,10 +260,15 @@ fn default_admin_socket() -> PathBuf {
     PathBuf::from("admin.sock")
 }
 
-/// Durations as humantime strings ("10m", "30s").
+/// Durations as humantime strings ("10m", "30s"), both ways: tests and
+/// tools write configuration files from these types.
 mod humantime_serde_compat {
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*value).to_string())
+    }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
@@ -303,6 +308,54 @@ impl PolicyConfig {
     }
 }
 
+impl AgentsConfig {
+    /// The agent link on `listen`, with every optional key at its default.
+    pub fn new(listen: SocketAddr, join_token_file: PathBuf) -> Self {
+        Self {
+            listen,
+            join_token_file,
+            server_names: Vec::new(),
+            cert_validity: default_cert_validity(),
+            lost_grace: default_agent_grace(),
+        }
+    }
+}
+
+impl FleetConfig {
+    /// A fleet of at most `max_instances`, every optional key at its default.
+    pub fn new(provider: FleetProvider, max_instances: u32) -> Self {
+        Self {
+            provider,
+            capacity_per_instance: one(),
+            max_instances,
+            idle_count: 0,
+            idle_time: default_idle_time(),
+            scale_factor: 0.0,
+            scale_factor_limit: 0,
+            max_use_count: 0,
+            boot_timeout: default_boot_timeout(),
+            max_launches: 0,
+            launch_window: default_launch_window(),
+            policy: Vec::new(),
+            local: LocalFleetConfig::default(),
+            aws: None,
+        }
+    }
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            periods: Vec::new(),
+            timezone: default_timezone(),
+            idle_count: 0,
+            idle_time: default_idle_time(),
+            scale_factor: 0.0,
+            scale_factor_limit: 0,
+        }
+    }
+}
+
 /// Secrets named by the configuration, read from their files.
 #[derive(Clone, Debug)]
 pub struct Secrets {
@@ -311,6 +364,36 @@ pub struct Secrets {
 }
 
 impl Config {
+    /// A configuration with every optional key at its default.
+    pub fn new(
+        state_dir: PathBuf,
+        gitlab: GitLabConfig,
+        agents: AgentsConfig,
+        fleet: FleetConfig,
+    ) -> Self {
+        Self {
+            state_dir,
+            concurrent: default_concurrent(),
+            max_attempts: default_max_attempts(),
+            gitlab,
+            agents,
+            admin: AdminConfig::default(),
+            fleet,
+            budget: None,
+            metrics: MetricsConfig::default(),
+        }
+    }
+
+    /// The configuration as `coordinator.toml` text; [`Config::from_toml_str`]
+    /// reads it back unchanged.
+    ///
+    /// # Errors
+    /// A value TOML cannot hold (a non-finite price).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self)
+            .map_err(|e| ConfigError(format!("cannot write the configuration: {e}")))
+    }
+
     /// Parses and validates a configuration text. `origin` names the file in
     /// messages.
     ///

@@ -24,7 +24,7 @@ use crate::gitlab::{
 };
 use crate::metrics::Outcome as JobOutcome;
 use crate::store::{LeaseRecord, Store};
-use servitor_agent::backoff::Backoff;
+use servitor_runtime::backoff::Backoff;
 
 /// Job request backoff bounds (gitlab-runner: 100 ms to 60 s).
 const REQUEST_BACKOFF_MIN: Duration = Duration::from_millis(100);

@@ -15,7 +15,6 @@ pub mod admin;
 pub mod agents;
 pub mod config;
 pub mod core;
-pub mod demo;
 pub mod fleet;
 pub mod gitlab;
 pub mod jobs;
@@ -23,7 +22,6 @@ pub mod lease;
 pub mod link;
 pub mod metrics;
 pub mod pki;
-pub mod standin;
 pub mod store;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -75,13 +73,39 @@ impl CoordinatorError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CoordinatorError::Config(_) | CoordinatorError::StateDir { .. } => {
-                servitor_agent::EXIT_CONFIG
+                servitor_runtime::exit::CONFIG
             }
-            CoordinatorError::GitLab(e) if !e.is_retryable() => servitor_agent::EXIT_CONFIG,
-            CoordinatorError::Fleet(e) if !e.is_retryable() => servitor_agent::EXIT_CONFIG,
-            CoordinatorError::Metrics(e) if !e.is_retryable() => servitor_agent::EXIT_CONFIG,
-            _ => servitor_agent::EXIT_TRANSIENT,
+            CoordinatorError::GitLab(e) if !e.is_retryable() => servitor_runtime::exit::CONFIG,
+            CoordinatorError::Fleet(e) if !e.is_retryable() => servitor_runtime::exit::CONFIG,
+            CoordinatorError::Metrics(e) if !e.is_retryable() => servitor_runtime::exit::CONFIG,
+            _ => servitor_runtime::exit::TRANSIENT,
         }
+    }
+}
+
+/// File name of the agent binary the local fleet starts by default.
+const AGENT_BINARY: &str = "servitor-agent";
+
+/// The `servitor-agent` binary in this executable's directory, where the
+/// packages and `cargo build` put both.
+///
+/// # Errors
+/// [`ConfigError`] naming the path looked at and the fix, when it is not
+/// there.
+fn agent_beside_this_binary() -> Result<PathBuf, ConfigError> {
+    let exe = std::env::current_exe().map_err(|e| {
+        ConfigError(format!(
+            "fleet.local: cannot tell where this binary is ({e}); set fleet.local.agent_command to the servitor-agent binary"
+        ))
+    })?;
+    let agent = exe.with_file_name(AGENT_BINARY);
+    if agent.is_file() {
+        Ok(agent)
+    } else {
+        Err(ConfigError(format!(
+            "fleet.local: the local fleet runs {AGENT_BINARY}, but {} does not exist; install it beside servitor-coordinator (cargo build builds both) or set fleet.local.agent_command",
+            agent.display()
+        )))
     }
 }
 
@@ -433,8 +457,9 @@ pub async fn start(
     })
 }
 
-/// The local fleet: agent processes started through this binary's own
-/// `agent` subcommand unless told otherwise.
+/// The local fleet: agent processes of the `servitor-agent` binary installed
+/// beside this one, unless `fleet.local.agent_command` (or the embedder)
+/// names another program.
 fn local_fleet(
     config: &Config,
     options: &StartOptions,
@@ -447,13 +472,7 @@ fn local_fleet(
     ) {
         (Some(c), _) => c.clone(),
         (None, false) => config.fleet.local.agent_command.clone(),
-        (None, true) => {
-            let exe = std::env::current_exe().map_err(|source| CoordinatorError::StateDir {
-                path: PathBuf::from("current executable"),
-                source,
-            })?;
-            vec![exe.display().to_string(), "agent".to_owned()]
-        }
+        (None, true) => vec![agent_beside_this_binary()?.display().to_string()],
     };
     Ok(Arc::new(LocalFleet::new(LocalFleetSettings {
         command,

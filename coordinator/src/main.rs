@@ -1,11 +1,11 @@
-//! `servitor-coordinator`: the systemd service, its admin CLI, and the demo.
+//! `servitor-coordinator`: the systemd service and its admin CLI.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use servitor_agent::telemetry::{self, LogFormat};
-use servitor_agent::{EXIT_CONFIG, EXIT_TRANSIENT};
+use servitor_runtime::exit::{CONFIG as EXIT_CONFIG, TRANSIENT as EXIT_TRANSIENT};
+use servitor_runtime::telemetry::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 /// The Servitor coordinator: a GitLab runner that holds job leases and runs
@@ -33,21 +33,11 @@ enum Command {
     Status,
     /// Stop taking new GitLab jobs; held jobs run to the end.
     Drain,
-    /// Run a self-contained demo: a local GitLab stand-in, the local fleet
-    /// and a sample pipeline.
-    Demo,
-    /// Run a local agent (the local fleet starts agents this way).
-    #[command(hide = true)]
-    Agent,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_filter = match cli.command {
-        Command::Demo => "warn",
-        _ => "info",
-    };
-    telemetry::init(cli.log_format, default_filter);
+    telemetry::init(cli.log_format, "info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -74,22 +64,6 @@ fn main() -> ExitCode {
             Command::Status | Command::Drain => {
                 admin(&cli.config, matches!(cli.command, Command::Drain)).await
             }
-            Command::Demo => {
-                let shutdown = CancellationToken::new();
-                if let Err(e) = servitor_agent::signals::cancel_on_signals(shutdown.clone()) {
-                    eprintln!("servitor-coordinator: cannot install signal handlers: {e}");
-                    return ExitCode::from(EXIT_TRANSIENT);
-                }
-                match servitor_coordinator::demo::run(shutdown).await {
-                    Ok(true) => ExitCode::SUCCESS,
-                    Ok(false) => ExitCode::from(EXIT_TRANSIENT),
-                    Err(e) => {
-                        eprintln!("servitor-coordinator demo: {e:#}");
-                        ExitCode::from(EXIT_TRANSIENT)
-                    }
-                }
-            }
-            Command::Agent => agent(&cli.config).await,
         }
     })
 }
@@ -107,7 +81,7 @@ async fn run(path: &std::path::Path) -> ExitCode {
         "servitor coordinator starting"
     );
     let shutdown = CancellationToken::new();
-    if let Err(e) = servitor_agent::signals::cancel_on_signals(shutdown.clone()) {
+    if let Err(e) = servitor_runtime::signals::cancel_on_signals(shutdown.clone()) {
         eprintln!("servitor-coordinator: cannot install signal handlers: {e}");
         return ExitCode::from(EXIT_TRANSIENT);
     }
@@ -153,28 +127,6 @@ async fn admin(path: &std::path::Path, drain: bool) -> ExitCode {
         Err(e) => {
             eprintln!("servitor-coordinator: {e}");
             ExitCode::from(EXIT_TRANSIENT)
-        }
-    }
-}
-
-async fn agent(path: &std::path::Path) -> ExitCode {
-    let config = match servitor_agent::config::AgentConfig::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("servitor-agent: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    let shutdown = CancellationToken::new();
-    if let Err(e) = servitor_agent::signals::cancel_on_signals(shutdown.clone()) {
-        eprintln!("servitor-agent: cannot install signal handlers: {e}");
-        return ExitCode::from(EXIT_TRANSIENT);
-    }
-    match servitor_agent::run_with_config(config, shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "agent stopped");
-            ExitCode::from(e.exit_code())
         }
     }
 }

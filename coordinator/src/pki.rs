@@ -32,7 +32,7 @@ use x509_parser::prelude::FromDer;
 pub const CA_COMMON_NAME: &str = "Servitor coordinator CA";
 /// The name every server certificate carries, whatever else is configured,
 /// so agents can verify the coordinator however they reach it.
-pub use servitor_agent::link::DEFAULT_SERVER_NAME as SERVER_NAME;
+pub use servitor_proto::link::DEFAULT_SERVER_NAME as SERVER_NAME;
 /// How long an agent's client certificate lasts unless configured otherwise.
 /// A day keeps a stolen certificate short-lived while letting an agent ride
 /// out a long coordinator outage without enrolling again.
@@ -190,7 +190,7 @@ impl Pki {
     /// what agents put in their `ca_sha256`.
     pub fn ca_sha256_pin(&self) -> String {
         let digest = Sha256::digest(&self.inner.ca_der);
-        let mut pin = String::from(servitor_agent::link::PIN_PREFIX);
+        let mut pin = String::from(servitor_proto::link::PIN_PREFIX);
         for byte in digest {
             pin.push_str(&format!("{byte:02x}"));
         }

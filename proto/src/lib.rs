@@ -6,11 +6,15 @@
 //! - [`job`]: the GitLab job payload, as serde types that tolerate what GitLab
 //!   leaves out.
 //! - [`frame`]: length-delimited prost frames on async streams.
+//! - [`imds`]: the instance metadata service's paths and headers.
+//! - [`link`]: the constants both ends of the agent link agree on.
 
 #![forbid(unsafe_code)]
 
 pub mod frame;
+pub mod imds;
 pub mod job;
+pub mod link;
 
 /// Agent link messages, generated from `proto/agent.proto`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -23,13 +27,6 @@ pub mod agent {
 pub mod admin {
     include!(concat!(env!("OUT_DIR"), "/servitor.admin.v1.rs"));
 }
-
-/// Version of the agent link protocol, sent in `Hello` and `EnrollRequest`.
-/// Bump it when a change is not wire-compatible with the previous release.
-pub const PROTOCOL_VERSION: u32 = 1;
-
-/// ALPN protocol id of the agent link, so a stray TLS client is refused early.
-pub const ALPN: &[u8] = b"servitor/1";
 
 impl agent::AttemptRef {
     /// Builds an attempt reference.

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use aws_sdk_autoscaling::config::{Credentials, Region};
-use servitor_agent::imds::{ImdsStandIn, InstanceSpec};
+use servitor_agent::config::{AgentConfig, ExecutorKind};
+use servitor_coordinator::config::{AwsFleetConfig, FleetProvider};
+use servitor_testkit::imds::{ImdsStandIn, InstanceSpec};
 use tokio_util::sync::CancellationToken;
 
 /// Region every test works in.
@@ -437,25 +439,26 @@ async fn boot(id: &str, s: &BootSettings, base: &Path) -> anyhow::Result<Booted>
     .context("starting an instance metadata stand-in")?;
     let dir = base.join(id);
     std::fs::create_dir_all(&dir)?;
-    let mut config = format!(
-        "coordinator = {coordinator:?}\nca_file = {ca:?}\njoin_token_file = {join:?}\nname = {id:?}\nstate_dir = {state:?}\ncapacity = {capacity}\n\n[executor]\nkind = {kind:?}\nwork_dir = {work:?}\n",
-        coordinator = s.coordinator.to_string(),
-        ca = s.ca_file.display().to_string(),
-        join = s.join_token_file.display().to_string(),
-        state = dir.join("state").display().to_string(),
-        capacity = s.capacity,
-        kind = s.executor,
-        work = dir.join("builds").display().to_string(),
+    let mut config = AgentConfig::new(
+        s.coordinator.to_string(),
+        s.ca_file.clone(),
+        s.join_token_file.clone(),
     );
+    config.name = Some(id.to_owned());
+    config.state_dir = Some(dir.join("state"));
+    config.capacity = s.capacity;
+    config.executor.kind = match s.executor {
+        "docker" => ExecutorKind::Docker,
+        _ => ExecutorKind::Shell,
+    };
+    config.executor.work_dir = dir.join("builds");
     if s.executor == "docker" {
-        config.push_str(&format!("default_image = {:?}\n", crate::TEST_IMAGE));
+        config.executor.default_image = Some(crate::TEST_IMAGE.to_owned());
     }
-    config.push_str(&format!(
-        "\n[instance]\nimds = true\nimds_endpoint = {:?}\n",
-        imds.url()
-    ));
+    config.instance.imds = true;
+    config.instance.imds_endpoint = Some(imds.url());
     let config_path = dir.join("agent.toml");
-    std::fs::write(&config_path, config)?;
+    std::fs::write(&config_path, config.to_toml()?)?;
     let log = std::fs::File::create(dir.join("agent.log"))?;
     let child = tokio::process::Command::new(crate::agent_binary()?)
         .arg("--config")
@@ -480,19 +483,16 @@ pub struct AwsOptions {
     pub max_instances: u32,
     pub capacity_per_instance: u32,
     pub idle_count: u32,
-    pub idle_time: &'static str,
-    pub boot_timeout: &'static str,
+    pub idle_time: Duration,
+    pub boot_timeout: Duration,
     /// The group's MaxSize.
     pub group_max_size: i32,
     pub market: &'static str,
     /// The first `n` instances never boot.
     pub broken: usize,
-    /// Extra keys for `[fleet]`.
-    pub fleet_keys: String,
-    /// Extra keys for `[fleet.aws]`.
-    pub aws_keys: String,
-    /// Extra tables at the end (`[[fleet.policy]]`, `[budget]`).
-    pub tables: String,
+    /// Changes beyond these knobs (`max_use_count`, a lifecycle hook,
+    /// `[[fleet.policy]]`, `[budget]`), on the typed configuration.
+    pub configure: crate::config::Tweak,
 }
 
 impl Default for AwsOptions {
@@ -503,14 +503,12 @@ impl Default for AwsOptions {
             max_instances: 3,
             capacity_per_instance: 1,
             idle_count: 0,
-            idle_time: "2s",
-            boot_timeout: "2m",
+            idle_time: Duration::from_secs(2),
+            boot_timeout: Duration::from_secs(120),
             group_max_size: 10,
             market: "spot",
             broken: 0,
-            fleet_keys: String::new(),
-            aws_keys: String::new(),
-            tables: String::new(),
+            configure: crate::config::Tweak::default(),
         }
     }
 }
@@ -520,13 +518,13 @@ impl Default for AwsOptions {
 /// and the booter playing EC2.
 #[derive(Debug)]
 pub struct AwsHarness {
-    pub standin: servitor_coordinator::standin::StandIn,
+    pub standin: servitor_testkit::gitlab::StandIn,
     pub coordinator: Option<servitor_coordinator::Coordinator>,
     pub group: Group,
     pub booter: Booter,
     pub moto: Moto,
     pub dir: tempfile::TempDir,
-    config_text: String,
+    config_path: PathBuf,
     shutdown: CancellationToken,
 }
 
@@ -544,15 +542,15 @@ impl AwsHarness {
         let moto = Moto::start().await?;
         let group = Group::create(&moto, "servitor-test", options.group_max_size).await?;
         let dir = tempfile::tempdir()?;
-        let standin = servitor_coordinator::standin::StandIn::start(Default::default())
+        let standin = servitor_testkit::gitlab::StandIn::start(Default::default())
             .await
             .context("starting the GitLab stand-in")?;
         std::fs::write(
-            dir.path().join("runner-token"),
-            servitor_coordinator::standin::DEFAULT_RUNNER_TOKEN,
+            dir.path().join(crate::config::RUNNER_TOKEN_FILE),
+            servitor_testkit::gitlab::DEFAULT_RUNNER_TOKEN,
         )?;
         std::fs::write(
-            dir.path().join("join-token"),
+            dir.path().join(crate::config::JOIN_TOKEN_FILE),
             "aws-test-join-token-0123456789",
         )?;
         // A fixed port, so agents find a restarted coordinator again.
@@ -562,65 +560,36 @@ impl AwsHarness {
         let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let state = dir.path().join("state");
-        let config_text = format!(
-            r#"
-state_dir = {state:?}
-concurrent = {concurrent}
-
-[gitlab]
-url = {url:?}
-token_file = {token:?}
-
-[agents]
-listen = "127.0.0.1:{port}"
-join_token_file = {join:?}
-lost_grace = "30s"
-
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-
-[fleet]
-provider = "aws-asg"
-capacity_per_instance = {capacity}
-max_instances = {max}
-idle_count = {idle_count}
-idle_time = "{idle}"
-boot_timeout = "{boot}"
-{fleet_keys}
-
-[fleet.aws]
-group = {group:?}
-region = "{REGION}"
-endpoint_url = {endpoint:?}
-{aws_keys}
-
-{tables}
-"#,
-            state = state.display().to_string(),
-            concurrent = options.concurrent,
-            url = standin.url(),
-            token = dir.path().join("runner-token").display().to_string(),
-            join = dir.path().join("join-token").display().to_string(),
-            capacity = options.capacity_per_instance,
-            max = options.max_instances,
-            idle_count = options.idle_count,
-            idle = options.idle_time,
-            boot = options.boot_timeout,
-            fleet_keys = options.fleet_keys,
-            group = group.name,
-            endpoint = moto.url(),
-            aws_keys = options.aws_keys,
-            tables = options.tables,
+        let mut config = crate::config::local(
+            dir.path(),
+            &standin.url(),
+            std::net::SocketAddr::from(([127, 0, 0, 1], port)),
         );
+        config.concurrent = options.concurrent;
+        config.metrics.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port)));
+        config.fleet.provider = FleetProvider::AwsAsg;
+        config.fleet.capacity_per_instance = options.capacity_per_instance;
+        config.fleet.max_instances = options.max_instances;
+        config.fleet.idle_count = options.idle_count;
+        config.fleet.idle_time = options.idle_time;
+        config.fleet.boot_timeout = options.boot_timeout;
+        config.fleet.aws = Some(AwsFleetConfig {
+            group: group.name.clone(),
+            region: Some(REGION.to_owned()),
+            endpoint_url: Some(moto.url().to_owned()),
+            lifecycle_hook: None,
+        });
+        options.configure.apply(&mut config);
+        let config_path = dir.path().join("coordinator.toml");
+        crate::config::write(&config_path, &config)?;
         let shutdown = CancellationToken::new();
-        let coordinator = start_coordinator(&config_text, shutdown.clone()).await?;
+        let coordinator = start_coordinator(&config_path, shutdown.clone()).await?;
         let booter = Booter::start(
             group.clone(),
             BootSettings {
                 coordinator: coordinator.link_addr,
                 ca_file: coordinator.ca_pem_path.clone(),
-                join_token_file: dir.path().join("join-token"),
+                join_token_file: dir.path().join(crate::config::JOIN_TOKEN_FILE),
                 executor: options.executor,
                 capacity: options.capacity_per_instance,
                 market: options.market,
@@ -635,7 +604,7 @@ endpoint_url = {endpoint:?}
             booter,
             moto,
             dir,
-            config_text,
+            config_path,
             shutdown,
         })
     }
@@ -661,7 +630,7 @@ endpoint_url = {endpoint:?}
         // The old link's socket closes once its last connection has gone.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            match start_coordinator(&self.config_text, self.shutdown.clone()).await {
+            match start_coordinator(&self.config_path, self.shutdown.clone()).await {
                 Ok(c) => {
                     self.coordinator = Some(c);
                     return Ok(());
@@ -703,7 +672,7 @@ endpoint_url = {endpoint:?}
         &self,
         job_id: i64,
         timeout: Duration,
-    ) -> anyhow::Result<servitor_coordinator::standin::JobRecord> {
+    ) -> anyhow::Result<servitor_testkit::gitlab::JobRecord> {
         match self.standin.wait_for_final(job_id, timeout).await {
             Ok(r) => Ok(r),
             Err(e) => bail!(
@@ -733,10 +702,10 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 }
 
 async fn start_coordinator(
-    config_text: &str,
+    config_path: &Path,
     shutdown: CancellationToken,
 ) -> anyhow::Result<servitor_coordinator::Coordinator> {
-    let config = servitor_coordinator::config::Config::from_toml_str(config_text, "test config")?;
+    let config = servitor_coordinator::config::Config::load(config_path)?;
     let secrets = config.load_secrets()?;
     servitor_coordinator::start(
         config,

@@ -7,18 +7,21 @@
 //! fails the test with a message naming it; nothing passes silently.
 
 pub mod aws;
+pub mod config;
+pub mod demo;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use servitor_agent::imds::{ImdsStandIn, InstanceSpec};
-use servitor_coordinator::config::Config;
-use servitor_coordinator::standin::{JobRecord, StandIn, StandInConfig};
+use servitor_coordinator::config::ExecutorChoice;
 use servitor_coordinator::{Coordinator, StartOptions};
+use servitor_testkit::gitlab::{JobRecord, StandIn, StandInConfig};
+use servitor_testkit::imds::{ImdsStandIn, InstanceSpec};
 use tokio_util::sync::CancellationToken;
 
 /// The job image tests run in, built from the host's static busybox.
@@ -39,9 +42,33 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len() - 1)]
 }
 
+/// How often [`wait_until`] looks again.
+const WAIT_POLL: Duration = Duration::from_millis(50);
+
+/// Waits until `check` holds, looking every 50 ms, for at most `timeout`:
+/// for events the harness can only observe, not subscribe to (a log line,
+/// a process state). Fails naming `what`.
+///
+/// # Errors
+/// `check` did not hold within `timeout`.
+pub async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check() {
+        if tokio::time::Instant::now() >= deadline {
+            bail!("{what} did not happen within {timeout:?}");
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+    Ok(())
+}
+
 /// Test logs on stderr when `RUST_LOG` asks for them.
 pub fn init_tracing() {
-    servitor_agent::telemetry::init(servitor_agent::telemetry::LogFormat::Plain, "warn");
+    servitor_runtime::telemetry::init(servitor_runtime::telemetry::LogFormat::Plain, "warn");
 }
 
 /// The built agent binary. `tests/run.sh` builds it before the tests.
@@ -88,7 +115,8 @@ pub fn coordinator_binary() -> anyhow::Result<PathBuf> {
 /// # Errors
 /// Names what is missing: the engine, or a static busybox to build the image.
 pub async fn ensure_test_image() -> anyhow::Result<()> {
-    use servitor_agent::executor::docker::{ensure_local_image, DockerConfig, DockerExecutor};
+    use servitor_agent::executor::docker::{DockerConfig, DockerExecutor};
+    use servitor_testkit::image::ensure_local_image;
     let docker = DockerExecutor::connect(DockerConfig::default())
         .await
         .context("these tests need the Docker engine")?;
@@ -107,8 +135,8 @@ pub struct HarnessOptions {
     pub max_instances: u32,
     pub capacity_per_instance: u32,
     pub idle_count: u32,
-    pub idle_time: &'static str,
-    pub lost_grace: &'static str,
+    pub idle_time: Duration,
+    pub lost_grace: Duration,
     pub max_attempts: u32,
     pub standin: StandInConfig,
     /// Instance metadata stand-ins to start, one per local instance in
@@ -116,9 +144,9 @@ pub struct HarnessOptions {
     pub imds_instances: usize,
     /// Put a UDP relay the test controls between agents and coordinator.
     pub relay: bool,
-    /// Extra TOML: keys for `[fleet]`, then tables (`[[fleet.policy]]`).
-    pub fleet_keys: &'static str,
-    pub fleet_tables: &'static str,
+    /// Changes to the configuration beyond these knobs (`max_use_count`,
+    /// `[[fleet.policy]]` blocks…), made on the typed configuration.
+    pub configure: config::Tweak,
 }
 
 impl Default for HarnessOptions {
@@ -129,14 +157,13 @@ impl Default for HarnessOptions {
             max_instances: 2,
             capacity_per_instance: 2,
             idle_count: 0,
-            idle_time: "5m",
-            lost_grace: "30s",
+            idle_time: Duration::from_secs(300),
+            lost_grace: Duration::from_secs(30),
             max_attempts: 3,
             standin: StandInConfig::default(),
             imds_instances: 0,
             relay: false,
-            fleet_keys: "",
-            fleet_tables: "",
+            configure: config::Tweak::default(),
         }
     }
 }
@@ -175,55 +202,27 @@ impl Harness {
             .first()
             .cloned()
             .unwrap_or_default();
-        std::fs::write(dir.path().join("runner-token"), token)?;
-        std::fs::write(dir.path().join("join-token"), "test-join-token-0123456789")?;
-        let config_text = format!(
-            r#"
-state_dir = {state:?}
-concurrent = {concurrent}
-max_attempts = {max_attempts}
-
-[gitlab]
-url = {url:?}
-token_file = {token:?}
-
-[agents]
-listen = "127.0.0.1:0"
-join_token_file = {join:?}
-lost_grace = "{lost_grace}"
-
-[fleet]
-provider = "local"
-capacity_per_instance = {capacity}
-max_instances = {max}
-idle_count = {idle_count}
-idle_time = "{idle}"
-{fleet_keys}
-
-[fleet.local]
-executor = "{executor}"
-default_image = "{TEST_IMAGE}"
-
-{fleet_tables}
-"#,
-            state = dir.path().join("state").display().to_string(),
-            concurrent = options.concurrent,
-            max_attempts = options.max_attempts,
-            url = standin.url(),
-            token = dir.path().join("runner-token").display().to_string(),
-            join = dir.path().join("join-token").display().to_string(),
-            lost_grace = options.lost_grace,
-            capacity = options.capacity_per_instance,
-            max = options.max_instances,
-            idle_count = options.idle_count,
-            idle = options.idle_time,
-            executor = options.executor,
-            fleet_keys = options.fleet_keys,
-            fleet_tables = options.fleet_tables,
-        );
+        std::fs::write(dir.path().join(config::RUNNER_TOKEN_FILE), token)?;
+        std::fs::write(
+            dir.path().join(config::JOIN_TOKEN_FILE),
+            "test-join-token-0123456789",
+        )?;
+        let mut config = config::local(dir.path(), &standin.url(), "127.0.0.1:0".parse()?);
+        config.concurrent = options.concurrent;
+        config.max_attempts = options.max_attempts;
+        config.agents.lost_grace = options.lost_grace;
+        config.fleet.capacity_per_instance = options.capacity_per_instance;
+        config.fleet.max_instances = options.max_instances;
+        config.fleet.idle_count = options.idle_count;
+        config.fleet.idle_time = options.idle_time;
+        config.fleet.local.executor = match options.executor {
+            "shell" => ExecutorChoice::Shell,
+            _ => ExecutorChoice::Docker,
+        };
+        config.fleet.local.default_image = Some(TEST_IMAGE.to_owned());
+        options.configure.apply(&mut config);
         let config_path = dir.path().join("coordinator.toml");
-        std::fs::write(&config_path, &config_text)?;
-        let config = Config::from_toml_str(&config_text, "test config")?;
+        let config = config::write(&config_path, &config)?;
         let secrets = config.load_secrets()?;
         let mut imds = Vec::new();
         for n in 1..=options.imds_instances {
@@ -570,42 +569,19 @@ pub fn process_config(
     gitlab_url: &str,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
     std::fs::write(
-        dir.join("runner-token"),
-        servitor_coordinator::standin::DEFAULT_RUNNER_TOKEN,
+        dir.join(config::RUNNER_TOKEN_FILE),
+        servitor_testkit::gitlab::DEFAULT_RUNNER_TOKEN,
     )?;
-    std::fs::write(dir.join("join-token"), "process-test-join-token")?;
+    std::fs::write(dir.join(config::JOIN_TOKEN_FILE), "process-test-join-token")?;
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let config = format!(
-        r#"
-state_dir = {state:?}
-concurrent = 2
-
-[gitlab]
-url = {gitlab_url:?}
-token_file = {token:?}
-
-[agents]
-listen = "127.0.0.1:{port}"
-join_token_file = {join:?}
-lost_grace = "30s"
-
-[fleet]
-provider = "local"
-capacity_per_instance = 1
-max_instances = 1
-
-[fleet.local]
-executor = "shell"
-agent_command = [{agent:?}]
-"#,
-        state = dir.join("state").display().to_string(),
-        token = dir.join("runner-token").display().to_string(),
-        join = dir.join("join-token").display().to_string(),
-        agent = agent_binary()?.display().to_string(),
-    );
+    let mut config = config::local(dir, gitlab_url, SocketAddr::from(([127, 0, 0, 1], port)));
+    config.concurrent = 2;
+    config.fleet.local.executor = ExecutorChoice::Shell;
+    // No agent_command: the coordinator finds servitor-agent beside itself.
+    agent_binary()?;
     let path = dir.join("coordinator.toml");
-    std::fs::write(&path, config)?;
+    config::write(&path, &config)?;
     Ok((path, dir.join("coordinator.log")))
 }

@@ -6,9 +6,11 @@
 
 use std::time::Duration;
 
+use servitor_coordinator::config::{AwsFleetConfig, BudgetConfig, FleetProvider, PolicyConfig};
 use servitor_coordinator::fleet::Fleet;
-use servitor_coordinator::standin::{JobSpec, JobState};
+use servitor_testkit::gitlab::{JobSpec, JobState};
 use servitor_tests::aws::{metric, AwsHarness, AwsOptions, INSTANCE_TYPE, ZONE};
+use servitor_tests::config::Tweak;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -126,7 +128,7 @@ async fn queued_jobs_scale_the_group_out_capped_then_idle_instances_are_terminat
 async fn busy_instances_are_never_terminated_and_drift_is_corrected() {
     let h = AwsHarness::start(AwsOptions {
         max_instances: 2,
-        idle_time: "1s",
+        idle_time: Duration::from_secs(1),
         ..AwsOptions::default()
     })
     .await
@@ -191,7 +193,7 @@ async fn busy_instances_are_never_terminated_and_drift_is_corrected() {
 async fn an_instance_that_never_joins_is_reaped_and_replaced() {
     let h = AwsHarness::start(AwsOptions {
         max_instances: 1,
-        boot_timeout: "3s",
+        boot_timeout: Duration::from_secs(3),
         broken: 1,
         ..AwsOptions::default()
     })
@@ -227,7 +229,7 @@ async fn an_instance_that_never_joins_is_reaped_and_replaced() {
 async fn a_restarted_coordinator_adopts_the_instances_it_finds() {
     let mut h = AwsHarness::start(AwsOptions {
         max_instances: 2,
-        idle_time: "30s",
+        idle_time: Duration::from_secs(30),
         ..AwsOptions::default()
     })
     .await
@@ -279,10 +281,13 @@ async fn the_budget_caps_scale_out_and_waiting_jobs_say_so() {
     let h = AwsHarness::start(AwsOptions {
         max_instances: 5,
         market: "on-demand",
-        idle_time: "30s",
-        tables: format!(
-            "[budget]\nmonthly_usd = {cap}\non_demand_hourly_usd = {{ \"{INSTANCE_TYPE}\" = {price} }}\n"
-        ),
+        idle_time: Duration::from_secs(30),
+        configure: Tweak::new(move |c| {
+            c.budget = Some(BudgetConfig {
+                monthly_usd: cap,
+                on_demand_hourly_usd: [(INSTANCE_TYPE.to_owned(), price)].into(),
+            });
+        }),
         ..AwsOptions::default()
     })
     .await
@@ -340,10 +345,17 @@ async fn the_budget_caps_scale_out_and_waiting_jobs_say_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_period_keeps_warm_capacity_and_prices_and_hooks_go_through_the_sdk() {
     let h = AwsHarness::start(AwsOptions {
-        aws_keys: "lifecycle_hook = \"servitor-drain\"".into(),
-        tables:
-            "[[fleet.policy]]\nperiods = [\"* * * * *\"]\nidle_count = 1\nidle_time = \"10m\"\n"
-                .into(),
+        configure: Tweak::new(|c| {
+            if let Some(aws) = &mut c.fleet.aws {
+                aws.lifecycle_hook = Some("servitor-drain".to_owned());
+            }
+            c.fleet.policy.push(PolicyConfig {
+                periods: vec!["* * * * *".to_owned()],
+                idle_count: 1,
+                idle_time: Duration::from_secs(600),
+                ..PolicyConfig::default()
+            });
+        }),
         ..AwsOptions::default()
     })
     .await
@@ -380,8 +392,8 @@ async fn a_period_keeps_warm_capacity_and_prices_and_hooks_go_through_the_sdk() 
 async fn a_used_up_instance_finishes_its_job_before_it_is_replaced() {
     let h = AwsHarness::start(AwsOptions {
         max_instances: 1,
-        idle_time: "30s",
-        fleet_keys: "max_use_count = 1".into(),
+        idle_time: Duration::from_secs(30),
+        configure: Tweak::new(|c| c.fleet.max_use_count = 1),
         ..AwsOptions::default()
     })
     .await
@@ -421,7 +433,7 @@ async fn a_used_up_instance_finishes_its_job_before_it_is_replaced() {
 async fn a_spot_notice_moves_the_job_to_a_new_instance_and_lets_the_old_one_go() {
     let h = AwsHarness::start(AwsOptions {
         max_instances: 2,
-        idle_time: "30s",
+        idle_time: Duration::from_secs(30),
         ..AwsOptions::default()
     })
     .await
@@ -463,24 +475,30 @@ async fn a_missing_group_is_named_with_the_fix() {
     servitor_tests::aws::aws_environment();
     let moto = servitor_tests::aws::Moto::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let standin = servitor_coordinator::standin::StandIn::start(Default::default())
+    let standin = servitor_testkit::gitlab::StandIn::start(Default::default())
         .await
         .unwrap();
     std::fs::write(
-        dir.path().join("token"),
-        servitor_coordinator::standin::DEFAULT_RUNNER_TOKEN,
+        dir.path().join(servitor_tests::config::RUNNER_TOKEN_FILE),
+        servitor_testkit::gitlab::DEFAULT_RUNNER_TOKEN,
     )
     .unwrap();
-    std::fs::write(dir.path().join("join"), "join-token-0123456789").unwrap();
-    let text = format!(
-        "state_dir = {state:?}\n[gitlab]\nurl = {url:?}\ntoken_file = {token:?}\n[agents]\nlisten = \"127.0.0.1:0\"\njoin_token_file = {join:?}\n[fleet]\nprovider = \"aws-asg\"\nmax_instances = 2\n[fleet.aws]\ngroup = \"no-such-group\"\nendpoint_url = {endpoint:?}\n",
-        state = dir.path().join("state").display().to_string(),
-        url = standin.url(),
-        token = dir.path().join("token").display().to_string(),
-        join = dir.path().join("join").display().to_string(),
-        endpoint = moto.url(),
-    );
-    let config = servitor_coordinator::config::Config::from_toml_str(&text, "c.toml").unwrap();
+    std::fs::write(
+        dir.path().join(servitor_tests::config::JOIN_TOKEN_FILE),
+        "join-token-0123456789",
+    )
+    .unwrap();
+    let mut config =
+        servitor_tests::config::local(dir.path(), &standin.url(), "127.0.0.1:0".parse().unwrap());
+    config.fleet.provider = FleetProvider::AwsAsg;
+    config.fleet.max_instances = 2;
+    config.fleet.aws = Some(AwsFleetConfig {
+        group: "no-such-group".to_owned(),
+        region: None,
+        endpoint_url: Some(moto.url().to_owned()),
+        lifecycle_hook: None,
+    });
+    let config = servitor_tests::config::write(&dir.path().join("c.toml"), &config).unwrap();
     let secrets = config.load_secrets().unwrap();
     let err = servitor_coordinator::start(
         config,
@@ -517,10 +535,16 @@ async fn a_period_switching_off_lets_its_warm_instance_go() {
     }
     let (minute, hour) = (now / 60 % 60, now / 3600 % 24);
     let h = AwsHarness::start(AwsOptions {
-        idle_time: "1s",
-        tables: format!(
-            "[[fleet.policy]]\nperiods = [\"{minute} {hour} * * *\"]\ntimezone = \"UTC\"\nidle_count = 1\nidle_time = \"1s\"\n"
-        ),
+        idle_time: Duration::from_secs(1),
+        configure: Tweak::new(move |c| {
+            c.fleet.policy.push(PolicyConfig {
+                periods: vec![format!("{minute} {hour} * * *")],
+                timezone: "UTC".to_owned(),
+                idle_count: 1,
+                idle_time: Duration::from_secs(1),
+                ..PolicyConfig::default()
+            });
+        }),
         ..AwsOptions::default()
     })
     .await

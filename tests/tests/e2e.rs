@@ -5,12 +5,14 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use servitor_coordinator::standin::{Fault, JobSpec, JobState};
+use servitor_coordinator::config::PolicyConfig;
+use servitor_testkit::gitlab::{Fault, JobSpec, JobState};
+use servitor_tests::config::Tweak;
 use servitor_tests::{Harness, HarnessOptions};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(90);
 
-fn final_reason(r: &servitor_coordinator::standin::JobRecord) -> Option<String> {
+fn final_reason(r: &servitor_testkit::gitlab::JobRecord) -> Option<String> {
     r.final_update
         .as_ref()
         .and_then(|f| f.failure_reason.clone())
@@ -374,7 +376,7 @@ async fn fleet_scales_out_to_demand_and_in_after_idle_time() {
         executor: "shell",
         max_instances: 2,
         capacity_per_instance: 1,
-        idle_time: "2s",
+        idle_time: Duration::from_secs(2),
         ..HarnessOptions::default()
     })
     .await
@@ -494,9 +496,7 @@ async fn agent_with_a_wrong_join_token_is_refused_and_exits_64() {
 async fn demo_command_runs_its_pipeline_green() {
     let out = tokio::time::timeout(
         Duration::from_secs(240),
-        tokio::process::Command::new(servitor_tests::coordinator_binary().unwrap())
-            .arg("demo")
-            .output(),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_servitor-demo")).output(),
     )
     .await
     .expect("the demo finishes")
@@ -516,8 +516,14 @@ async fn a_policy_period_in_force_keeps_an_idle_instance_warm() {
     let h = Harness::start(HarnessOptions {
         executor: "shell",
         capacity_per_instance: 1,
-        fleet_tables:
-            "[[fleet.policy]]\nperiods = [\"* * * * *\"]\nidle_count = 1\nidle_time = \"10m\"\n",
+        configure: Tweak::new(|c| {
+            c.fleet.policy.push(PolicyConfig {
+                periods: vec!["* * * * *".to_owned()],
+                idle_count: 1,
+                idle_time: Duration::from_secs(600),
+                ..PolicyConfig::default()
+            });
+        }),
         ..HarnessOptions::default()
     })
     .await
@@ -545,7 +551,7 @@ async fn an_instance_that_reached_max_use_count_is_replaced() {
         executor: "shell",
         capacity_per_instance: 1,
         max_instances: 2,
-        fleet_keys: "max_use_count = 1",
+        configure: Tweak::new(|c| c.fleet.max_use_count = 1),
         ..HarnessOptions::default()
     })
     .await

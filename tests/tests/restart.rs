@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use servitor_coordinator::standin::{JobSpec, JobState, StandIn, StandInConfig};
+use servitor_testkit::gitlab::{JobSpec, JobState, StandIn, StandInConfig};
 use servitor_tests::CoordinatorProcess;
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(120);
@@ -35,8 +35,8 @@ async fn coordinator_killed_mid_job_resumes_it_and_reports_once() {
         .unwrap();
 
     // kill -9: no shutdown code runs; the agent keeps running the job.
+    // `kill` returns once the process is gone, and its UDP port with it.
     first.kill().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let second = CoordinatorProcess::start(&config_path, &log).unwrap();
 
     let r = standin.wait_for_final(id, JOB_TIMEOUT).await;

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use servitor_coordinator::standin::{JobRecord, JobSpec, JobState};
+use servitor_testkit::gitlab::{JobRecord, JobSpec, JobState};
 use servitor_tests::{Harness, HarnessOptions};
 
 const JOB_TIMEOUT: Duration = Duration::from_secs(120);
@@ -31,7 +31,7 @@ fn options() -> HarnessOptions {
         executor: "shell",
         max_instances: 2,
         capacity_per_instance: 1,
-        lost_grace: "3s",
+        lost_grace: Duration::from_secs(3),
         ..HarnessOptions::default()
     }
 }
@@ -283,7 +283,7 @@ async fn cut_link_reconnects_and_the_job_finishes_once_with_its_whole_log() {
     let h = Harness::start(HarnessOptions {
         relay: true,
         max_instances: 1,
-        lost_grace: "60s",
+        lost_grace: Duration::from_secs(60),
         ..options()
     })
     .await
@@ -299,9 +299,15 @@ async fn cut_link_reconnects_and_the_job_finishes_once_with_its_whole_log() {
     h.wait_trace(id, "line 3\n", JOB_TIMEOUT).await.unwrap();
     let relay = h.relay.as_ref().unwrap();
     relay.cut();
-    // Long enough for the coordinator to give up on the session (heartbeat
-    // silence) and for QUIC to drop the connection, so the agent redials.
-    tokio::time::sleep(Duration::from_secs(22)).await;
+    // Heal only once the agent has noticed the link is gone (heartbeat
+    // silence, then QUIC's idle timeout), so it has to redial.
+    servitor_tests::wait_until(
+        "the agent noticing the cut",
+        Duration::from_secs(60),
+        || h.agent_logs().contains("lost the coordinator"),
+    )
+    .await
+    .unwrap();
     relay.heal();
     let r = h.wait_final(id, JOB_TIMEOUT).await.unwrap();
     let text = r.trace_text();

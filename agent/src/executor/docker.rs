@@ -7,10 +7,9 @@
 //! It resolves the image and its pull policy, streams container output live,
 //! stops a container with SIGTERM and then SIGKILL after a grace period on
 //! timeout or graceful cancel, kills it at once on abort, and always removes
-//! its containers. It also builds the small local job image the tests and
-//! the demo use ([`ensure_local_image`]), since no registry is reachable
-//! there. Not responsible for services, caches, artifacts, registry
-//! credentials, or removing the work directory (the caller does).
+//! its containers. Not responsible for services, caches, artifacts, registry
+//! credentials, removing the work directory (the caller does), or building
+//! the local job image tests use (the test kit does).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -60,76 +59,6 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 /// with it, the script shell gets SIGTERM and the container ends when it does.
 const CONTAINER_WRAPPER: &str = r#"trap 'kill -TERM "$child" 2>/dev/null; wait "$child"; exit 143' TERM; sh "$1" & child=$!; wait "$child""#;
 
-/// The statically linked busybox Debian's busybox-static installs.
-const BUSYBOX_PATH: &str = "/bin/busybox";
-
-/// Applets the local job image links to busybox: what CI scripts commonly
-/// call.
-const BUSYBOX_APPLETS: &[&str] = &[
-    "[",
-    "ash",
-    "awk",
-    "basename",
-    "cat",
-    "chmod",
-    "cp",
-    "cut",
-    "date",
-    "dd",
-    "df",
-    "diff",
-    "dirname",
-    "du",
-    "echo",
-    "env",
-    "expr",
-    "false",
-    "find",
-    "grep",
-    "gzip",
-    "head",
-    "hostname",
-    "id",
-    "kill",
-    "ln",
-    "ls",
-    "md5sum",
-    "mkdir",
-    "mktemp",
-    "mv",
-    "printf",
-    "ps",
-    "pwd",
-    "rm",
-    "rmdir",
-    "sed",
-    "seq",
-    "sh",
-    "sha256sum",
-    "sleep",
-    "sort",
-    "stat",
-    "tail",
-    "tar",
-    "tee",
-    "test",
-    "timeout",
-    "touch",
-    "tr",
-    "true",
-    "uname",
-    "uniq",
-    "wc",
-    "wget",
-    "which",
-    "whoami",
-    "xargs",
-    "yes",
-];
-
-/// ustar works in blocks of this size (POSIX pax/ustar format).
-const TAR_BLOCK: usize = 512;
-
 /// Why the Docker executor could not do something.
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -159,14 +88,6 @@ pub enum DockerError {
     },
     #[error("pull policy {0:?} is not one of \"always\", \"if-not-present\", \"never\"")]
     UnknownPullPolicy(String),
-    #[error("{path} is missing ({source}); install Debian's busybox-static to build the local job image")]
-    BusyboxMissing {
-        path: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} is not a statically linked executable ({reason}) and would not run in an empty image; install Debian's busybox-static")]
-    BusyboxNotStatic { path: &'static str, reason: String },
 }
 
 impl DockerError {
@@ -264,7 +185,7 @@ impl DockerExecutor {
         }
     }
 
-    /// The Docker client, e.g. for [`ensure_local_image`].
+    /// The Docker client, e.g. for building a local test image.
     pub fn client(&self) -> &Docker {
         &self.docker
     }
@@ -719,220 +640,6 @@ async fn remove_container(docker: &Docker, id: &str) {
     }
 }
 
-/// Makes sure image `tag` exists locally, building it when missing from the
-/// host's statically linked busybox: a root file system with `bin/busybox`,
-/// its common applets (`sh`, `echo`, `sleep`…) as symlinks, `/tmp` and a
-/// root user, imported as an image. Returns whether it built the image.
-///
-/// # Errors
-/// Fails when busybox is missing or not static (the message says to install
-/// Debian's busybox-static), or when the engine refuses the import.
-pub async fn ensure_local_image(docker: &Docker, tag: &str) -> Result<bool, DockerError> {
-    // Jobs starting together would each import the image, leaving all but
-    // the last import behind as untagged images.
-    static IMPORTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let _importing = IMPORTING.lock().await;
-    if image_exists(docker, tag).await? {
-        return Ok(false);
-    }
-    let busybox =
-        tokio::fs::read(BUSYBOX_PATH)
-            .await
-            .map_err(|source| DockerError::BusyboxMissing {
-                path: BUSYBOX_PATH,
-                source,
-            })?;
-    match elf_has_interpreter(&busybox) {
-        Ok(false) => {}
-        Ok(true) => {
-            return Err(DockerError::BusyboxNotStatic {
-                path: BUSYBOX_PATH,
-                reason: "it names a dynamic loader".to_owned(),
-            })
-        }
-        Err(reason) => {
-            return Err(DockerError::BusyboxNotStatic {
-                path: BUSYBOX_PATH,
-                reason: reason.to_owned(),
-            })
-        }
-    }
-    let rootfs = busybox_rootfs(&busybox);
-    let options = CreateImageOptionsBuilder::new()
-        .from_src("-")
-        .repo(tag)
-        .changes(vec![
-            "ENV PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
-            r#"CMD ["sh"]"#.to_owned(),
-        ])
-        .build();
-    let mut progress =
-        docker.create_image(Some(options), Some(bollard::body_full(rootfs.into())), None);
-    while let Some(item) = progress.next().await {
-        item.map_err(DockerError::api("import image"))?;
-    }
-    Ok(true)
-}
-
-/// Whether an ELF executable asks for a dynamic loader (has a `PT_INTERP`
-/// program header). `Err` says why the bytes are not a readable ELF file.
-fn elf_has_interpreter(elf: &[u8]) -> Result<bool, &'static str> {
-    const MAGIC: &[u8] = b"\x7fELF";
-    const CLASS_32: u8 = 1;
-    const CLASS_64: u8 = 2;
-    const DATA_LE: u8 = 1;
-    const DATA_BE: u8 = 2;
-    const PT_INTERP: u32 = 3;
-
-    if elf.get(..MAGIC.len()) != Some(MAGIC) {
-        return Err("not an ELF file");
-    }
-    let little = match elf.get(5) {
-        Some(&DATA_LE) => true,
-        Some(&DATA_BE) => false,
-        _ => return Err("unknown ELF byte order"),
-    };
-    let read = |offset: usize, len: usize| -> Result<u64, &'static str> {
-        let bytes = offset
-            .checked_add(len)
-            .and_then(|end| elf.get(offset..end))
-            .ok_or("truncated ELF file")?;
-        let mut value = 0u64;
-        for i in 0..len {
-            let byte = if little { bytes[len - 1 - i] } else { bytes[i] };
-            value = (value << 8) | u64::from(byte);
-        }
-        Ok(value)
-    };
-    // Field offsets of the ELF header for each class (System V gABI).
-    let (phoff, phentsize, phnum) = match elf.get(4) {
-        Some(&CLASS_64) => (read(0x20, 8)?, read(0x36, 2)?, read(0x38, 2)?),
-        Some(&CLASS_32) => (read(0x1c, 4)?, read(0x2a, 2)?, read(0x2c, 2)?),
-        _ => return Err("unknown ELF class"),
-    };
-    let phoff = usize::try_from(phoff).map_err(|_| "truncated ELF file")?;
-    // Both widths are u16 fields, so these conversions cannot fail on any
-    // target with a 32-bit or larger usize.
-    let phentsize = usize::try_from(phentsize).map_err(|_| "bad program header size")?;
-    let phnum = usize::try_from(phnum).map_err(|_| "bad program header count")?;
-    for i in 0..phnum {
-        let offset = i
-            .checked_mul(phentsize)
-            .and_then(|o| o.checked_add(phoff))
-            .ok_or("truncated ELF file")?;
-        if read(offset, 4)? == u64::from(PT_INTERP) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
-/// A root file system around `busybox` as an uncompressed ustar archive.
-fn busybox_rootfs(busybox: &[u8]) -> Vec<u8> {
-    /// Directory modes: world-writable sticky `/tmp`, private `/root`.
-    const DIR_MODE: u32 = 0o755;
-    const TMP_MODE: u32 = 0o1777;
-    const ROOT_HOME_MODE: u32 = 0o700;
-    const EXEC_MODE: u32 = 0o755;
-    const FILE_MODE: u32 = 0o644;
-
-    let mut tar = Tar::default();
-    for dir in ["bin/", "usr/", "usr/bin/", "etc/"] {
-        tar.entry(dir, DIR_MODE, EntryKind::Dir, &[]);
-    }
-    tar.entry("tmp/", TMP_MODE, EntryKind::Dir, &[]);
-    tar.entry("root/", ROOT_HOME_MODE, EntryKind::Dir, &[]);
-    tar.entry("bin/busybox", EXEC_MODE, EntryKind::File, busybox);
-    for applet in BUSYBOX_APPLETS {
-        tar.entry(
-            &format!("bin/{applet}"),
-            EXEC_MODE,
-            EntryKind::Symlink("busybox"),
-            &[],
-        );
-    }
-    tar.entry(
-        "usr/bin/env",
-        EXEC_MODE,
-        EntryKind::Symlink("/bin/busybox"),
-        &[],
-    );
-    tar.entry(
-        "etc/passwd",
-        FILE_MODE,
-        EntryKind::File,
-        b"root:x:0:0:root:/root:/bin/sh\n",
-    );
-    tar.entry("etc/group", FILE_MODE, EntryKind::File, b"root:x:0:\n");
-    tar.finish()
-}
-
-#[derive(Clone, Copy, Debug)]
-enum EntryKind<'a> {
-    File,
-    Dir,
-    Symlink(&'a str),
-}
-
-/// A minimal ustar writer: regular files, directories and symlinks with
-/// short names, owned by root.
-#[derive(Debug, Default)]
-struct Tar {
-    bytes: Vec<u8>,
-}
-
-impl Tar {
-    fn entry(&mut self, name: &str, mode: u32, kind: EntryKind<'_>, data: &[u8]) {
-        // Field offsets and widths of the ustar header (POSIX.1-1988).
-        let mut header = [0u8; TAR_BLOCK];
-        put(&mut header[0..100], name.as_bytes());
-        octal(&mut header[100..108], u64::from(mode));
-        octal(&mut header[108..116], 0); // uid: root
-        octal(&mut header[116..124], 0); // gid: root
-        octal(&mut header[124..136], data.len() as u64);
-        octal(&mut header[136..148], 0); // mtime: reproducible archives
-        let (flag, link) = match kind {
-            EntryKind::File => (b'0', ""),
-            EntryKind::Dir => (b'5', ""),
-            EntryKind::Symlink(target) => (b'2', target),
-        };
-        header[156] = flag;
-        put(&mut header[157..257], link.as_bytes());
-        header[257..263].copy_from_slice(b"ustar\0");
-        header[263..265].copy_from_slice(b"00");
-        put(&mut header[265..297], b"root");
-        put(&mut header[297..329], b"root");
-        // The checksum is computed with its own field filled with spaces.
-        header[148..156].copy_from_slice(b"        ");
-        let sum: u64 = header.iter().map(|&b| u64::from(b)).sum();
-        let checksum = format!("{sum:06o}\0 ");
-        header[148..156].copy_from_slice(checksum.as_bytes());
-        self.bytes.extend_from_slice(&header);
-        self.bytes.extend_from_slice(data);
-        let padding = (TAR_BLOCK - data.len() % TAR_BLOCK) % TAR_BLOCK;
-        self.bytes.resize(self.bytes.len() + padding, 0);
-    }
-
-    /// The archive, closed with the two zero blocks ustar ends with.
-    fn finish(mut self) -> Vec<u8> {
-        self.bytes.resize(self.bytes.len() + 2 * TAR_BLOCK, 0);
-        self.bytes
-    }
-}
-
-/// Copies `value` into a NUL-padded header field; names here are constants
-/// far shorter than any field.
-fn put(field: &mut [u8], value: &[u8]) {
-    let len = value.len().min(field.len());
-    field[..len].copy_from_slice(&value[..len]);
-}
-
-/// Writes `value` as zero-padded octal followed by a NUL, filling `field`.
-fn octal(field: &mut [u8], value: u64) {
-    let digits = format!("{value:0width$o}", width = field.len() - 1);
-    put(field, digits.as_bytes());
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test fails loudly on anything unexpected
 mod tests {
@@ -953,7 +660,7 @@ mod tests {
         let executor = DockerExecutor::connect(config)
             .await
             .unwrap_or_else(|e| panic!("these tests need the Docker engine: {e}"));
-        ensure_local_image(executor.client(), TEST_IMAGE)
+        servitor_testkit::image::ensure_local_image(executor.client(), TEST_IMAGE)
             .await
             .unwrap_or_else(|e| panic!("these tests need the local job image {TEST_IMAGE}: {e}"));
         executor
@@ -1277,9 +984,11 @@ mod tests {
     async fn the_local_image_is_built_once_and_runs_busybox() {
         let executor = executor().await;
         // Present now, so not built again.
-        assert!(!ensure_local_image(executor.client(), TEST_IMAGE)
-            .await
-            .unwrap());
+        assert!(
+            !servitor_testkit::image::ensure_local_image(executor.client(), TEST_IMAGE)
+                .await
+                .unwrap()
+        );
         let dir = tempfile::tempdir().unwrap();
         let job = job_with(
             &["id -un", "ls /tmp > /dev/null", "env | grep -c PATH"],
@@ -1347,56 +1056,6 @@ mod tests {
             .await
             .unwrap();
         assert!(left.is_empty(), "{left:?}");
-    }
-
-    #[test]
-    fn busybox_rootfs_is_a_valid_tar() {
-        let tar = busybox_rootfs(b"#!fake busybox\n");
-        assert_eq!(tar.len() % TAR_BLOCK, 0);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("rootfs.tar");
-        std::fs::write(&path, &tar).unwrap();
-        let out = std::process::Command::new("tar")
-            .arg("-tvf")
-            .arg(&path)
-            .output()
-            .expect("this test needs tar on the host to read the archive back");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let listing = String::from_utf8_lossy(&out.stdout);
-        assert!(listing.contains("bin/sh -> busybox"), "{listing}");
-        assert!(listing.contains("drwxrwxrwt"), "{listing}");
-        assert!(
-            listing.contains("root/root        15") && listing.contains("bin/busybox"),
-            "{listing}"
-        );
-        let extract = std::process::Command::new("tar")
-            .arg("-xf")
-            .arg(&path)
-            .arg("-C")
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(extract.status.success());
-        assert_eq!(
-            std::fs::read(dir.path().join("bin/busybox")).unwrap(),
-            b"#!fake busybox\n"
-        );
-    }
-
-    #[test]
-    fn static_and_dynamic_executables_are_told_apart() {
-        let busybox = std::fs::read(BUSYBOX_PATH).unwrap_or_else(|e| {
-            panic!("this test needs {BUSYBOX_PATH}: {e}; install Debian's busybox-static")
-        });
-        assert_eq!(elf_has_interpreter(&busybox), Ok(false));
-        let dynamic = std::fs::read("/bin/ls").unwrap();
-        assert_eq!(elf_has_interpreter(&dynamic), Ok(true));
-        assert!(elf_has_interpreter(b"#!/bin/sh\n").is_err());
-        assert!(elf_has_interpreter(&busybox[..64]).is_err());
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub mod sources;
 #[cfg(test)]
 mod testing;
 
-pub use docker::{ensure_local_image, DockerConfig, DockerError, DockerExecutor, PullPolicy};
+pub use docker::{DockerConfig, DockerError, DockerExecutor, PullPolicy};
 pub use shell::ShellExecutor;
 
 /// Everything an executor needs to run one attempt.

@@ -14,8 +14,8 @@ use aws_config::imds::Client;
 use serde::Deserialize;
 
 use super::error::ImdsError;
-use super::paths;
 use super::{InstanceFacts, InstanceMetadata, Market, Notices, SpotAction};
+use servitor_proto::imds as paths;
 
 /// One attempt per request. A failed poll is repeated by the watcher two
 /// seconds later, sooner than the SDK's own retry backoff (up to 1 s, then
@@ -340,8 +340,8 @@ fn parse_time(text: &str) -> Result<SystemTime, String> {
 mod tests {
     use std::time::{Duration, Instant, UNIX_EPOCH};
 
-    use super::super::standin::{ImdsStandIn, InstanceSpec};
     use super::*;
+    use servitor_testkit::imds::{ImdsStandIn, InstanceSpec};
 
     /// Whole-poll bound the tests hold the client to (two requests' worth,
     /// with room for a loaded test machine).

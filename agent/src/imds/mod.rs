@@ -5,9 +5,8 @@
 //!
 //! [`InstanceMetadata`] is the seam, in the agent's own words; [`Imds`] is
 //! the real implementation over the AWS SDK's IMDSv2 client; [`watch`] polls
-//! a seam and reports each interruption once; [`ImdsStandIn`] is a local
-//! server speaking the IMDSv2 wire protocol, for the coordinator's demo and
-//! for tests.
+//! a seam and reports each interruption once. The wire-faithful stand-in
+//! the tests and the demo point the client at lives in the test kit.
 //!
 //! Not responsible for acting on an interruption (the session hands jobs
 //! back) nor for verifying the identity document's signature (the
@@ -15,8 +14,6 @@
 
 mod client;
 mod error;
-mod paths;
-mod standin;
 mod watch;
 
 use std::future::Future;
@@ -25,7 +22,6 @@ use std::time::SystemTime;
 
 pub use client::Imds;
 pub use error::ImdsError;
-pub use standin::{ImdsStandIn, InstanceSpec};
 pub use watch::{watch, Interruption, ASG_ASSUMED_NOTICE, POLL_INTERVAL};
 
 /// What the agent reads from its instance's metadata.

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{ImdsError, InstanceMetadata, Notices, SpotAction};
-use crate::backoff::Backoff;
+use servitor_runtime::backoff::Backoff;
 
 /// How often to poll. AWS recommends every 5 seconds and
 /// aws-node-termination-handler polls every 2; we poll every second so that
@@ -261,8 +261,9 @@ impl FailureLog {
 mod tests {
     use std::time::UNIX_EPOCH;
 
-    use super::super::{Imds, ImdsStandIn, InstanceSpec};
+    use super::super::Imds;
     use super::*;
+    use servitor_testkit::imds::{ImdsStandIn, InstanceSpec};
 
     /// Fast polling for tests; production uses [`POLL_INTERVAL`].
     const TEST_INTERVAL: Duration = Duration::from_millis(100);

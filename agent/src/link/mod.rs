@@ -15,7 +15,7 @@
 //! Not responsible for what travels on the connection (the control and
 //! output streams belong to the caller) nor for retrying: a [`LinkError`]
 //! says whether a retry can help, and the caller waits with
-//! [`crate::backoff::Backoff`].
+//! [`servitor_runtime::backoff::Backoff`].
 
 mod der;
 mod identity;
@@ -29,31 +29,16 @@ use std::time::Duration;
 use servitor_proto::agent::{enroll_response, EnrollRequest, EnrollResponse};
 use servitor_proto::frame::{read_frame, write_frame};
 
-use crate::secret::Secret;
 use identity::{Credentials, Store};
+use servitor_proto::link::close_code;
+use servitor_runtime::link::code;
+use servitor_runtime::secret::Secret;
 use tls::{CoordinatorVerifier, Trust};
 
-pub use tls::PIN_PREFIX;
-
-/// The name the coordinator's server certificate always carries, whatever
-/// address the agent dials; agents verify against it by default.
-pub const DEFAULT_SERVER_NAME: &str = "servitor-coordinator";
-
-/// How often an idle link sends a keep-alive. Well under
-/// [`IDLE_TIMEOUT`] so one or two lost packets never end a healthy link.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
-
-/// A link silent for this long is dead. Short, because a lost agent must be
-/// noticed quickly: its jobs go back to the queue only once it is.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
-
-// Several keep-alives must fit in the idle timeout, or a single lost packet
-// would end a healthy link.
-const _: () = assert!(KEEP_ALIVE_INTERVAL.as_secs() * 3 <= IDLE_TIMEOUT.as_secs());
-
-/// Longest the enrollment exchange may take once connected; the coordinator
-/// gives up on an unauthenticated connection after a similar time.
-pub const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
+pub use servitor_proto::link::{
+    DEFAULT_SERVER_NAME, ENROLL_TIMEOUT, IDLE_TIMEOUT, KEEP_ALIVE_INTERVAL, PIN_PREFIX,
+};
+pub use servitor_runtime::link::transport_config;
 
 /// Longest to wait, after the agent's side of the handshake is done, for the
 /// coordinator to confirm it. That takes one round trip; past this the
@@ -63,24 +48,6 @@ pub const HANDSHAKE_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often to look for the coordinator's confirmation. quinn counts it
 /// but offers nothing to wait on.
 const HANDSHAKE_CONFIRM_POLL: Duration = Duration::from_millis(10);
-
-/// Application close codes on the agent link, shared by both ends so each
-/// can tell the other why it hung up.
-pub mod close_code {
-    use quinn::VarInt;
-
-    /// Nothing wrong: enrollment finished, or the side is done.
-    pub const DONE: VarInt = VarInt::from_u32(0);
-    /// The coordinator refused the enrollment (the reason travelled in the
-    /// `EnrollResponse`).
-    pub const ENROLLMENT_REFUSED: VarInt = VarInt::from_u32(1);
-    /// The peer did something the protocol does not allow.
-    pub const PROTOCOL_VIOLATION: VarInt = VarInt::from_u32(2);
-    /// The peer took too long.
-    pub const TIMEOUT: VarInt = VarInt::from_u32(3);
-    /// The coordinator is shutting down.
-    pub const SHUTTING_DOWN: VarInt = VarInt::from_u32(4);
-}
 
 /// TLS alerts (RFC 8446 §6.2) a server sends when it rejects a client
 /// certificate: bad_certificate, unsupported_certificate,
@@ -93,17 +60,6 @@ const CERTIFICATE_ALERTS: &[u8] = &[42, 43, 44, 45, 46, 48, 51, 116];
 /// QUIC carries TLS alerts as transport error codes 0x100 + alert
 /// (RFC 9001 §4.8).
 const CRYPTO_ERROR_BASE: u64 = 0x100;
-
-/// The QUIC transport settings of the link, the same at both ends.
-pub fn transport_config() -> quinn::TransportConfig {
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
-    transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
-            .expect("twenty seconds fits in a QUIC idle timeout"),
-    ));
-    transport
-}
 
 /// How the agent recognizes its coordinator.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -394,7 +350,7 @@ impl Dialer {
             match confirmation(&connection).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    connection.close(close_code::TIMEOUT, b"handshake not confirmed");
+                    connection.close(code(close_code::TIMEOUT), b"handshake not confirmed");
                     return Err(LinkError::Unconfirmed);
                 }
                 Err(e) => return Err(failed(e)),
@@ -411,11 +367,11 @@ impl Dialer {
             join_token: settings.join_token.expose().to_owned(),
             csr_pem,
             agent_name: settings.agent_name.clone(),
-            protocol_version: servitor_proto::PROTOCOL_VERSION,
+            protocol_version: servitor_proto::link::PROTOCOL_VERSION,
         };
         let connection = self.dial(None).await?;
         let exchanged = tokio::time::timeout(ENROLL_TIMEOUT, exchange(&connection, &request)).await;
-        connection.close(close_code::DONE, b"enrollment done");
+        connection.close(code(close_code::DONE), b"enrollment done");
         let response = exchanged.map_err(|_| LinkError::Timeout)??;
         match response.result {
             Some(enroll_response::Result::CertificatePem(pem)) => {

@@ -17,11 +17,8 @@ use rustls::{CertificateError, DigitallySignedStruct, OtherError, RootCertStore,
 use sha2::{Digest, Sha256};
 
 use super::identity::Credentials;
-use super::{transport_config, CaTrust, LinkError};
+use super::{transport_config, CaTrust, LinkError, PIN_PREFIX};
 
-/// How a pin is written: this prefix, then the hex SHA-256 of the CA
-/// certificate's DER (what the coordinator prints as its CA pin).
-pub const PIN_PREFIX: &str = "sha256:";
 /// Bytes in a SHA-256 digest.
 const SHA256_LEN: usize = 32;
 
@@ -271,7 +268,7 @@ pub(super) fn client_config(
             .map_err(|e| tls(&e))?,
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![servitor_proto::ALPN.to_vec()];
+    config.alpn_protocols = vec![servitor_proto::link::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(config).map_err(|e| tls(&e))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
     client.transport_config(Arc::new(transport_config()));

@@ -18,10 +18,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use servitor_agent::backoff::Backoff;
-use servitor_agent::secret::Secret;
 use servitor_proto::agent::FailureKind;
 use servitor_proto::job::JobPayload;
+use servitor_runtime::backoff::Backoff;
+use servitor_runtime::secret::Secret;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;

@@ -5,16 +5,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use servitor_agent::backoff::Backoff;
-use servitor_agent::secret::Secret;
 use servitor_proto::agent::FailureKind;
 use servitor_proto::job::JobPayload;
+use servitor_runtime::backoff::Backoff;
+use servitor_runtime::secret::Secret;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::standin::{
+use servitor_testkit::gitlab::{
     Fault, JobRecord, JobSpec, JobState as StandInState, Route, StandIn, StandInConfig,
     DEFAULT_RUNNER_TOKEN,
 };
@@ -153,15 +153,17 @@ async fn long_poll_is_answered_as_soon_as_a_job_is_queued() {
         let client = Arc::clone(&client);
         tokio::spawn(async move { client.request_job().await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Queue the job only once the second request is held at the stand-in.
+    standin.wait_for_requests(2, WAIT).await.unwrap();
+    let held = started.elapsed();
     standin.push_job(JobSpec::new("late")).await.unwrap();
     let answer = waiter.await.unwrap().unwrap();
     assert!(matches!(answer, RequestedJob::Job(_)));
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(300), "{took:?}");
     assert!(
-        took < Duration::from_millis(1500),
-        "held too long: {took:?}"
+        took < held + Duration::from_millis(1500),
+        "answered {:?} after the job was queued, not at once",
+        took - held
     );
 
     // The queue version moved with the new job: the next request learns it
@@ -235,7 +237,8 @@ async fn forbidden_stops_the_poller_and_cancel_ends_it() {
         let cancel = cancel.clone();
         tokio::spawn(async move { client.next_job(&mut backoff, &cancel).await })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Cancel while the poll is held at the stand-in.
+    standin.wait_for_requests(2, WAIT).await.unwrap();
     cancel.cancel();
     let err = poller.await.unwrap().unwrap_err();
     assert!(matches!(err, GitLabError::Cancelled), "{err:?}");
@@ -301,7 +304,13 @@ async fn trace_arrives_in_order_with_a_correct_checksum() {
         expected.extend_from_slice(line.as_bytes());
         handle.append(Bytes::from(line));
         if i % 50 == 0 {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            // Let this much reach GitLab before appending more, so the log
+            // goes out in several PATCHes.
+            let sent = expected.len();
+            wait_for(&standin, job.id, "a batch of lines", |r| {
+                r.trace.len() >= sent
+            })
+            .await;
         }
     }
     let report = handle.finish(FinalState::Success).await.unwrap();

@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use prost::Message as _;
 use quinn::VarInt;
-use servitor_agent::link::close_code;
-use servitor_agent::secret::Secret;
 use servitor_proto::agent::{enroll_response, EnrollRequest, EnrollResponse};
 use servitor_proto::frame::write_frame;
-use servitor_proto::PROTOCOL_VERSION;
+use servitor_proto::link::close_code;
+use servitor_proto::link::PROTOCOL_VERSION;
+use servitor_runtime::link::code;
+use servitor_runtime::secret::Secret;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -72,9 +73,9 @@ struct Verdict {
 }
 
 impl Verdict {
-    fn new(code: VarInt, reason: impl Into<String>) -> Self {
+    fn new(close: u32, reason: impl Into<String>) -> Self {
         Self {
-            code,
+            code: code(close),
             reason: reason.into(),
         }
     }

@@ -13,17 +13,15 @@
 //! control stream) nor for the certificates themselves (`pki`).
 
 mod enroll;
-#[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
-use servitor_agent::link::close_code;
-use servitor_agent::secret::Secret;
+use servitor_proto::link::close_code;
+use servitor_runtime::link::code;
+use servitor_runtime::secret::Secret;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,9 +37,9 @@ pub use enroll::JOIN_TOKEN_REJECTED;
 /// few round trips; this only stops a silent peer from keeping a task alive.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Longest an unauthenticated connection may stay open, enrollment included.
-/// Enrolling is one request and one answer; the agent allows itself as long.
-pub const ENROLL_TIMEOUT: Duration = servitor_agent::link::ENROLL_TIMEOUT;
+// Longest an unauthenticated connection may stay open, enrollment included:
+// the same limit the agent allows itself.
+pub use servitor_proto::link::ENROLL_TIMEOUT;
 
 /// Authenticated connections waiting for [`LinkServer::accept`]. Small: the
 /// caller accepts continuously, and a full queue only delays handshakes
@@ -193,8 +191,10 @@ impl LinkServer {
     pub fn close(&self) {
         self.shutdown.cancel();
         self.tasks.close();
-        self.endpoint
-            .close(close_code::SHUTTING_DOWN, b"coordinator shutting down");
+        self.endpoint.close(
+            code(close_code::SHUTTING_DOWN),
+            b"coordinator shutting down",
+        );
     }
 
     /// Waits until [`close`](Self::close) has finished: background tasks
@@ -235,12 +235,12 @@ fn server_config(pki: &Pki) -> Result<quinn::ServerConfig, LinkError> {
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(pki.server_cert_chain(), pki.server_key())
         .map_err(|e| tls(&e))?;
-    config.alpn_protocols = vec![servitor_proto::ALPN.to_vec()];
+    config.alpn_protocols = vec![servitor_proto::link::ALPN.to_vec()];
     // No 0-RTT (rustls' default): early data could be replayed, and an
     // enrollment must happen exactly once.
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(|e| tls(&e))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    server.transport_config(Arc::new(servitor_agent::link::transport_config()));
+    server.transport_config(Arc::new(servitor_runtime::link::transport_config()));
     Ok(server)
 }
 
@@ -317,13 +317,13 @@ async fn handle_incoming(
                 // Dropping the connection closes it.
                 () = shutdown.cancelled() => {}
                 sent = queue.send(agent) => if let Err(unsent) = sent {
-                    unsent.0.connection.close(close_code::SHUTTING_DOWN, b"coordinator shutting down");
+                    unsent.0.connection.close(code(close_code::SHUTTING_DOWN), b"coordinator shutting down");
                 },
             }
         }
         Peer::Unusable(reason) => {
             tracing::warn!(%remote, %reason, "refused a verified client certificate");
-            connection.close(close_code::PROTOCOL_VIOLATION, reason.as_bytes());
+            connection.close(code(close_code::PROTOCOL_VIOLATION), reason.as_bytes());
         }
     }
 }

@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use servitor_coordinator::standin::JobSpec;
+use servitor_testkit::gitlab::JobSpec;
 use servitor_tests::{percentile, Harness, HarnessOptions};
 
 /// Jobs measured per executor.
@@ -176,7 +176,7 @@ async fn handback_latency() -> anyhow::Result<Vec<Duration>> {
 /// `kill -9` of the coordinator, start again → the agent's running attempt
 /// re-adopted (the coordinator logs the reconnect with `running=1`).
 async fn restart_latency() -> anyhow::Result<Vec<Duration>> {
-    use servitor_coordinator::standin::{StandIn, StandInConfig};
+    use servitor_testkit::gitlab::{StandIn, StandInConfig};
     use servitor_tests::{process_config, CoordinatorProcess};
     let standin = StandIn::start(StandInConfig::default()).await?;
     let dir = tempfile::tempdir()?;

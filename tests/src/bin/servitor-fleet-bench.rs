@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use servitor_coordinator::fleet::policy::{self, FleetPolicy, Instance, InstanceState};
 use servitor_coordinator::fleet::schedule::ActivePolicy;
-use servitor_coordinator::standin::{JobSpec, JobState};
+use servitor_testkit::gitlab::{JobSpec, JobState};
 use servitor_tests::aws::{AwsHarness, AwsOptions};
 use servitor_tests::percentile;
 
@@ -96,7 +96,7 @@ struct MotoFigures {
 async fn moto_figures() -> anyhow::Result<MotoFigures> {
     let h = AwsHarness::start(AwsOptions {
         max_instances: 1,
-        idle_time: "1s",
+        idle_time: Duration::from_secs(1),
         ..AwsOptions::default()
     })
     .await?;

@@ -186,7 +186,9 @@ async fn request_job(
             request_id: header_str(&headers, "x-request-id"),
             status: 0,
         });
-        inner.requests.len() - 1
+        let seen = inner.requests.len();
+        state.requests_seen.send_replace(seen);
+        seen - 1
     };
     let finish = |status: u16| {
         state.lock().requests[index].status = status;

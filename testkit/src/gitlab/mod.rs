@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use servitor_agent::secret::Secret;
+use servitor_runtime::secret::Secret;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -71,6 +71,8 @@ pub enum StandInError {
         what: &'static str,
         timeout: Duration,
     },
+    #[error("the runner did not make {count} job requests within {timeout:?}")]
+    RequestsTimeout { count: usize, timeout: Duration },
 }
 
 impl StandInError {
@@ -440,6 +442,9 @@ struct State {
     inner: Mutex<Inner>,
     /// Bumped on every change, for long polls and waiters.
     changed: watch::Sender<u64>,
+    /// Job requests received so far, for tests that wait for the runner to
+    /// ask (apart from `changed`, which wakes held long polls).
+    requests_seen: watch::Sender<usize>,
 }
 
 impl State {
@@ -494,6 +499,7 @@ impl StandIn {
             .map_err(bind)?;
         let addr = listener.local_addr().map_err(bind)?;
         let (changed, _) = watch::channel(0);
+        let (requests_seen, _) = watch::channel(0);
         let state = Arc::new(State {
             config,
             base_url: format!("http://{addr}"),
@@ -508,6 +514,7 @@ impl StandIn {
                 faults: HashMap::new(),
             }),
             changed,
+            requests_seen,
         });
         let stop = CancellationToken::new();
         let router = api::router(Arc::clone(&state));
@@ -747,6 +754,27 @@ impl StandIn {
 
     pub fn request_count(&self) -> usize {
         self.state.lock().requests.len()
+    }
+
+    /// Waits until the runner has made `count` job requests in all (the
+    /// last one may still be held).
+    ///
+    /// # Errors
+    /// [`StandInError::RequestsTimeout`].
+    pub async fn wait_for_requests(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<(), StandInError> {
+        let mut seen = self.state.requests_seen.subscribe();
+        let reached = tokio::time::timeout(timeout, async {
+            seen.wait_for(|n| *n >= count).await.is_ok()
+        })
+        .await;
+        match reached {
+            Ok(true) => Ok(()),
+            _ => Err(StandInError::RequestsTimeout { count, timeout }),
+        }
     }
 
     /// Every verify call so far.

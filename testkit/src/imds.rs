@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
-use super::paths;
+use servitor_proto::imds as paths;
 
 /// The longest token lifetime IMDS grants, in seconds (six hours).
 const MAX_TOKEN_TTL_SECS: u64 = 21_600;

@@ -6,16 +6,17 @@
 //!
 //! It is a harness, like the tests, so it reports with `anyhow`.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use servitor_agent::executor::docker::{ensure_local_image, DockerConfig, DockerExecutor};
-use servitor_agent::imds::{ImdsStandIn, InstanceSpec};
+use servitor_agent::executor::docker::{DockerConfig, DockerExecutor};
+use servitor_coordinator::config::{Config, ExecutorChoice};
+use servitor_testkit::gitlab::{JobRecord, JobSpec, StandIn, StandInConfig};
+use servitor_testkit::image::ensure_local_image;
+use servitor_testkit::imds::{ImdsStandIn, InstanceSpec};
 use tokio_util::sync::CancellationToken;
-
-use crate::config::Config;
-use crate::standin::{JobRecord, JobSpec, StandIn, StandInConfig};
 
 /// Image the demo builds from the host's static busybox.
 const DEMO_IMAGE: &str = "servitor-demo:latest";
@@ -23,17 +24,17 @@ const DEMO_IMAGE: &str = "servitor-demo:latest";
 const DEMO_TIMEOUT: Duration = Duration::from_secs(180);
 /// Most local instances in the demo; each gets its own instance metadata
 /// stand-in, so a Spot notice can reach exactly one of them.
-const DEMO_INSTANCES: usize = 3;
+const DEMO_INSTANCES: u32 = 3;
 /// Idle time of demo instances, short so scale-in shows.
-const DEMO_IDLE_TIME: &str = "3s";
+const DEMO_IDLE_TIME: Duration = Duration::from_secs(3);
 const SECRET: &str = "s3cr3t-deploy-key-7d1f";
 
 /// Which executor the demo's agents use, and why.
-async fn choose_executor() -> (&'static str, String) {
+async fn choose_executor() -> (ExecutorChoice, String) {
     match DockerExecutor::connect(DockerConfig::default()).await {
         Ok(docker) => match ensure_local_image(docker.client(), DEMO_IMAGE).await {
             Ok(built) => (
-                "docker",
+                ExecutorChoice::Docker,
                 format!(
                     "docker (image {DEMO_IMAGE}{})",
                     if built {
@@ -44,42 +45,25 @@ async fn choose_executor() -> (&'static str, String) {
                 ),
             ),
             Err(e) => (
-                "shell",
+                ExecutorChoice::Shell,
                 format!("shell (Docker answers, but no job image: {e})"),
             ),
         },
-        Err(e) => ("shell", format!("shell (Docker is not available: {e})")),
+        Err(e) => (
+            ExecutorChoice::Shell,
+            format!("shell (Docker is not available: {e})"),
+        ),
     }
 }
 
-fn demo_config(dir: &Path, gitlab_url: &str, executor: &str) -> String {
-    format!(
-        r#"
-state_dir = {state:?}
-concurrent = 4
-
-[gitlab]
-url = {gitlab_url:?}
-token_file = {token:?}
-
-[agents]
-listen = "127.0.0.1:0"
-join_token_file = {join:?}
-
-[fleet]
-provider = "local"
-capacity_per_instance = 2
-max_instances = {DEMO_INSTANCES}
-idle_time = "{DEMO_IDLE_TIME}"
-
-[fleet.local]
-executor = "{executor}"
-default_image = "{DEMO_IMAGE}"
-"#,
-        state = dir.join("state").display().to_string(),
-        token = dir.join("runner-token").display().to_string(),
-        join = dir.join("join-token").display().to_string(),
-    )
+fn demo_config(dir: &Path, gitlab_url: &str, executor: ExecutorChoice) -> Config {
+    let mut config = crate::config::local(dir, gitlab_url, SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.fleet.capacity_per_instance = 2;
+    config.fleet.max_instances = DEMO_INSTANCES;
+    config.fleet.idle_time = DEMO_IDLE_TIME;
+    config.fleet.local.executor = executor;
+    config.fleet.local.default_image = Some(DEMO_IMAGE.to_owned());
+    config
 }
 
 fn pipeline() -> Vec<(JobSpec, &'static str)> {
@@ -125,21 +109,27 @@ fn pipeline() -> Vec<(JobSpec, &'static str)> {
     ]
 }
 
-/// Runs the demo. Returns whether every job ended as the pipeline expects.
+/// Runs the demo; its local instances start `agent_command` (with
+/// `--config <file>` appended). Returns whether every job ended as the
+/// pipeline expects.
 ///
 /// # Errors
 /// Anything that keeps the demo from running at all.
-pub async fn run(shutdown: CancellationToken) -> anyhow::Result<bool> {
+pub async fn run(agent_command: Vec<String>, shutdown: CancellationToken) -> anyhow::Result<bool> {
     let dir = std::env::temp_dir().join(format!("servitor-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let result = run_in(&dir, shutdown).await;
+    let result = run_in(&dir, agent_command, shutdown).await;
     // Containers may leave root-owned files; what cannot be removed stays in
     // the temporary directory.
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-async fn run_in(dir: &Path, shutdown: CancellationToken) -> anyhow::Result<bool> {
+async fn run_in(
+    dir: &Path,
+    agent_command: Vec<String>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<bool> {
     println!("Servitor demo");
     println!("=============");
     let (executor, why) = choose_executor().await;
@@ -150,10 +140,10 @@ async fn run_in(dir: &Path, shutdown: CancellationToken) -> anyhow::Result<bool>
         .context("starting the GitLab stand-in")?;
     println!("GitLab stand-in (runner API over HTTP): {}", standin.url());
     std::fs::write(
-        dir.join("runner-token"),
-        crate::standin::DEFAULT_RUNNER_TOKEN,
+        dir.join(crate::config::RUNNER_TOKEN_FILE),
+        servitor_testkit::gitlab::DEFAULT_RUNNER_TOKEN,
     )?;
-    std::fs::write(dir.join("join-token"), random_token())?;
+    std::fs::write(dir.join(crate::config::JOIN_TOKEN_FILE), random_token())?;
 
     let mut imds = Vec::new();
     for n in 1..=DEMO_INSTANCES {
@@ -174,15 +164,19 @@ async fn run_in(dir: &Path, shutdown: CancellationToken) -> anyhow::Result<bool>
             .join(", ")
     );
 
-    let config = Config::from_toml_str(&demo_config(dir, &standin.url(), executor), "demo")?;
+    let config = crate::config::write(
+        &dir.join("coordinator.toml"),
+        &demo_config(dir, &standin.url(), executor),
+    )?;
     let secrets = config.load_secrets()?;
     let stop = shutdown.child_token();
-    let coordinator = crate::start(
+    let coordinator = servitor_coordinator::start(
         config,
         secrets,
-        crate::StartOptions {
+        servitor_coordinator::StartOptions {
             local_imds_endpoints: imds.iter().map(ImdsStandIn::url).collect(),
-            ..crate::StartOptions::default()
+            agent_command: Some(agent_command),
+            ..servitor_coordinator::StartOptions::default()
         },
         stop.clone(),
     )
@@ -281,7 +275,7 @@ async fn run_in(dir: &Path, shutdown: CancellationToken) -> anyhow::Result<bool>
 }
 
 /// The local instance number (`local-<n>`) running the job's attempt.
-fn instance_of(coordinator: &crate::Coordinator, job_id: i64) -> Option<usize> {
+fn instance_of(coordinator: &servitor_coordinator::Coordinator, job_id: i64) -> Option<usize> {
     let agent = coordinator
         .core
         .jobs()
@@ -297,7 +291,7 @@ fn instance_of(coordinator: &crate::Coordinator, job_id: i64) -> Option<usize> {
     instance.strip_prefix("local-")?.parse().ok()
 }
 
-fn live_line(coordinator: &crate::Coordinator, records: &[JobRecord]) -> String {
+fn live_line(coordinator: &servitor_coordinator::Coordinator, records: &[JobRecord]) -> String {
     let instances: Vec<String> = coordinator
         .fleet_view
         .get()
@@ -322,7 +316,7 @@ fn live_line(coordinator: &crate::Coordinator, records: &[JobRecord]) -> String 
 /// Prints the outcome of each job and checks it against the pipeline's
 /// expectations.
 fn summary(records: &[JobRecord]) -> bool {
-    use crate::standin::JobState;
+    use servitor_testkit::gitlab::JobState;
     println!("\nSummary");
     println!("-------");
     let mut all_ok = true;

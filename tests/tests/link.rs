@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 //! The agent link over real QUIC and real TLS on 127.0.0.1: the coordinator's
 //! `LinkServer` against the agent's `connect`, and against raw clients that
 //! misbehave.
@@ -10,9 +11,14 @@ use servitor_proto::agent::{
 };
 use servitor_proto::frame::{read_frame, write_frame};
 
-use super::enroll::JOIN_TOKEN_REJECTED;
-use super::*;
-use crate::pki::DEFAULT_CLIENT_CERT_VALIDITY;
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+use servitor_coordinator::link::{AgentConnection, LinkServer, JOIN_TOKEN_REJECTED};
+use servitor_coordinator::pki::{Pki, DEFAULT_CLIENT_CERT_VALIDITY};
+use servitor_proto::link::close_code;
+use servitor_runtime::link::code;
+use servitor_runtime::secret::Secret;
 
 const JOIN_TOKEN: &str = "join-token-for-tests";
 /// How long a test waits for something that should happen now.
@@ -128,14 +134,14 @@ async fn raw_client(
         Some((cert, key)) => builder.with_client_auth_cert(vec![cert], key).unwrap(),
         None => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![servitor_proto::ALPN.to_vec()];
+    tls.alpn_protocols = vec![servitor_proto::link::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint
         .connect_with(
             quinn::ClientConfig::new(Arc::new(quic)),
             coordinator.server.local_addr(),
-            servitor_agent::link::DEFAULT_SERVER_NAME,
+            servitor_proto::link::DEFAULT_SERVER_NAME,
         )
         .unwrap()
         .await
@@ -168,7 +174,7 @@ async fn enrolled_agent_is_accepted_and_frames_round_trip() {
     let (mut send, mut recv) = link.connection.open_bi().await.unwrap();
     let hello = AgentMessage {
         msg: Some(agent_message::Msg::Hello(Hello {
-            protocol_version: servitor_proto::PROTOCOL_VERSION,
+            protocol_version: servitor_proto::link::PROTOCOL_VERSION,
             agent_name: settings.agent_name.clone(),
             capacity: 2,
             free_slots: 2,
@@ -261,9 +267,10 @@ async fn certificate_from_another_ca_fails_the_handshake() {
     let foreign_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut ca_params = rcgen::CertificateParams::default();
     ca_params.distinguished_name = rcgen::DistinguishedName::new();
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, crate::pki::CA_COMMON_NAME);
+    ca_params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        servitor_coordinator::pki::CA_COMMON_NAME,
+    );
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
     let foreign_ca = rcgen::CertifiedIssuer::self_signed(ca_params, foreign_key).unwrap();
@@ -316,7 +323,7 @@ async fn unauthenticated_non_enrollment_frame_gets_only_a_close() {
     let answer = read_frame::<_, servitor_proto::agent::EnrollResponse>(&mut recv).await;
     assert!(!matches!(answer, Ok(Some(_))), "got an answer: {answer:?}");
     let close = application_close(&connection).await;
-    assert_eq!(close.error_code, close_code::PROTOCOL_VIOLATION);
+    assert_eq!(close.error_code, code(close_code::PROTOCOL_VIOLATION));
     assert!(
         String::from_utf8_lossy(&close.reason).contains("may only enroll"),
         "{close:?}"
@@ -331,7 +338,7 @@ async fn unauthenticated_unidirectional_stream_is_closed() {
     let mut send = connection.open_uni().await.unwrap();
     send.write_all(b"output").await.unwrap();
     let close = application_close(&connection).await;
-    assert_eq!(close.error_code, close_code::PROTOCOL_VIOLATION);
+    assert_eq!(close.error_code, code(close_code::PROTOCOL_VIOLATION));
     coordinator.accept_nothing().await;
 }
 
@@ -346,7 +353,7 @@ async fn unauthenticated_second_stream_is_closed() {
     let (mut second, _second_recv) = connection.open_bi().await.unwrap();
     second.write_all(&[0x00]).await.unwrap();
     let close = application_close(&connection).await;
-    assert_eq!(close.error_code, close_code::PROTOCOL_VIOLATION);
+    assert_eq!(close.error_code, code(close_code::PROTOCOL_VIOLATION));
     coordinator.accept_nothing().await;
 }
 
@@ -359,7 +366,7 @@ async fn oversized_enrollment_frame_is_refused_unread() {
     prost::encoding::encode_varint(1 << 20, &mut prefix);
     send.write_all(&prefix).await.unwrap();
     let close = application_close(&connection).await;
-    assert_eq!(close.error_code, close_code::PROTOCOL_VIOLATION);
+    assert_eq!(close.error_code, code(close_code::PROTOCOL_VIOLATION));
 }
 
 #[tokio::test]
@@ -452,7 +459,10 @@ async fn closed_server_accepts_nothing_more() {
 async fn out_of_range_certificate_validity_is_refused_at_bind() {
     let state = tempfile::tempdir().unwrap();
     let pki = Pki::load_or_create(state.path(), &[]).unwrap();
-    for validity in [Duration::ZERO, crate::pki::MAX_CLIENT_CERT_VALIDITY * 2] {
+    for validity in [
+        Duration::ZERO,
+        servitor_coordinator::pki::MAX_CLIENT_CERT_VALIDITY * 2,
+    ] {
         let err = LinkServer::bind(
             "127.0.0.1:0".parse().unwrap(),
             &pki,
@@ -460,7 +470,10 @@ async fn out_of_range_certificate_validity_is_refused_at_bind() {
             validity,
         )
         .unwrap_err();
-        assert!(matches!(err, LinkError::CertValidity(_)), "{err}");
+        assert!(
+            matches!(err, servitor_coordinator::link::LinkError::CertValidity(_)),
+            "{err}"
+        );
         assert!(err.to_string().contains("agents.cert_validity"), "{err}");
         assert!(!err.is_retryable());
     }

@@ -1,0 +1,328 @@
+//! The job image tests and the demo run, built locally because no registry
+//! is reachable: the host's statically linked busybox in an otherwise empty
+//! root file system, imported with `docker import`.
+//!
+//! Not responsible for running anything in it (the agent's Docker executor
+//! does) nor for any image a real job names.
+
+use bollard::query_parameters::CreateImageOptionsBuilder;
+use bollard::Docker;
+use futures_util::StreamExt;
+
+/// The statically linked busybox Debian's busybox-static installs.
+pub const BUSYBOX_PATH: &str = "/bin/busybox";
+
+/// Applets the local job image links to busybox: what CI scripts commonly
+/// call.
+const BUSYBOX_APPLETS: &[&str] = &[
+    "[",
+    "ash",
+    "awk",
+    "basename",
+    "cat",
+    "chmod",
+    "cp",
+    "cut",
+    "date",
+    "dd",
+    "df",
+    "diff",
+    "dirname",
+    "du",
+    "echo",
+    "env",
+    "expr",
+    "false",
+    "find",
+    "grep",
+    "gzip",
+    "head",
+    "hostname",
+    "id",
+    "kill",
+    "ln",
+    "ls",
+    "md5sum",
+    "mkdir",
+    "mktemp",
+    "mv",
+    "printf",
+    "ps",
+    "pwd",
+    "rm",
+    "rmdir",
+    "sed",
+    "seq",
+    "sh",
+    "sha256sum",
+    "sleep",
+    "sort",
+    "stat",
+    "tail",
+    "tar",
+    "tee",
+    "test",
+    "timeout",
+    "touch",
+    "tr",
+    "true",
+    "uname",
+    "uniq",
+    "wc",
+    "wget",
+    "which",
+    "whoami",
+    "xargs",
+    "yes",
+];
+
+/// Why the job image could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path} is missing ({source}); install Debian's busybox-static to build the local job image")]
+    BusyboxMissing {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a statically linked executable ({reason}) and would not run in an empty image; install Debian's busybox-static")]
+    BusyboxNotStatic { path: &'static str, reason: String },
+    #[error("cannot {what} through the Docker engine: {source}")]
+    Docker {
+        what: &'static str,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("cannot write the image's root file system: {0}")]
+    Archive(#[source] std::io::Error),
+}
+
+/// Makes sure image `tag` exists locally, building it when missing from the
+/// host's statically linked busybox: a root file system with `bin/busybox`,
+/// its common applets (`sh`, `echo`, `sleep`…) as symlinks, `/tmp` and a
+/// root user, imported as an image. Returns whether it built the image.
+///
+/// # Errors
+/// Fails when busybox is missing or not static (the message says to install
+/// Debian's busybox-static), or when the engine refuses the import.
+pub async fn ensure_local_image(docker: &Docker, tag: &str) -> Result<bool, ImageError> {
+    // Jobs starting together would each import the image, leaving all but
+    // the last import behind as untagged images.
+    static IMPORTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _importing = IMPORTING.lock().await;
+    match docker.inspect_image(tag).await {
+        Ok(_) => return Ok(false),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
+        Err(source) => {
+            return Err(ImageError::Docker {
+                what: "inspect the job image",
+                source,
+            })
+        }
+    }
+    let busybox =
+        tokio::fs::read(BUSYBOX_PATH)
+            .await
+            .map_err(|source| ImageError::BusyboxMissing {
+                path: BUSYBOX_PATH,
+                source,
+            })?;
+    match elf_has_interpreter(&busybox) {
+        Ok(false) => {}
+        Ok(true) => {
+            return Err(ImageError::BusyboxNotStatic {
+                path: BUSYBOX_PATH,
+                reason: "it names a dynamic loader".to_owned(),
+            })
+        }
+        Err(reason) => {
+            return Err(ImageError::BusyboxNotStatic {
+                path: BUSYBOX_PATH,
+                reason: reason.to_owned(),
+            })
+        }
+    }
+    let rootfs = busybox_rootfs(&busybox).map_err(ImageError::Archive)?;
+    let options = CreateImageOptionsBuilder::new()
+        .from_src("-")
+        .repo(tag)
+        .changes(vec![
+            "ENV PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
+            r#"CMD ["sh"]"#.to_owned(),
+        ])
+        .build();
+    let mut progress =
+        docker.create_image(Some(options), Some(bollard::body_full(rootfs.into())), None);
+    while let Some(item) = progress.next().await {
+        item.map_err(|source| ImageError::Docker {
+            what: "import the job image",
+            source,
+        })?;
+    }
+    Ok(true)
+}
+
+/// Whether an ELF executable asks for a dynamic loader (has a `PT_INTERP`
+/// program header). `Err` says why the bytes are not a readable ELF file.
+fn elf_has_interpreter(elf: &[u8]) -> Result<bool, &'static str> {
+    const MAGIC: &[u8] = b"\x7fELF";
+    const CLASS_32: u8 = 1;
+    const CLASS_64: u8 = 2;
+    const DATA_LE: u8 = 1;
+    const DATA_BE: u8 = 2;
+    const PT_INTERP: u32 = 3;
+
+    if elf.get(..MAGIC.len()) != Some(MAGIC) {
+        return Err("not an ELF file");
+    }
+    let little = match elf.get(5) {
+        Some(&DATA_LE) => true,
+        Some(&DATA_BE) => false,
+        _ => return Err("unknown ELF byte order"),
+    };
+    let read = |offset: usize, len: usize| -> Result<u64, &'static str> {
+        let bytes = offset
+            .checked_add(len)
+            .and_then(|end| elf.get(offset..end))
+            .ok_or("truncated ELF file")?;
+        let mut value = 0u64;
+        for i in 0..len {
+            let byte = if little { bytes[len - 1 - i] } else { bytes[i] };
+            value = (value << 8) | u64::from(byte);
+        }
+        Ok(value)
+    };
+    // Field offsets of the ELF header for each class (System V gABI).
+    let (phoff, phentsize, phnum) = match elf.get(4) {
+        Some(&CLASS_64) => (read(0x20, 8)?, read(0x36, 2)?, read(0x38, 2)?),
+        Some(&CLASS_32) => (read(0x1c, 4)?, read(0x2a, 2)?, read(0x2c, 2)?),
+        _ => return Err("unknown ELF class"),
+    };
+    let phoff = usize::try_from(phoff).map_err(|_| "truncated ELF file")?;
+    // Both widths are u16 fields, so these conversions cannot fail on any
+    // target with a 32-bit or larger usize.
+    let phentsize = usize::try_from(phentsize).map_err(|_| "bad program header size")?;
+    let phnum = usize::try_from(phnum).map_err(|_| "bad program header count")?;
+    for i in 0..phnum {
+        let offset = i
+            .checked_mul(phentsize)
+            .and_then(|o| o.checked_add(phoff))
+            .ok_or("truncated ELF file")?;
+        if read(offset, 4)? == u64::from(PT_INTERP) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// A root file system around `busybox` as an uncompressed tar archive,
+/// every entry owned by root with a zero time, so the image is reproducible.
+fn busybox_rootfs(busybox: &[u8]) -> std::io::Result<Vec<u8>> {
+    /// Directory modes: world-writable sticky `/tmp`, private `/root`.
+    const DIR_MODE: u32 = 0o755;
+    const TMP_MODE: u32 = 0o1777;
+    const ROOT_HOME_MODE: u32 = 0o700;
+    const EXEC_MODE: u32 = 0o755;
+    const FILE_MODE: u32 = 0o644;
+
+    let mut tar = tar::Builder::new(Vec::new());
+    let header = |kind: tar::EntryType, mode: u32, size: usize| {
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_size(size as u64);
+        header
+    };
+    let dirs = [
+        ("bin/", DIR_MODE),
+        ("usr/", DIR_MODE),
+        ("usr/bin/", DIR_MODE),
+        ("etc/", DIR_MODE),
+        ("tmp/", TMP_MODE),
+        ("root/", ROOT_HOME_MODE),
+    ];
+    for (dir, mode) in dirs {
+        let mut h = header(tar::EntryType::Directory, mode, 0);
+        tar.append_data(&mut h, dir, std::io::empty())?;
+    }
+    let files: [(&str, u32, &[u8]); 3] = [
+        ("bin/busybox", EXEC_MODE, busybox),
+        ("etc/passwd", FILE_MODE, b"root:x:0:0:root:/root:/bin/sh\n"),
+        ("etc/group", FILE_MODE, b"root:x:0:\n"),
+    ];
+    for (path, mode, data) in files {
+        let mut h = header(tar::EntryType::Regular, mode, data.len());
+        h.set_username("root")?;
+        h.set_groupname("root")?;
+        tar.append_data(&mut h, path, data)?;
+    }
+    let links = BUSYBOX_APPLETS
+        .iter()
+        .map(|applet| (format!("bin/{applet}"), "busybox"))
+        .chain(std::iter::once(("usr/bin/env".to_owned(), "/bin/busybox")));
+    for (path, target) in links {
+        let mut h = header(tar::EntryType::Symlink, EXEC_MODE, 0);
+        tar.append_link(&mut h, path, target)?;
+    }
+    tar.into_inner()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a test fails loudly on anything unexpected
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busybox_rootfs_is_a_valid_tar() {
+        let tar = busybox_rootfs(b"#!fake busybox\n").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rootfs.tar");
+        std::fs::write(&path, &tar).unwrap();
+        let out = std::process::Command::new("tar")
+            .arg("-tvf")
+            .arg(&path)
+            .output()
+            .expect("this test needs tar on the host to read the archive back");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(listing.contains("bin/sh -> busybox"), "{listing}");
+        assert!(listing.contains("drwxrwxrwt"), "{listing}");
+        assert!(
+            listing.contains("root/root        15") && listing.contains("bin/busybox"),
+            "{listing}"
+        );
+        let extract = std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(&path)
+            .arg("-C")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(extract.status.success());
+        assert_eq!(
+            std::fs::read(dir.path().join("bin/busybox")).unwrap(),
+            b"#!fake busybox\n"
+        );
+    }
+
+    #[test]
+    fn static_and_dynamic_executables_are_told_apart() {
+        let busybox = std::fs::read(BUSYBOX_PATH).unwrap_or_else(|e| {
+            panic!("this test needs {BUSYBOX_PATH}: {e}; install Debian's busybox-static")
+        });
+        assert_eq!(elf_has_interpreter(&busybox), Ok(false));
+        let dynamic = std::fs::read("/bin/ls").unwrap();
+        assert_eq!(elf_has_interpreter(&dynamic), Ok(true));
+        assert!(elf_has_interpreter(b"#!/bin/sh\n").is_err());
+        assert!(elf_has_interpreter(&busybox[..64]).is_err());
+    }
+}
