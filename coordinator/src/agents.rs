@@ -127,7 +127,8 @@ async fn serve_agent(
         &reporting,
         conn.remote,
         tx,
-    );
+    )
+    .await;
     tracing::info!(capacity, running = running.len(), "agent connected");
     let welcome = CoordinatorMessage {
         msg: Some(coordinator_message::Msg::Welcome(Welcome {
@@ -178,7 +179,7 @@ async fn serve_agent(
         tokio::select! {
             () = stop.cancelled() => break "coordinator stopping",
             frame = tokio::time::timeout(silence_limit, read_frame::<_, AgentMessage>(&mut recv)) => match frame {
-                Ok(Ok(Some(message))) => core.agent_message(&agent_id, session, message),
+                Ok(Ok(Some(message))) => core.agent_message(&agent_id, session, message).await,
                 Ok(Ok(None)) => break CLEAN_GOODBYE,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "agent control stream failed");
@@ -200,14 +201,15 @@ async fn serve_agent(
     if ended == CLEAN_GOODBYE {
         // The agent left on purpose (drained, or stopping): it is not coming
         // back, so whatever it still held runs elsewhere now.
-        core.agent_lost(&agent_id, session, &format!("agent {agent_id} left"));
+        core.agent_lost(&agent_id, session, &format!("agent {agent_id} left"))
+            .await;
         return;
     }
     tokio::select! {
         () = stop.cancelled() => {}
         () = tokio::time::sleep(lost_grace) => {
             let reason = format!("agent {agent_id} was out of touch for {}", humantime::format_duration(lost_grace));
-            if core.agent_lost(&agent_id, session, &reason) {
+            if core.agent_lost(&agent_id, session, &reason).await {
                 tracing::warn!("agent did not come back; its jobs run again elsewhere");
             }
         }

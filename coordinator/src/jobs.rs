@@ -237,7 +237,8 @@ async fn run_job(
             )));
             let events = ctx
                 .core
-                .restore_job(payload.clone(), raw, &lease, result.is_some());
+                .restore_job(payload.clone(), raw, &lease, result.is_some())
+                .await;
             let mut progress = AttemptProgress {
                 result,
                 ..AttemptProgress::default()
@@ -255,15 +256,11 @@ async fn run_job(
             (reporter, remote, events, progress)
         }
         None => {
-            let journal = ctx.store.as_ref().and_then(|store| {
-                store
-                    .add_job(job_id, &raw)
-                    .and_then(|()| store.journal(job_id))
-                    .map_err(|e| tracing::error!(error = %e, "cannot persist the job; it will not survive a coordinator restart"))
-                    .ok()
-            });
+            // In the lease book before anyone acts on it; its log journal
+            // follows it there.
+            let events = ctx.core.hold_job(payload.clone(), raw).await;
             let resume = Resume {
-                journal,
+                journal: ctx.store.as_ref().map(|store| store.journal(job_id)),
                 ..Resume::default()
             };
             let (reporter, remote) =
@@ -273,7 +270,6 @@ async fn run_job(
                 env!("CARGO_PKG_VERSION"),
                 ctx.coordinator_name
             )));
-            let events = ctx.core.hold_job(payload.clone(), raw);
             tracing::info!("holding job");
             (reporter, remote, events, AttemptProgress::default())
         }
@@ -316,7 +312,7 @@ async fn run_job(
                     Some(RemoteEvent::Abort(reason)) => {
                         tracing::info!(%reason, "GitLab ended the job; stopping it without a final update");
                         ctx.core.cancel_job(job_id, CancelMode::Abort, "canceled in GitLab");
-                        ctx.core.release_job(job_id);
+                        ctx.core.release_job(job_id).await;
                         // GitLab took the job away: it ends with no result.
                         ctx.core.metrics().job_finished(JobOutcome::Lost);
                         return;
@@ -430,7 +426,7 @@ async fn run_job(
         }
         Err(e) => tracing::error!(error = %e, "failed to report the job's end to GitLab"),
     }
-    ctx.core.release_job(job_id);
+    ctx.core.release_job(job_id).await;
 }
 
 /// After a result: wait for the output to catch up, up to a deadline.

@@ -140,15 +140,20 @@ pub struct Coordinator {
     pub ca_pem_path: PathBuf,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    store: store::Store,
 }
 
 impl Coordinator {
-    /// Waits until shutdown is requested and every task has stopped. Held
-    /// jobs are not reported on shutdown: their leases survive.
+    /// Waits until shutdown is requested and every task has stopped, and
+    /// everything handed to the lease book is on disk. Held jobs are not
+    /// reported on shutdown: their leases survive.
     pub async fn wait(self) {
         self.shutdown.cancelled().await;
         self.tracker.close();
         self.tracker.wait().await;
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(error = %e, "the lease book's last changes were not saved");
+        }
     }
 
     /// Requests shutdown.
@@ -239,7 +244,7 @@ pub async fn start(
     ));
     let ledger = match &config.budget {
         Some(_) => Some(Arc::new(std::sync::Mutex::new(
-            fleet::budget::SpendLedger::open(&config.state_dir)?,
+            fleet::budget::SpendLedger::open(&config.state_dir, store.clone())?,
         ))),
         None => None,
     };
@@ -387,14 +392,11 @@ pub async fn start(
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(job_id = job.job_id, error = %e, "stored job cannot be read; forgetting it (GitLab will time it out)");
-                let _ = store.remove_job(job.job_id);
+                drop(store.submit(vec![store::Change::Remove { job_id: job.job_id }]));
                 continue;
             }
         };
-        let journal = store
-            .journal(job.job_id)
-            .map_err(|e| tracing::error!(job_id = job.job_id, error = %e, "cannot reopen the job's log journal"))
-            .ok();
+        let journal = Some(store.journal(job.job_id));
         let restored = jobs::Restored {
             result: job.result,
             lease: job.lease,
@@ -423,7 +425,7 @@ pub async fn start(
                 () = tokio::time::sleep(grace) => core.expire_missing_agents(&format!(
                     "its agent did not come back within {} of the coordinator restarting",
                     humantime::format_duration(grace)
-                )),
+                )).await,
             }
         });
     }
@@ -454,6 +456,7 @@ pub async fn start(
         ca_pem_path,
         shutdown,
         tracker,
+        store,
     })
 }
 

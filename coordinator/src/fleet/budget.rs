@@ -9,8 +9,9 @@
 //! real bill smaller. Busy instances are never stopped for money: the cap
 //! holds scale-out, not work in progress.
 //!
-//! Not responsible for prices (`pricing`) or for carrying decisions out
-//! (the reconcile loop).
+//! Not responsible for prices (`pricing`), for carrying decisions out (the
+//! reconcile loop), or for writing the ledger to disk (the lease book's
+//! writer thread does, off the async threads).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::schedule::TimeZone;
+use crate::store::{Change, Commit, Store, SPEND_FILE};
 
 /// The operator's budget.
 #[derive(Clone, Debug, PartialEq)]
@@ -122,8 +124,6 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 pub enum BudgetError {
     #[error("cannot read the spend ledger {path}: {detail}; fix or remove the file (spend this month is then counted from zero)")]
     Read { path: PathBuf, detail: String },
-    #[error("spend ledger: {0}")]
-    Write(#[from] crate::store::StoreError),
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -138,7 +138,8 @@ struct LedgerRecord {
 /// Month-to-date spend, kept in `state_dir/spend.json`.
 #[derive(Debug)]
 pub struct SpendLedger {
-    path: PathBuf,
+    /// Writes the file, off the caller's thread.
+    store: Store,
     record: LedgerRecord,
     /// What the file holds, so a pass writes only when the spend moved.
     saved: LedgerRecord,
@@ -148,12 +149,13 @@ pub struct SpendLedger {
 const SAVE_EVERY_USD: f64 = 0.01;
 
 impl SpendLedger {
-    /// Opens the ledger in `state_dir`, empty if there is none yet.
+    /// Opens the ledger in `state_dir`, empty if there is none yet; `store`
+    /// (opened on the same state directory) writes it.
     ///
     /// # Errors
     /// The file exists but cannot be read or parsed.
-    pub fn open(state_dir: &Path) -> Result<Self, BudgetError> {
-        let path = state_dir.join("spend.json");
+    pub fn open(state_dir: &Path, store: Store) -> Result<Self, BudgetError> {
+        let path = state_dir.join(SPEND_FILE);
         let record = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| BudgetError::Read {
                 path: path.clone(),
@@ -168,7 +170,7 @@ impl SpendLedger {
             }
         };
         Ok(Self {
-            path,
+            store,
             saved: record.clone(),
             record,
         })
@@ -192,9 +194,8 @@ impl SpendLedger {
         let moved = self.record.month != self.saved.month
             || self.record.spent_usd - self.saved.spent_usd >= SAVE_EVERY_USD;
         if moved {
-            if let Err(e) = self.save() {
-                tracing::warn!(error = %e, "spend ledger not saved; a restart would forget part of this month's spend");
-            }
+            // Nobody waits for it: the writer says so if it fails.
+            drop(self.save());
         }
     }
 
@@ -215,16 +216,16 @@ impl SpendLedger {
         }
     }
 
-    /// Writes the ledger (atomically: a crash leaves the old or the new).
-    ///
-    /// # Errors
-    /// The file cannot be written.
-    pub fn save(&mut self) -> Result<(), BudgetError> {
+    /// Hands the ledger to the writer, which replaces the file so that a
+    /// crash or a power loss leaves the old or the new. Await the commit to
+    /// know it is on disk.
+    pub fn save(&mut self) -> Commit {
         let bytes = serde_json::to_vec(&self.record)
             .expect("a record of strings and numbers always serialises");
-        crate::store::write_atomically(&self.path, &bytes)?;
         self.saved = self.record.clone();
-        Ok(())
+        self.store.submit(vec![Change::Spend {
+            record: bytes.into(),
+        }])
     }
 }
 
@@ -296,21 +297,23 @@ mod tests {
     #[test]
     fn the_ledger_accrues_survives_a_reopen_and_resets_each_month() {
         let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("store");
         let dec = utc(2026, 12, 10, 0);
-        let mut ledger = SpendLedger::open(dir.path()).expect("open");
+        let mut ledger = SpendLedger::open(dir.path(), store.clone()).expect("open");
         assert_eq!(ledger.spent(dec), 0.0);
         // Two instances at $0.50 an hour for 3 hours.
         ledger.accrue(dec, 1.0, Duration::from_secs(3 * 3600));
         assert!((ledger.spent(dec) - 3.0).abs() < 1e-9);
-        ledger.save().expect("save");
+        ledger.save().wait().expect("save");
         // Spend that did not move is not written again on every pass.
         let on_disk = std::fs::read(dir.path().join("spend.json")).expect("read");
         ledger.accrue(dec + Duration::from_secs(60), 0.0, Duration::from_secs(60));
+        store.submit(Vec::new()).wait().expect("flush");
         assert_eq!(
             std::fs::read(dir.path().join("spend.json")).expect("read"),
             on_disk
         );
-        let reopened = SpendLedger::open(dir.path()).expect("reopen");
+        let reopened = SpendLedger::open(dir.path(), store.clone()).expect("reopen");
         assert!((reopened.spent(dec) - 3.0).abs() < 1e-9);
         // January starts from zero.
         let jan = utc(2027, 1, 1, 1);
@@ -321,18 +324,20 @@ mod tests {
         // A restart accrues its downtime from where the ledger stopped.
         let later = jan + Duration::from_secs(600);
         reopened.accrue(later, 6.0, Duration::from_secs(600));
-        reopened.save().expect("save");
-        let again = SpendLedger::open(dir.path()).expect("reopen");
+        reopened.save().wait().expect("save");
+        let again = SpendLedger::open(dir.path(), store.clone()).expect("reopen");
         assert_eq!(again.counted_until(), Some(later));
         assert!((again.spent(later) - 2.0).abs() < 1e-9);
         // A span reaching back into December counts only its January part.
+        let other = tempfile::tempdir().expect("tempdir");
         let mut fresh =
-            SpendLedger::open(tempfile::tempdir().expect("tempdir").path()).expect("open");
+            SpendLedger::open(other.path(), Store::open(other.path()).expect("store"))
+                .expect("open");
         fresh.accrue(utc(2027, 1, 1, 1), 1.0, Duration::from_secs(5 * 3600));
         assert!((fresh.spent(utc(2027, 1, 1, 1)) - 1.0).abs() < 1e-9);
         // A damaged file is named with the fix.
         std::fs::write(dir.path().join("spend.json"), b"{not json").expect("write");
-        let err = SpendLedger::open(dir.path())
+        let err = SpendLedger::open(dir.path(), store)
             .expect_err("damaged")
             .to_string();
         assert!(

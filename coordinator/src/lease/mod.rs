@@ -6,8 +6,18 @@
 //! but the current one is refused as stale: that is the fence that keeps a
 //! superseded attempt from ever reporting.
 //!
-//! Not responsible for persistence, for talking to GitLab or agents, or for
-//! choosing agents (see `dispatch`).
+//! [`Lease`] keeps its attempt and state private: the only ways to move it
+//! are [`Lease::apply`], which checks the fence, and [`Lease::restore`],
+//! which takes what the lease book says. [`book::LeaseBook`] is the state
+//! machine of every held job and connected agent built on it: inputs in,
+//! effects out, no I/O and no clock of its own.
+//!
+//! Not responsible for persistence or for talking to GitLab or agents (the
+//! `core` carries out the book's effects).
+
+pub mod book;
+
+use crate::store::LeaseRecord;
 
 /// Where a held job is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +76,11 @@ pub enum LeaseEvent {
     Lost {
         attempt: u32,
     },
+    /// The attempt was lost and the job ends with it (it used all its
+    /// attempts, or it opted out of re-runs).
+    GiveUp {
+        attempt: u32,
+    },
 }
 
 /// Why an event was not applied.
@@ -86,12 +101,13 @@ pub enum LeaseError {
     AttemptsExhausted { max: u32 },
 }
 
-/// One held job's lease.
+/// One held job's lease. Its fields are private so that nothing moves it
+/// past the attempt fence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
-    pub attempt: u32,
-    pub state: LeaseState,
-    pub max_attempts: u32,
+    attempt: u32,
+    state: LeaseState,
+    max_attempts: u32,
 }
 
 impl Lease {
@@ -102,6 +118,46 @@ impl Lease {
             state: LeaseState::Queued,
             max_attempts: max_attempts.max(1),
         }
+    }
+
+    /// A job as the lease book had it before a restart: finished if its
+    /// result is known, else still with the agent that had it (which may
+    /// come back and report it), else queued.
+    pub fn restore(max_attempts: u32, record: &LeaseRecord, finished: bool) -> Self {
+        let state = match (&record.agent, finished) {
+            (_, true) => LeaseState::Finished,
+            (Some(agent), false) => LeaseState::Running {
+                agent: agent.clone(),
+            },
+            (None, false) => LeaseState::Queued,
+        };
+        Self {
+            attempt: record.attempt.max(1),
+            state,
+            max_attempts: max_attempts.max(1),
+        }
+    }
+
+    /// The current attempt: the only one whose events are accepted.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    pub fn state(&self) -> &LeaseState {
+        &self.state
+    }
+
+    /// What the lease book keeps of this lease.
+    pub fn record(&self) -> LeaseRecord {
+        LeaseRecord {
+            attempt: self.attempt,
+            agent: self.state.agent().map(str::to_owned),
+        }
+    }
+
+    /// Whether `agent` holds `attempt` and it is the current one.
+    pub fn held_by(&self, attempt: u32, agent: &str) -> bool {
+        self.attempt == attempt && self.state.agent() == Some(agent)
     }
 
     /// Applies an event, or says why it does not apply (leaving the lease as
@@ -153,6 +209,12 @@ impl Lease {
                 self.attempt += 1;
                 self.state = LeaseState::Queued;
             }
+            (
+                LeaseState::Assigned { .. } | LeaseState::Running { .. },
+                LeaseEvent::GiveUp { attempt },
+            ) if attempt == self.attempt => {
+                self.state = LeaseState::Finished;
+            }
             (_, event) => {
                 let event = match event {
                     LeaseEvent::Assign { .. } => "assign",
@@ -160,6 +222,7 @@ impl Lease {
                     | LeaseEvent::Finished { attempt, .. }
                     | LeaseEvent::Refused { attempt, .. }
                     | LeaseEvent::Lost { attempt }
+                    | LeaseEvent::GiveUp { attempt }
                         if attempt != self.attempt =>
                     {
                         return Err(LeaseError::StaleAttempt {
@@ -171,6 +234,7 @@ impl Lease {
                     LeaseEvent::Finished { .. } => "finished",
                     LeaseEvent::Refused { .. } => "refused",
                     LeaseEvent::Lost { .. } => "lost",
+                    LeaseEvent::GiveUp { .. } => "give up",
                 };
                 return Err(LeaseError::Invalid {
                     event,
@@ -301,13 +365,18 @@ mod tests {
             (LeaseState::Assigned { agent: "a".into() }, assign("b")),
             (LeaseState::Finished, assign("a")),
             (LeaseState::Finished, LeaseEvent::Lost { attempt: 1 }),
+            (LeaseState::Queued, LeaseEvent::GiveUp { attempt: 1 }),
+            (LeaseState::Running { agent: "a".into() }, LeaseEvent::GiveUp { attempt: 2 }),
         ];
         for (state, event) in cases {
-            let mut l = Lease {
-                attempt: 1,
-                state: state.clone(),
-                max_attempts: 3,
-            };
+            let agent = state.agent().map(str::to_owned);
+            let record = LeaseRecord { attempt: 1, agent };
+            let mut l = Lease::restore(3, &record, state == LeaseState::Finished);
+            if let LeaseState::Assigned { agent } = &state {
+                // Restored leases are running; reach Assigned the usual way.
+                l = Lease::new(3);
+                l.apply(assign(agent)).unwrap();
+            }
             assert!(
                 l.apply(event.clone()).is_err(),
                 "{state:?} + {event:?} should be refused"
