@@ -117,18 +117,19 @@ async fn serve_agent(
         ..
     } = hello;
     let (tx, mut rx) = mpsc::unbounded_channel::<CoordinatorMessage>();
-    let (session, stale) = core.agent_connected(
-        &agent_id,
-        instance.unwrap_or_default(),
-        executor,
-        capacity,
-        free_slots,
-        &running,
-        &reporting,
-        conn.remote,
-        tx,
-    )
-    .await;
+    let (session, stale) = core
+        .agent_connected(
+            &agent_id,
+            instance.unwrap_or_default(),
+            executor,
+            capacity,
+            free_slots,
+            &running,
+            &reporting,
+            conn.remote,
+            tx,
+        )
+        .await;
     tracing::info!(capacity, running = running.len(), "agent connected");
     let welcome = CoordinatorMessage {
         msg: Some(coordinator_message::Msg::Welcome(Welcome {

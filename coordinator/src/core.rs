@@ -20,7 +20,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use servitor_proto::agent::{AgentMessage, AttemptRef, CancelMode, CoordinatorMessage, InstanceFacts};
+use servitor_proto::agent::{
+    AgentMessage, AttemptRef, CancelMode, CoordinatorMessage, InstanceFacts,
+};
 use servitor_proto::job::JobPayload;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -350,9 +352,7 @@ impl Core {
         };
         let lost = self.run(input, Register::None).await == Reply::Applied(true);
         if lost {
-            self.outbox()
-                .agents
-                .remove(&(agent_id.to_owned(), session));
+            self.outbox().agents.remove(&(agent_id.to_owned(), session));
             self.changed.notify_one();
         }
         lost
@@ -517,6 +517,9 @@ mod tests {
             }
         );
         core.release_job(7).await;
-        assert!(store.load().unwrap().is_empty(), "released jobs are forgotten");
+        assert!(
+            store.load().unwrap().is_empty(),
+            "released jobs are forgotten"
+        );
     }
 }

@@ -330,9 +330,8 @@ mod tests {
         assert!((again.spent(later) - 2.0).abs() < 1e-9);
         // A span reaching back into December counts only its January part.
         let other = tempfile::tempdir().expect("tempdir");
-        let mut fresh =
-            SpendLedger::open(other.path(), Store::open(other.path()).expect("store"))
-                .expect("open");
+        let mut fresh = SpendLedger::open(other.path(), Store::open(other.path()).expect("store"))
+            .expect("open");
         fresh.accrue(utc(2027, 1, 1, 1), 1.0, Duration::from_secs(5 * 3600));
         assert!((fresh.spent(utc(2027, 1, 1, 1)) - 1.0).abs() < 1e-9);
         // A damaged file is named with the fix.

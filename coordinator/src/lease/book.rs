@@ -112,7 +112,10 @@ pub enum Effect {
     /// Write to the lease book; durable before the step's other effects.
     Persist(Change),
     /// Tell the job's task.
-    Event { job_id: i64, event: JobEvent },
+    Event {
+        job_id: i64,
+        event: JobEvent,
+    },
     /// Send to one session of an agent (dropped if that session is gone).
     Send {
         agent: String,
@@ -474,7 +477,9 @@ impl LeaseBook {
                 exit_when_idle,
                 reason,
                 only_idle,
-            } => Reply::Drained(self.drain(&mut out, &instance, exit_when_idle, &reason, only_idle)),
+            } => {
+                Reply::Drained(self.drain(&mut out, &instance, exit_when_idle, &reason, only_idle))
+            }
             Input::StopStale { agent, attempt } => {
                 if let Some(entry) = self.agents.get(&agent) {
                     out.cancel(
@@ -571,7 +576,12 @@ impl LeaseBook {
         true
     }
 
-    fn connected(&mut self, now: Instant, out: &mut Out, hello: AgentHello) -> (u64, Vec<AttemptRef>) {
+    fn connected(
+        &mut self,
+        now: Instant,
+        out: &mut Out,
+        hello: AgentHello,
+    ) -> (u64, Vec<AttemptRef>) {
         let agent_id = hello.agent;
         self.next_session += 1;
         let session = self.next_session;
@@ -629,7 +639,14 @@ impl LeaseBook {
         (session, stale)
     }
 
-    fn lost(&mut self, now: Instant, out: &mut Out, agent: &str, session: u64, reason: &str) -> bool {
+    fn lost(
+        &mut self,
+        now: Instant,
+        out: &mut Out,
+        agent: &str,
+        session: u64,
+        reason: &str,
+    ) -> bool {
         if self.agents.get(agent).is_none_or(|e| e.session != session) {
             return false;
         }
@@ -642,7 +659,14 @@ impl LeaseBook {
         true
     }
 
-    fn message(&mut self, now: Instant, out: &mut Out, agent_id: &str, session: u64, message: AgentMessage) {
+    fn message(
+        &mut self,
+        now: Instant,
+        out: &mut Out,
+        agent_id: &str,
+        session: u64,
+        message: AgentMessage,
+    ) {
         let is_current = self
             .agents
             .get(agent_id)
@@ -877,7 +901,13 @@ impl LeaseBook {
 
     /// An attempt is gone: queue the next one, or tell the job that it ends
     /// here (attempts ran out, or it opted out of re-runs).
-    fn lose_attempt(&mut self, now: Instant, out: &mut Out, (job_id, attempt): (i64, u32), reason: &str) {
+    fn lose_attempt(
+        &mut self,
+        now: Instant,
+        out: &mut Out,
+        (job_id, attempt): (i64, u32),
+        reason: &str,
+    ) {
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
@@ -958,7 +988,8 @@ impl LeaseBook {
                 return;
             };
             self.queue.pop_front();
-            let (Some(job), Some(entry)) = (self.jobs.get_mut(&job_id), self.agents.get_mut(&agent_id))
+            let (Some(job), Some(entry)) =
+                (self.jobs.get_mut(&job_id), self.agents.get_mut(&agent_id))
             else {
                 continue;
             };
@@ -972,7 +1003,9 @@ impl LeaseBook {
                 continue;
             }
             let attempt = job.lease.attempt();
-            out.count(Metric::QueueWait(now.saturating_duration_since(job.queued_at)));
+            out.count(Metric::QueueWait(
+                now.saturating_duration_since(job.queued_at),
+            ));
             // Write ahead: a restarted coordinator must know who has it.
             out.persist(Change::Lease {
                 job_id,

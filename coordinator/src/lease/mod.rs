@@ -366,7 +366,10 @@ mod tests {
             (LeaseState::Finished, assign("a")),
             (LeaseState::Finished, LeaseEvent::Lost { attempt: 1 }),
             (LeaseState::Queued, LeaseEvent::GiveUp { attempt: 1 }),
-            (LeaseState::Running { agent: "a".into() }, LeaseEvent::GiveUp { attempt: 2 }),
+            (
+                LeaseState::Running { agent: "a".into() },
+                LeaseEvent::GiveUp { attempt: 2 },
+            ),
         ];
         for (state, event) in cases {
             let agent = state.agent().map(str::to_owned);

@@ -28,8 +28,17 @@ fn hold(job_id: i64) -> Change {
     }
 }
 
+/// A job as a restart would find it: id, lease, log, output reached, result.
+type Seen = (
+    i64,
+    LeaseRecord,
+    Vec<u8>,
+    Option<(u32, u64)>,
+    Option<Finished>,
+);
+
 /// What a restart would find, in a form that compares.
-fn seen(store: &Store) -> Vec<(i64, LeaseRecord, Vec<u8>, Option<(u32, u64)>, Option<Finished>)> {
+fn seen(store: &Store) -> Vec<Seen> {
     store
         .load()
         .unwrap()
@@ -107,7 +116,9 @@ fn a_batch_of_lease_changes_costs_one_sync() {
     let store = Store {
         inner: Arc::new(handle),
     };
-    let held: Vec<Commit> = (1..=CHANGES).map(|id| store.submit(vec![hold(id)])).collect();
+    let held: Vec<Commit> = (1..=CHANGES)
+        .map(|id| store.submit(vec![hold(id)]))
+        .collect();
     assert!(writer.run_once());
     let leases: Vec<Commit> = (1..=CHANGES)
         .map(|id| {
@@ -229,13 +240,14 @@ fn a_lease_book_in_the_earlier_layout_is_imported_once() {
         r#"{"attempt":2,"agent":"a-1"}"#,
         &[(1, 0, b"header\n"), (2, 5, b"hello")],
     );
-    std::fs::write(
-        jobs.join("7/result.pb"),
-        result(7, 2).encode_to_vec(),
-    )
-    .unwrap();
+    std::fs::write(jobs.join("7/result.pb"), result(7, 2).encode_to_vec()).unwrap();
     // A crash mid-append left a torn last record: it is dropped.
-    legacy_job(&jobs, 9, r#"{"attempt":1,"agent":null}"#, &[(1, 3, b"abc"), (1, 6, b"def")]);
+    legacy_job(
+        &jobs,
+        9,
+        r#"{"attempt":1,"agent":null}"#,
+        &[(1, 3, b"abc"), (1, 6, b"def")],
+    );
     let torn = jobs.join("9/trace.journal");
     let bytes = std::fs::read(&torn).unwrap();
     std::fs::write(&torn, &bytes[..bytes.len() - 1]).unwrap();
@@ -255,7 +267,10 @@ fn a_lease_book_in_the_earlier_layout_is_imported_once() {
     {
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(seen(&store), want);
-        assert!(!jobs.exists(), "the earlier layout is removed once imported");
+        assert!(
+            !jobs.exists(),
+            "the earlier layout is removed once imported"
+        );
         // The imported journal goes on where it stopped.
         store.journal(9).append(1, 9, b"ghi").unwrap();
         store.flush_blocking();
@@ -279,10 +294,7 @@ fn a_power_loss_leaves_the_last_commit_or_the_one_before() {
     let path = dir.path().join(BOOK_FILE);
     let (before, after, state_before, state_after) = {
         let store = Store::open(dir.path()).unwrap();
-        store
-            .submit(vec![hold(1), hold(2)])
-            .wait()
-            .unwrap();
+        store.submit(vec![hold(1), hold(2)]).wait().unwrap();
         store.journal(1).append(1, 4, b"one\n").unwrap();
         store.flush_blocking();
         let before = std::fs::read(&path).unwrap();

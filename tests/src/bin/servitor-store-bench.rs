@@ -70,14 +70,18 @@ impl Backend for PerChange {
     }
 }
 
+/// A lease change for the files writer: job, content, and where to say
+/// it is durable.
+type FileChange = (usize, Vec<u8>, mpsc::Sender<std::io::Result<()>>);
+
 /// Group commit over per-job files with directory syncs.
 struct FilesGroup {
-    tx: Mutex<mpsc::Sender<(usize, Vec<u8>, mpsc::Sender<std::io::Result<()>>)>>,
+    tx: Mutex<mpsc::Sender<FileChange>>,
 }
 
 impl FilesGroup {
     fn start(dir: PathBuf) -> Self {
-        let (tx, rx) = mpsc::channel::<(usize, Vec<u8>, mpsc::Sender<std::io::Result<()>>)>();
+        let (tx, rx) = mpsc::channel::<FileChange>();
         std::thread::spawn(move || {
             while let Ok(first) = rx.recv() {
                 let mut batch = vec![first];
@@ -114,7 +118,7 @@ impl FilesGroup {
                     let _ = done.send(
                         written
                             .as_ref()
-                            .map(|()| ())
+                            .copied()
                             .map_err(|e| std::io::Error::other(e.to_string())),
                     );
                 }
@@ -217,9 +221,9 @@ fn args() -> anyhow::Result<Args> {
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
-        let value = it
-            .next()
-            .with_context(|| format!("{arg} needs a value; see the usage at the top of the file"))?;
+        let value = it.next().with_context(|| {
+            format!("{arg} needs a value; see the usage at the top of the file")
+        })?;
         match arg.as_str() {
             "--writers" => {
                 out.writers = value

@@ -147,11 +147,9 @@ fn line(effect: &Effect) -> String {
                 Some(coordinator_message::Msg::Assign(a)) => {
                     format!("assign {}", short(a.attempt))
                 }
-                Some(coordinator_message::Msg::Cancel(c)) => format!(
-                    "cancel {} {}",
-                    short(c.attempt),
-                    c.mode().as_str_name()
-                ),
+                Some(coordinator_message::Msg::Cancel(c)) => {
+                    format!("cancel {} {}", short(c.attempt), c.mode().as_str_name())
+                }
                 Some(coordinator_message::Msg::Ack(a)) => {
                     format!("ack {}", short(a.attempt))
                 }
@@ -352,11 +350,7 @@ fn a_result_is_persisted_before_its_ack_and_reported_once() {
             ),
             // Sent again after a reconnect: acknowledged, not reported twice.
             (6, finished("a", 1, 7, 1), vec!["send a#1 ack 7/1"]),
-            (
-                7,
-                Input::Release { job_id: 7 },
-                vec!["persist remove 7"],
-            ),
+            (7, Input::Release { job_id: 7 }, vec!["persist remove 7"]),
         ],
     );
     assert_eq!(book.demand(), 0);
@@ -765,7 +759,11 @@ fn drain_if_idle_leaves_a_busy_instance_alone() {
                 ],
             ),
             (1, drain(true), vec![]),
-            (2, finished("a", 1, 7, 1), vec!["persist result 7", "send a#1 ack 7/1", "event 7 finished 1"]),
+            (
+                2,
+                finished("a", 1, 7, 1),
+                vec!["persist result 7", "send a#1 ack 7/1", "event 7 finished 1"],
+            ),
             (3, drain(true), vec!["send a#1 drain exit_when_idle=true"]),
             (
                 4,
