@@ -18,7 +18,10 @@ pub const JOIN_TOKEN_FILE: &str = "join-token";
 /// A change a test makes to the typed configuration before it is written
 /// (`max_use_count`, `[[fleet.policy]]` blocks, `[budget]`…).
 #[derive(Clone, Default)]
-pub struct Tweak(Option<Arc<dyn Fn(&mut Config) + Send + Sync>>);
+pub struct Tweak(Option<Arc<Change>>);
+
+/// What a [`Tweak`] runs.
+type Change = dyn Fn(&mut Config) + Send + Sync;
 
 impl Tweak {
     /// A tweak that runs `change`.
