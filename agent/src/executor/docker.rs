@@ -15,11 +15,12 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
+use bollard::container::AttachContainerResults;
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, ContainerWaitResponse, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
-    CreateContainerOptions, CreateImageOptionsBuilder, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    AttachContainerOptionsBuilder, CreateContainerOptions, CreateImageOptionsBuilder,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
     StartContainerOptions, WaitContainerOptions,
 };
 use bollard::Docker;
@@ -45,7 +46,7 @@ pub const LABEL_STEP: &str = "servitor.step";
 /// Where Docker's socket is unless `DOCKER_HOST` says otherwise.
 const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 
-/// Request timeout for calls that last as long as a job (following logs,
+/// Request timeout for calls that last as long as a job (attached output,
 /// waiting for exit). GitLab lets a job run for up to a month, and the job's
 /// own timeout is enforced by the executor, not by this client.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(31 * 24 * 3600);
@@ -492,21 +493,38 @@ impl ContainerRunner<'_> {
     ) -> Result<i32, DockerError> {
         let docker = &self.executor.docker;
         let streaming = &self.executor.streaming;
+        // Attached before the start, the output is the container's own
+        // stdout and stderr, every byte as the job wrote it, ending when the
+        // container's streams close. Following the engine's log instead
+        // loses output: the json-file driver writes a last line that has no
+        // newline only when the container's stream closes, and a follower
+        // told the container is gone may stop before reading it (about half
+        // the time for `printf done` as the last command); log drivers such
+        // as `none` or `awslogs` cannot be read back at all.
+        let attached = streaming
+            .attach_container(
+                id,
+                Some(
+                    AttachContainerOptionsBuilder::new()
+                        .stream(true)
+                        .stdout(true)
+                        .stderr(true)
+                        .build(),
+                ),
+            )
+            .await
+            .map_err(DockerError::api("attach to container"))?;
+        // Nothing is written to the job's stdin; the write half stays open
+        // until the container is done so the engine sees no hang-up.
+        let AttachContainerResults {
+            output: logs,
+            input: _stdin,
+        } = attached;
         docker
             .start_container(id, None::<StartContainerOptions>)
             .await
             .map_err(DockerError::api("start container"))?;
 
-        let logs = streaming.logs(
-            id,
-            Some(
-                LogsOptionsBuilder::new()
-                    .follow(true)
-                    .stdout(true)
-                    .stderr(true)
-                    .build(),
-            ),
-        );
         let pump = async move {
             futures_util::pin_mut!(logs);
             while let Some(item) = logs.next().await {
