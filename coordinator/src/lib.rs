@@ -340,6 +340,7 @@ pub async fn start(
             max_instances: config.fleet.max_instances,
             max_use_count: config.fleet.max_use_count,
             boot_timeout: Some(config.fleet.boot_timeout),
+            lost_grace: config.agents.lost_grace,
             launch_rate: (config.fleet.max_launches > 0).then_some(fleet::policy::LaunchRate {
                 max: config.fleet.max_launches,
                 per: config.fleet.launch_window,

@@ -311,6 +311,8 @@ struct Booted {
 #[derive(Debug)]
 pub struct Booter {
     booted: Arc<Mutex<HashMap<String, Booted>>>,
+    /// Where agents booted from now on dial.
+    dial: Arc<Mutex<std::net::SocketAddr>>,
     /// Every instance id ever seen, in order, and whether it booted.
     pub seen: Arc<Mutex<Vec<(String, bool)>>>,
     stop: CancellationToken,
@@ -322,9 +324,11 @@ impl Booter {
     pub fn start(group: Group, settings: BootSettings, base: &Path) -> Self {
         let booted: Arc<Mutex<HashMap<String, Booted>>> = Arc::default();
         let seen: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
+        let dial = Arc::new(Mutex::new(settings.coordinator));
         let stop = CancellationToken::new();
         let booter = Self {
             booted: booted.clone(),
+            dial: dial.clone(),
             seen: seen.clone(),
             stop: stop.clone(),
             base: base.to_owned(),
@@ -362,6 +366,10 @@ impl Booter {
                         if !boots {
                             continue;
                         }
+                        let settings = BootSettings {
+                            coordinator: *lock(&dial),
+                            ..settings.clone()
+                        };
                         match boot(&i.id, &settings, &base).await {
                             Ok(b) => {
                                 lock(&booted).insert(i.id.clone(), b);
@@ -382,6 +390,12 @@ impl Booter {
             }
         });
         booter
+    }
+
+    /// Agents booted from now on dial `addr` (a coordinator that moved);
+    /// those running keep dialling where they were told at boot.
+    pub fn redirect(&self, addr: std::net::SocketAddr) {
+        *lock(&self.dial) = addr;
     }
 
     /// Every booted agent's log, for failure messages.
@@ -485,6 +499,7 @@ pub struct AwsOptions {
     pub idle_count: u32,
     pub idle_time: Duration,
     pub boot_timeout: Duration,
+    pub lost_grace: Duration,
     /// The group's MaxSize.
     pub group_max_size: i32,
     pub market: &'static str,
@@ -505,6 +520,7 @@ impl Default for AwsOptions {
             idle_count: 0,
             idle_time: Duration::from_secs(2),
             boot_timeout: Duration::from_secs(120),
+            lost_grace: Duration::from_secs(30),
             group_max_size: 10,
             market: "spot",
             broken: 0,
@@ -573,6 +589,7 @@ impl AwsHarness {
         config.fleet.idle_count = options.idle_count;
         config.fleet.idle_time = options.idle_time;
         config.fleet.boot_timeout = options.boot_timeout;
+        config.agents.lost_grace = options.lost_grace;
         config.fleet.aws = Some(AwsFleetConfig {
             group: group.name.clone(),
             region: Some(REGION.to_owned()),
@@ -644,6 +661,27 @@ impl AwsHarness {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Stops the coordinator (cleanly) and starts a new one on the same
+    /// state and group, listening on a new port: the agents running keep
+    /// dialling the old one and never reach it; instances booted from now
+    /// on are told the new one.
+    ///
+    /// # Errors
+    /// The configuration cannot be rewritten or the new coordinator does
+    /// not start.
+    pub async fn restart_elsewhere(&mut self) -> anyhow::Result<()> {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut config = servitor_coordinator::config::Config::load(&self.config_path)?;
+        config.agents.listen = listen;
+        crate::config::write(&self.config_path, &config)?;
+        // Before it starts, so no instance it launches is told the old one.
+        self.booter.redirect(listen);
+        self.restart().await
     }
 
     /// The coordinator's Prometheus metrics, fetched over HTTP.

@@ -558,6 +558,26 @@ impl CoordinatorProcess {
     }
 }
 
+/// Knobs of [`process_config_with`].
+#[derive(Clone, Debug)]
+pub struct ProcessOptions {
+    /// Listen on a UDP port chosen now, the same at every start, so agents
+    /// find a restarted coordinator again; `false` listens on port 0, a new
+    /// port at every start, so agents started before a restart dial a port
+    /// nobody listens on.
+    pub fixed_port: bool,
+    pub lost_grace: Duration,
+}
+
+impl Default for ProcessOptions {
+    fn default() -> Self {
+        Self {
+            fixed_port: true,
+            lost_grace: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Writes a configuration for a coordinator process (one local shell
 /// agent, a fixed UDP port so agents can find it again after a restart)
 /// and the token files. Returns the configuration path and the log path.
@@ -568,20 +588,49 @@ pub fn process_config(
     dir: &std::path::Path,
     gitlab_url: &str,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
+    process_config_with(dir, gitlab_url, &ProcessOptions::default())
+}
+
+/// Like [`process_config`], with the given knobs.
+///
+/// # Errors
+/// Files cannot be written or the binaries are missing.
+pub fn process_config_with(
+    dir: &std::path::Path,
+    gitlab_url: &str,
+    options: &ProcessOptions,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     std::fs::write(
         dir.join(config::RUNNER_TOKEN_FILE),
         servitor_testkit::gitlab::DEFAULT_RUNNER_TOKEN,
     )?;
     std::fs::write(dir.join(config::JOIN_TOKEN_FILE), "process-test-join-token")?;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = if options.fixed_port {
+        std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port()
+    } else {
+        0
+    };
     let mut config = config::local(dir, gitlab_url, SocketAddr::from(([127, 0, 0, 1], port)));
     config.concurrent = 2;
+    config.agents.lost_grace = options.lost_grace;
     config.fleet.local.executor = ExecutorChoice::Shell;
     // No agent_command: the coordinator finds servitor-agent beside itself.
     agent_binary()?;
     let path = dir.join("coordinator.toml");
     config::write(&path, &config)?;
     Ok((path, dir.join("coordinator.log")))
+}
+
+/// Whether a process runs (a zombie does not).
+pub fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .is_some_and(|state| state != 'Z' && state != 'X')
+        })
+        .unwrap_or(false)
 }

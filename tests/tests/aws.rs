@@ -572,3 +572,84 @@ async fn a_period_switching_off_lets_its_warm_instance_go() {
     );
     assert_eq!(h.group.ec2_state(&warm[0].id).await.unwrap(), "terminated");
 }
+
+/// A restarted coordinator that listens somewhere else: the instance it
+/// adopts runs an agent that keeps dialling the old address. It counts as
+/// capacity only for `agents.lost_grace`; then it is terminated as broken
+/// and the job runs again, once and green, on an instance launched for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_instance_whose_agent_never_reconnects_is_replaced() {
+    // Short, so the test is; the adopted instance is past its boot timeout
+    // by the time its grace ends, so the grace is what counts.
+    let lost_grace = Duration::from_secs(8);
+    let mut h = AwsHarness::start(AwsOptions {
+        max_instances: 1,
+        idle_time: Duration::from_secs(30),
+        boot_timeout: Duration::from_secs(6),
+        lost_grace,
+        ..AwsOptions::default()
+    })
+    .await
+    .unwrap();
+    let id = h
+        .standin
+        .push_job(JobSpec::new("outlives-its-instance").script([
+            "echo started",
+            "sleep 4",
+            "echo finished",
+        ]))
+        .await
+        .unwrap();
+    h.standin
+        .wait_for(id, "the job running", TIMEOUT, |r| {
+            r.trace_text().contains("\nstarted\n")
+        })
+        .await
+        .unwrap();
+    let silent = h.booter.seen.lock().unwrap()[0].0.clone();
+    // The new coordinator first sees the instance between these two.
+    let restarting = tokio::time::Instant::now();
+    h.restart_elsewhere().await.unwrap();
+    let restarted = tokio::time::Instant::now();
+
+    h.group
+        .wait_for("the silent instance terminated", TIMEOUT, |_, i| {
+            !i.iter()
+                .any(|i| i.id == silent && i.lifecycle == "InService")
+        })
+        .await
+        .unwrap();
+    // Not before the grace; after it, seconds of slack for a pass and an
+    // API call, not the minutes of a boot timeout.
+    assert!(
+        restarting.elapsed() >= lost_grace,
+        "terminated {:?} after the restart began",
+        restarting.elapsed()
+    );
+    assert!(
+        restarted.elapsed() < lost_grace + Duration::from_secs(10),
+        "terminated {:?} after the restart",
+        restarted.elapsed()
+    );
+    let r = h.wait_final(id, TIMEOUT).await.unwrap();
+    let text = r.trace_text();
+    assert_eq!(r.state, JobState::Success, "{text}");
+    assert!(text.contains("Attempt 2 of 3"), "{text}");
+    assert_eq!(text.matches("\nfinished\n").count(), 1, "{text}");
+    let seen = h.booter.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "one replacement: {seen:?}");
+    assert!(
+        text.contains(&format!("on instance {}", seen[1].0)),
+        "{text}"
+    );
+    assert_eq!(h.group.ec2_state(&silent).await.unwrap(), "terminated");
+    let m = h.metrics().await.unwrap();
+    assert!(
+        metric(
+            &m,
+            "servitor_fleet_scale_operations_total{operation=\"reap\"}"
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{m}"
+    );
+}

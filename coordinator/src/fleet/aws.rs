@@ -68,7 +68,8 @@ pub struct AwsFleetSettings {
 
 #[derive(Debug)]
 struct Seen {
-    launched_at: Instant,
+    /// `None` when EC2 would not say.
+    launched_at: Option<Instant>,
     market: String,
 }
 
@@ -251,7 +252,7 @@ impl AwsFleet {
                     let launched_at = i
                         .launch_time()
                         .and_then(|t| SystemTime::try_from(*t).ok())
-                        .map_or_else(Instant::now, instant_of);
+                        .map(instant_of);
                     let market = match i.instance_lifecycle() {
                         Some(l) if l.as_str() == "spot" => "spot",
                         Some(_) => "",
@@ -268,13 +269,13 @@ impl AwsFleet {
             }
             Err(e) => {
                 let e = aws_error("DescribeInstances", &self.settings.group, e);
-                tracing::warn!(error = %e, "cannot read new instances' launch times; counting from now");
+                tracing::warn!(error = %e, "cannot read new instances' launch times; their boot timeout counts from now");
             }
         }
         let mut state = self.lock();
         for id in ids {
             let seen = learned.remove(&id).unwrap_or_else(|| Seen {
-                launched_at: Instant::now(),
+                launched_at: None,
                 market: String::new(),
             });
             state.seen.entry(id).or_insert(seen);
@@ -457,7 +458,7 @@ impl Fleet for AwsFleet {
             let seen = state.seen.get(id);
             instances.push(FleetInstance {
                 id: id.to_owned(),
-                launched_at: seen.map_or_else(Instant::now, |s| s.launched_at),
+                launched_at: seen.and_then(|s| s.launched_at),
                 removing,
                 protected: i.protected_from_scale_in(),
                 awaiting_release: self.settings.lifecycle_hook.is_some()

@@ -9,9 +9,11 @@
 //! real bill smaller. Busy instances are never stopped for money: the cap
 //! holds scale-out, not work in progress.
 //!
-//! Not responsible for prices (`pricing`), for carrying decisions out (the
-//! reconcile loop), or for writing the ledger to disk (the lease book's
-//! writer thread does, off the async threads).
+//! Not responsible for prices (`pricing`), for weighing the cap against
+//! the sizing policy (the planner in `policy` does, with
+//! [`affordable_launches`]), for carrying decisions out (the reconcile
+//! loop), or for writing the ledger to disk (the lease book's writer
+//! thread does, off the async threads).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,7 +33,9 @@ pub struct BudgetSettings {
     pub on_demand_hourly_usd: BTreeMap<String, f64>,
 }
 
-/// Everything [`affordable_launches`] decides from.
+/// Where the money stands, as [`affordable_launches`] (and through it the
+/// fleet's planner) decides from it: plain figures the reconcile loop reads
+/// from the ledger and the price book.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BudgetInput {
     pub monthly_usd: f64,
@@ -42,14 +46,12 @@ pub struct BudgetInput {
     pub launch_hourly_usd: f64,
     /// Hours until the month ends.
     pub hours_left: f64,
-    /// Launches the sizing policy asks for.
-    pub wanted: u32,
 }
 
-/// How many of the wanted launches the cap pays for (see the module
-/// comment for the rule).
-pub fn affordable_launches(i: &BudgetInput) -> u32 {
-    if i.wanted == 0 {
+/// How many of `wanted` launches the cap pays for (see the module comment
+/// for the rule).
+pub fn affordable_launches(i: &BudgetInput, wanted: u32) -> u32 {
+    if wanted == 0 {
         return 0;
     }
     let per_instance = i.launch_hourly_usd * i.hours_left.max(0.0);
@@ -59,14 +61,14 @@ pub fn affordable_launches(i: &BudgetInput) -> u32 {
     // configuration and the price parser only produce finite numbers.
     if per_instance <= 0.0 {
         // Free instances: only a cap already broken stops them.
-        return if room >= 0.0 { i.wanted } else { 0 };
+        return if room >= 0.0 { wanted } else { 0 };
     }
     if room < per_instance {
         return 0;
     }
     let fits = (room / per_instance).floor();
-    if fits >= f64::from(i.wanted) {
-        i.wanted
+    if fits >= f64::from(wanted) {
+        wanted
     } else {
         // Below `wanted`, so it fits in a u32.
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -233,21 +235,13 @@ impl SpendLedger {
 mod tests {
     use super::*;
 
-    fn input(
-        monthly: f64,
-        spent: f64,
-        running: f64,
-        launch: f64,
-        hours: f64,
-        wanted: u32,
-    ) -> BudgetInput {
+    fn input(monthly: f64, spent: f64, running: f64, launch: f64, hours: f64) -> BudgetInput {
         BudgetInput {
             monthly_usd: monthly,
             spent_usd: spent,
             running_hourly_usd: running,
             launch_hourly_usd: launch,
             hours_left: hours,
-            wanted,
         }
     }
 
@@ -270,7 +264,7 @@ mod tests {
         ];
         for (name, monthly, spent, running, launch, hours, wanted, want) in cases {
             assert_eq!(
-                affordable_launches(&input(monthly, spent, running, launch, hours, wanted)),
+                affordable_launches(&input(monthly, spent, running, launch, hours), wanted),
                 want,
                 "{name}"
             );

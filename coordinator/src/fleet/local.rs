@@ -41,7 +41,8 @@ pub struct LocalFleetSettings {
 #[derive(Debug)]
 struct LocalInstance {
     process: AgentProcess,
-    launched_at: Instant,
+    /// `None` for an agent found running from before a restart.
+    launched_at: Option<Instant>,
     removing: bool,
 }
 
@@ -148,7 +149,7 @@ impl LocalFleet {
                         name,
                         LocalInstance {
                             process: AgentProcess::Adopted(pid),
-                            launched_at: Instant::now(),
+                            launched_at: None,
                             removing: false,
                         },
                     );
@@ -231,6 +232,7 @@ impl LocalFleet {
                 market: "local".to_owned(),
             })
             .collect();
+        // Adopted ones (no launch time) first, as they are the oldest.
         out.sort_by(|a, b| a.launched_at.cmp(&b.launched_at).then(a.id.cmp(&b.id)));
         out
     }
@@ -271,7 +273,7 @@ impl LocalFleet {
             id.clone(),
             LocalInstance {
                 process: AgentProcess::Child(child),
-                launched_at: Instant::now(),
+                launched_at: Some(Instant::now()),
                 removing: false,
             },
         );

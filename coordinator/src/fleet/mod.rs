@@ -2,18 +2,22 @@
 //! it to the work the coordinator holds.
 //!
 //! [`Fleet`] is the seam: [`local`] runs agent processes on this machine,
-//! [`aws`] drives an EC2 Auto Scaling group. The decisions are pure
-//! functions: [`policy::plan_with`] sizes, [`budget::affordable_launches`]
-//! keeps the fleet under its monthly cap. Not responsible for what runs on
-//! an instance (the agent) or for jobs (`core`).
+//! [`aws`] drives an EC2 Auto Scaling group. Every decision is made by one
+//! pure function, [`policy::plan_with`] (which weighs the monthly cap with
+//! [`budget::affordable_launches`]); the reconcile loop here only observes
+//! (the fleet, the core, the spend ledger), remembers what the planner needs
+//! of the past, calls the planner, and carries its plan out through the
+//! seam. Not responsible for what runs on an instance (the agent) or for
+//! jobs (`core`).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::Core;
+use crate::core::{AgentSnapshot, Core};
 use crate::metrics::ScaleOp;
 
 pub mod aws;
@@ -23,7 +27,7 @@ pub mod policy;
 pub mod pricing;
 pub mod schedule;
 
-use policy::InstanceState;
+use policy::{InstanceState, TerminateReason};
 use pricing::{PriceBook, PricedInstance};
 
 /// How often the fleet is reconciled even when nothing signalled a change.
@@ -73,9 +77,10 @@ impl FleetError {
 #[derive(Clone, Debug)]
 pub struct FleetInstance {
     pub id: String,
-    /// When it was launched (or first seen, for an instance whose launch
-    /// time the fleet cannot tell).
-    pub launched_at: Instant,
+    /// When it was launched; `None` where the fleet cannot tell (a local
+    /// agent found running after a restart, an instance EC2 would not
+    /// describe).
+    pub launched_at: Option<Instant>,
     /// Being removed: terminating, detaching or in standby.
     pub removing: bool,
     /// Scale-in protection as the fleet reports it; `None` where the fleet
@@ -251,11 +256,9 @@ pub async fn reconcile<F: Fleet>(
     stop: CancellationToken,
 ) {
     let core = &ctx.core;
-    let mut recent_launches: Vec<Instant> = Vec::new();
-    let mut last_block = None;
     // Accrue from where the ledger stopped: the coordinator's downtime cost
     // money too.
-    let mut last_accrual = ctx
+    let last_accrual = ctx
         .ledger
         .as_ref()
         .and_then(|l| {
@@ -263,14 +266,11 @@ pub async fn reconcile<F: Fleet>(
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .counted_until()
         })
-        .unwrap_or_else(std::time::SystemTime::now);
-    let mut budget_said = false;
-    let mut retiring = std::collections::HashSet::new();
-    let mut joined = std::collections::HashMap::new();
-    let mut wake_at = None;
+        .unwrap_or_else(SystemTime::now);
+    let mut memory = Memory::new(last_accrual);
     let mut failures: u32 = 0;
     loop {
-        let pass_started = tokio::time::Instant::now();
+        let pass_started = Instant::now();
         let observed = match fleet.observe().await {
             Ok(o) => {
                 failures = 0;
@@ -297,15 +297,7 @@ pub async fn reconcile<F: Fleet>(
                 &ctx,
                 &settings,
                 observed,
-                &mut ReconcileMemory {
-                    recent_launches: &mut recent_launches,
-                    last_block: &mut last_block,
-                    last_accrual: &mut last_accrual,
-                    budget_said: &mut budget_said,
-                    retiring: &mut retiring,
-                    joined: &mut joined,
-                    wake_at: &mut wake_at,
-                },
+                &mut memory,
                 &stop,
             )
             .await;
@@ -316,35 +308,114 @@ pub async fn reconcile<F: Fleet>(
             () = core.changed.notified() => {
                 // Let a burst of changes settle into one decision, and keep
                 // a busy coordinator's API calls to the fleet's pace.
-                let settle = tokio::time::Instant::now() + SETTLE;
+                let settle = Instant::now() + SETTLE;
                 tokio::time::sleep_until(settle.max(pass_started + fleet.min_pass_gap())).await;
             }
-            () = tokio::time::sleep_until(next_tick(wake_at)) => {}
+            () = tokio::time::sleep_until(next_tick(memory.wake_at)) => {}
         }
     }
 }
 
-/// What one reconcile pass carries over to the next.
-struct ReconcileMemory<'a> {
-    recent_launches: &'a mut Vec<Instant>,
-    last_block: &'a mut Option<usize>,
-    last_accrual: &'a mut std::time::SystemTime,
-    budget_said: &'a mut bool,
-    /// Instances drained for `max_use_count`, removed once idle.
-    retiring: &'a mut std::collections::HashSet<String>,
-    /// When the plan may next change with no event (an idle time running
-    /// out); the loop wakes then.
-    wake_at: &'a mut Option<Instant>,
-    /// Instances whose agent joined, and when it was last seen.
-    joined: &'a mut std::collections::HashMap<String, Instant>,
+/// What the reconcile loop carries from one pass to the next: what the
+/// planner needs to know of the past (when each instance was first seen,
+/// whether it was found at start, when its agent was last seen, which ones
+/// retire, recent launches) and the loop's own bookkeeping.
+#[derive(Debug)]
+struct Memory {
+    /// A first look at the fleet has been taken: what it found is adopted.
+    looked: bool,
+    seen: HashMap<String, Sighting>,
+    /// Instances retired for `max_use_count`, terminated once idle.
+    retiring: HashSet<String>,
+    recent_launches: Vec<Instant>,
+    /// When the plan may next change with no event; the loop wakes then.
+    wake_at: Option<Instant>,
+    last_block: Option<usize>,
+    last_accrual: SystemTime,
+    budget_said: bool,
 }
 
+/// What the loop remembers of one instance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Sighting {
+    first: Instant,
+    /// There at the first look: running from before this coordinator.
+    adopted: bool,
+    /// When the core last knew an agent on it.
+    agent: Option<Instant>,
+}
+
+impl Memory {
+    fn new(last_accrual: SystemTime) -> Self {
+        Self {
+            looked: false,
+            seen: HashMap::new(),
+            retiring: HashSet::new(),
+            recent_launches: Vec::new(),
+            wake_at: None,
+            last_block: None,
+            last_accrual,
+            budget_said: false,
+        }
+    }
+
+    /// Updates what is remembered from this look at the fleet and the
+    /// core, and returns the instances as the planner sees them.
+    fn instances(
+        &mut self,
+        observed: &Observation,
+        agents: &[AgentSnapshot],
+        doomed: &HashSet<String>,
+        now: Instant,
+    ) -> Vec<policy::Instance> {
+        let adopting = !self.looked;
+        self.looked = true;
+        let listed = |id: &String| observed.instances.iter().any(|i| i.id == *id);
+        self.seen.retain(|id, _| listed(id));
+        self.retiring.retain(listed);
+        observed
+            .instances
+            .iter()
+            .map(|i| {
+                let agent = agents.iter().find(|a| a.instance_id == i.id);
+                let sighting = self.seen.entry(i.id.clone()).or_insert(Sighting {
+                    first: now,
+                    adopted: adopting,
+                    agent: None,
+                });
+                if agent.is_some() {
+                    sighting.agent = Some(now);
+                }
+                policy::Instance {
+                    id: i.id.clone(),
+                    launched_at: i.launched_at,
+                    first_seen: sighting.first,
+                    adopted: sighting.adopted,
+                    removing: i.removing,
+                    protected: i.protected,
+                    awaiting_release: i.awaiting_release,
+                    agent: agent.map(|a| policy::AgentView {
+                        busy: a.busy,
+                        draining: a.draining,
+                        idle_since: a.idle_since,
+                        used: a.used,
+                    }),
+                    last_seen: sighting.agent,
+                    interrupted: doomed.contains(&i.id),
+                    retiring: self.retiring.contains(&i.id),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One pass: observe (fleet, core, budget), plan, show, act.
 async fn reconcile_once<F: Fleet>(
     fleet: &F,
     ctx: &ReconcileContext,
     settings: &FleetSettings,
     observed: Observation,
-    memory: &mut ReconcileMemory<'_>,
+    memory: &mut Memory,
     stop: &CancellationToken,
 ) {
     let core = &ctx.core;
@@ -352,87 +423,253 @@ async fn reconcile_once<F: Fleet>(
         core.metrics().scale_op(ScaleOp::DriftCorrection, 1);
     }
     let agents = core.agents();
+    let doomed = core.doomed_instances();
+    let demand = core.demand();
+    core.metrics().set_jobs_held(count(&core.jobs()));
     let now = Instant::now();
-    let wall = std::time::SystemTime::now();
-    let mut sized = Vec::with_capacity(observed.instances.len());
-    let mut to_protect = Vec::new();
-    let mut to_unprotect = Vec::new();
-    let mut to_release = Vec::new();
-    memory
-        .joined
-        .retain(|id, _| observed.instances.iter().any(|i| i.id == *id));
-    for i in &observed.instances {
-        let agent = agents.iter().find(|a| a.instance_id == i.id);
-        if agent.is_some() {
-            memory.joined.insert(i.id.clone(), now);
+    let wall = SystemTime::now();
+    let instances = memory.instances(&observed, &agents, &doomed, now);
+
+    let mut policy = settings.policy.clone();
+    policy.idle = schedule::active_policy(&settings.blocks, &settings.policy.idle, wall);
+    if policy.idle.block != memory.last_block {
+        tracing::info!(block = ?policy.idle.block, idle_count = policy.idle.idle_count, "sizing policy in force changed");
+        memory.last_block = policy.idle.block;
+    }
+    if let Some(rate) = policy.launch_rate {
+        memory
+            .recent_launches
+            .retain(|t| now.saturating_duration_since(*t) < rate.per);
+    }
+    // Prices feed the budget and every job's cost line.
+    refresh_prices(fleet, &ctx.prices, &observed).await;
+    let budget = observe_budget(ctx, settings, &observed, &agents, memory, wall);
+
+    let plan = policy::plan_with(&policy::PlanInput {
+        demand,
+        instances: &instances,
+        pending: observed.pending,
+        policy: &policy,
+        recent_launches: &memory.recent_launches,
+        budget,
+        now,
+    });
+    memory.wake_at = plan.wake_at;
+
+    report_budget(core, settings, budget, &plan, memory);
+    show(
+        fleet,
+        ctx,
+        &Pass {
+            observed: &observed,
+            agents: &agents,
+            instances: &instances,
+            budget,
+            plan: &plan,
+            now,
+        },
+    );
+    if stop.is_cancelled() {
+        return;
+    }
+    execute(fleet, core, &plan, memory, demand, now, stop).await;
+}
+
+/// Accrues what the fleet cost since the last pass and returns where the
+/// budget stands; `None` without one.
+fn observe_budget(
+    ctx: &ReconcileContext,
+    settings: &FleetSettings,
+    observed: &Observation,
+    agents: &[AgentSnapshot],
+    memory: &mut Memory,
+    wall: SystemTime,
+) -> Option<budget::BudgetInput> {
+    let (Some(budget), Some(ledger)) = (&settings.budget, &ctx.ledger) else {
+        return None;
+    };
+    let running_hourly: f64 = observed
+        .instances
+        .iter()
+        .filter(|i| !i.removing)
+        .map(|i| ctx.prices.hourly_or_warn(&instance_facts(i, agents)))
+        .sum();
+    let spent = {
+        let mut ledger = ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let elapsed = wall.duration_since(memory.last_accrual).unwrap_or_default();
+        ledger.accrue(wall, running_hourly, elapsed);
+        ledger.spent(wall)
+    };
+    memory.last_accrual = wall;
+    Some(budget::BudgetInput {
+        monthly_usd: budget.monthly_usd,
+        spent_usd: spent,
+        running_hourly_usd: running_hourly,
+        launch_hourly_usd: observed
+            .launch_profile
+            .as_ref()
+            .map_or(0.0, |p| ctx.prices.launch_hourly(p)),
+        hours_left: budget::hours_left_in_month(wall),
+    })
+}
+/// Tells waiting jobs and the log when the budget holds launches back.
+fn report_budget(
+    core: &Core,
+    settings: &FleetSettings,
+    budget: Option<budget::BudgetInput>,
+    plan: &policy::Plan,
+    memory: &mut Memory,
+) {
+    let held = plan.held_back.budget;
+    core.metrics().set_budget_blocked(held);
+    let (Some(settings), Some(budget)) = (&settings.budget, budget) else {
+        return;
+    };
+    core.metrics()
+        .set_spend(budget.spent_usd, Some(settings.monthly_usd));
+    if held > 0 {
+        let text = format!(
+            "Waiting for budget: the fleet would break the monthly cap of ${:.2} (${:.2} spent this month); the job runs when an instance frees up or the cap is raised.",
+            settings.monthly_usd, budget.spent_usd
+        );
+        core.notify_waiting(&text);
+        if !memory.budget_said {
+            tracing::warn!(
+                held_back = held,
+                spent_usd = budget.spent_usd,
+                monthly_usd = settings.monthly_usd,
+                "not launching instances: the monthly budget would be exceeded"
+            );
+            memory.budget_said = true;
         }
-        // An instance whose agent was here and left is no capacity: it is
-        // not booting, and it may never serve again.
-        let left = agent.is_none() && memory.joined.contains_key(&i.id);
-        let state = match agent {
-            _ if i.removing || left => InstanceState::Draining,
-            Some(a) if a.draining => InstanceState::Draining,
-            Some(a) => InstanceState::Ready {
-                busy: a.busy,
-                idle_since: a.idle_since,
-            },
-            None => InstanceState::Booting,
+    } else if memory.budget_said {
+        tracing::info!(
+            spent_usd = budget.spent_usd,
+            "launches are within the budget again"
+        );
+        memory.budget_said = false;
+    }
+}
+
+/// What one pass saw and decided, for [`show`].
+struct Pass<'a> {
+    observed: &'a Observation,
+    agents: &'a [AgentSnapshot],
+    instances: &'a [policy::Instance],
+    budget: Option<budget::BudgetInput>,
+    plan: &'a policy::Plan,
+    now: Instant,
+}
+
+/// Publishes the pass's view of the fleet: gauges and the status summary.
+fn show<F: Fleet>(fleet: &F, ctx: &ReconcileContext, pass: &Pass<'_>) {
+    let Pass {
+        observed,
+        agents,
+        instances,
+        budget,
+        plan,
+        now,
+    } = *pass;
+    let metrics = ctx.core.metrics();
+    // Pending instances are on their way: booting.
+    let mut counts = [observed.pending, 0, 0, 0];
+    for state in &plan.states {
+        let slot = match state {
+            InstanceState::Booting => 0,
+            InstanceState::Ready { busy: 0, .. } => 1,
+            InstanceState::Ready { .. } => 2,
+            InstanceState::Draining => 3,
         };
-        let busy = agent.map_or(0, |a| a.busy);
-        // Busy instances are protected so that nothing else (a lowered
-        // desired capacity, AZ rebalancing) picks them; idle ones lose it
-        // before the policy may choose them.
-        match (i.protected, busy > 0, agent.is_some()) {
-            (Some(false), true, _) => to_protect.push(i.id.clone()),
-            (Some(true), false, true) if !i.removing => to_unprotect.push(i.id.clone()),
-            _ => {}
-        }
-        if i.awaiting_release && busy == 0 {
-            to_release.push(i.id.clone());
-        }
-        sized.push(policy::Instance {
+        counts[slot] += 1;
+    }
+    metrics.set_instances(counts[0], counts[1], counts[2], counts[3]);
+    let listed = count(&observed.instances);
+    metrics.set_capacity(
+        observed
+            .desired
+            .unwrap_or_else(|| listed.saturating_add(observed.pending)),
+        listed,
+    );
+    let mut shown: Vec<InstanceStatus> = instances
+        .iter()
+        .zip(&plan.states)
+        .zip(&observed.instances)
+        .map(|((i, state), f)| InstanceStatus {
             id: i.id.clone(),
-            state,
-            launched_at: i.launched_at,
-            used: agent.map_or(0, |a| a.used),
-        });
+            state: state_name(state),
+            age: now.saturating_duration_since(i.launched_at.unwrap_or(i.first_seen)),
+            instance_type: f.instance_type.clone(),
+            market: instance_facts(f, agents).market,
+            protected: f.protected,
+        })
+        .collect();
+    // Asked for, not listed yet.
+    shown.extend((0..observed.pending).map(|n| InstanceStatus {
+        id: format!("(pending {})", n + 1),
+        state: state_name(&InstanceState::Booting),
+        age: Duration::ZERO,
+        instance_type: String::new(),
+        market: String::new(),
+        protected: None,
+    }));
+    ctx.view.set(FleetSummary {
+        provider: fleet.provider(),
+        instances: shown,
+        desired: observed.desired,
+        budget_held: plan.held_back.budget,
+        spent_usd: budget.map_or(0.0, |b| b.spent_usd),
+        budget_usd: budget.map(|b| b.monthly_usd),
+    });
+}
+
+/// The scale operation a termination counts as.
+fn scale_op(reason: &TerminateReason) -> ScaleOp {
+    match reason {
+        r if r.is_broken() => ScaleOp::Reap,
+        TerminateReason::UsedUp { .. } => ScaleOp::Retire,
+        _ => ScaleOp::Terminate,
     }
-    for n in 0..observed.pending {
-        // Asked for, not listed yet: capacity on its way, never reaped.
-        sized.push(policy::Instance {
-            id: format!("(pending {})", n + 1),
-            state: InstanceState::Booting,
-            launched_at: now,
-            used: 0,
-        });
-    }
-    if !to_protect.is_empty() {
-        match fleet.protect(&to_protect, true).await {
+}
+
+/// Carries the plan out through the fleet seam and the core, in the plan's
+/// order, and records what was done.
+async fn execute<F: Fleet>(
+    fleet: &F,
+    core: &Core,
+    plan: &policy::Plan,
+    memory: &mut Memory,
+    demand: u32,
+    now: Instant,
+    stop: &CancellationToken,
+) {
+    if !plan.protect.is_empty() {
+        match fleet.protect(&plan.protect, true).await {
             Ok(()) => {
-                ctx.core
-                    .metrics()
-                    .scale_op(ScaleOp::Protect, count(&to_protect));
-                tracing::info!(instances = ?to_protect, "protected busy instances from scale-in");
+                core.metrics()
+                    .scale_op(ScaleOp::Protect, count(&plan.protect));
+                tracing::info!(instances = ?plan.protect, "protected busy instances from scale-in");
             }
             Err(e) => {
-                tracing::warn!(instances = ?to_protect, error = %e, "failed to protect busy instances from scale-in")
+                tracing::warn!(instances = ?plan.protect, error = %e, "failed to protect busy instances from scale-in")
             }
         }
     }
-    if !to_unprotect.is_empty() {
-        match fleet.protect(&to_unprotect, false).await {
+    if !plan.unprotect.is_empty() {
+        match fleet.protect(&plan.unprotect, false).await {
             Ok(()) => {
-                ctx.core
-                    .metrics()
-                    .scale_op(ScaleOp::Unprotect, count(&to_unprotect));
-                tracing::info!(instances = ?to_unprotect, "removed scale-in protection from idle instances");
+                core.metrics()
+                    .scale_op(ScaleOp::Unprotect, count(&plan.unprotect));
+                tracing::info!(instances = ?plan.unprotect, "removed scale-in protection from idle instances");
             }
             Err(e) => {
-                tracing::warn!(instances = ?to_unprotect, error = %e, "failed to remove scale-in protection from idle instances")
+                tracing::warn!(instances = ?plan.unprotect, error = %e, "failed to remove scale-in protection from idle instances")
             }
         }
     }
-    for id in &to_release {
+    for id in &plan.release {
         match fleet.release(id).await {
             Ok(()) => {
                 tracing::info!(instance = %id, "completed the termination lifecycle action: the instance's agent holds no job")
@@ -442,229 +679,30 @@ async fn reconcile_once<F: Fleet>(
             }
         }
     }
-
-    let mut current = settings.policy.clone();
-    current.idle = schedule::active_policy(&settings.blocks, &settings.policy.idle, wall);
-    if current.idle.block != *memory.last_block {
-        tracing::info!(block = ?current.idle.block, idle_count = current.idle.idle_count, "sizing policy in force changed");
-        *memory.last_block = current.idle.block;
+    for r in &plan.retire {
+        tracing::info!(instance = %r.id, used = r.used, "instance reached max_use_count; draining it, it goes once its jobs are done");
+        core.drain_instance(&r.id, true, "max_use_count reached");
+        memory.retiring.insert(r.id.clone());
     }
-    if let Some(rate) = current.launch_rate {
-        memory
-            .recent_launches
-            .retain(|t| now.saturating_duration_since(*t) < rate.per);
-    }
-    let demand = core.demand();
-    core.metrics().set_jobs_held(count(&core.jobs()));
-    *memory.wake_at = policy::next_deadline(&sized, &current, now);
-    let mut plan = policy::plan_with(&policy::PlanInput {
-        demand,
-        instances: &sized,
-        policy: &current,
-        recent_launches: memory.recent_launches,
-        now,
-    });
-
-    // Money: accrue what the fleet cost since the last pass, then hold
-    // back launches the monthly cap cannot pay for.
-    let mut spent = 0.0;
-    let mut budget_held = 0;
-    // Prices feed the budget and every job's cost line.
-    refresh_prices(fleet, &ctx.prices, &observed).await;
-    if let (Some(budget), Some(ledger)) = (&settings.budget, &ctx.ledger) {
-        let running_hourly: f64 = observed
-            .instances
-            .iter()
-            .filter(|i| !i.removing)
-            .map(|i| ctx.prices.hourly_or_warn(&instance_facts(i, &agents)))
-            .sum();
+    for t in &plan.terminate {
+        // A job may have reached an idle instance since the plan was made:
+        // it is removed only if still idle as it is drained.
+        if matches!(t.reason, TerminateReason::Idle { .. })
+            && !core.drain_if_idle(&t.id, true, "idle instance removed by the fleet")
         {
-            let mut ledger = ledger
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let elapsed = wall
-                .duration_since(*memory.last_accrual)
-                .unwrap_or_default();
-            ledger.accrue(wall, running_hourly, elapsed);
-            spent = ledger.spent(wall);
-        }
-        *memory.last_accrual = wall;
-        if plan.launch > 0 {
-            let launch_hourly = observed
-                .launch_profile
-                .as_ref()
-                .map_or(0.0, |p| ctx.prices.launch_hourly(p));
-            let affordable = budget::affordable_launches(&budget::BudgetInput {
-                monthly_usd: budget.monthly_usd,
-                spent_usd: spent,
-                running_hourly_usd: running_hourly,
-                launch_hourly_usd: launch_hourly,
-                hours_left: budget::hours_left_in_month(wall),
-                wanted: plan.launch,
-            });
-            budget_held = plan.launch - affordable;
-            plan.launch = affordable;
-        }
-        if budget_held > 0 {
-            let text = format!(
-                "Waiting for budget: the fleet would break the monthly cap of ${:.2} (${spent:.2} spent this month); the job runs when an instance frees up or the cap is raised.",
-                budget.monthly_usd
-            );
-            core.notify_waiting(&text);
-            if !*memory.budget_said {
-                tracing::warn!(
-                    held_back = budget_held,
-                    spent_usd = spent,
-                    monthly_usd = budget.monthly_usd,
-                    "not launching instances: the monthly budget would be exceeded"
-                );
-                *memory.budget_said = true;
-            }
-        } else if *memory.budget_said {
-            tracing::info!(spent_usd = spent, "launches are within the budget again");
-            *memory.budget_said = false;
-        }
-        ctx.core
-            .metrics()
-            .set_spend(spent, Some(budget.monthly_usd));
-    }
-    core.metrics().set_budget_blocked(budget_held);
-
-    let mut counts = [0u32; 4];
-    for i in &sized {
-        let slot = match i.state {
-            InstanceState::Booting => 0,
-            InstanceState::Ready { busy: 0, .. } => 1,
-            InstanceState::Ready { .. } => 2,
-            InstanceState::Draining => 3,
-        };
-        counts[slot] += 1;
-    }
-    ctx.core
-        .metrics()
-        .set_instances(counts[0], counts[1], counts[2], counts[3]);
-    core.metrics().set_capacity(
-        observed.desired.unwrap_or_else(|| count(&sized)),
-        count(&observed.instances),
-    );
-    ctx.view.set(FleetSummary {
-        provider: fleet.provider(),
-        instances: sized
-            .iter()
-            .map(|i| {
-                let fleet_instance = observed.instances.iter().find(|f| f.id == i.id);
-                InstanceStatus {
-                    id: i.id.clone(),
-                    state: state_name(&i.state),
-                    age: now.saturating_duration_since(i.launched_at),
-                    instance_type: fleet_instance
-                        .map(|f| f.instance_type.clone())
-                        .unwrap_or_default(),
-                    market: fleet_instance
-                        .map(|f| instance_facts(f, &agents).market)
-                        .unwrap_or_default(),
-                    protected: fleet_instance.and_then(|f| f.protected),
-                }
-            })
-            .collect(),
-        desired: observed.desired,
-        budget_held,
-        spent_usd: spent,
-        budget_usd: settings.budget.as_ref().map(|b| b.monthly_usd),
-    });
-
-    if stop.is_cancelled() {
-        return;
-    }
-    for reaped in &plan.reap {
-        tracing::warn!(instance = %reaped.id, reason = %reaped.reason, "removing an instance that never joined; check the image and its user-data");
-        match fleet.remove(&reaped.id).await {
-            Ok(()) => core.metrics().scale_op(ScaleOp::Reap, 1),
-            Err(e) => {
-                tracing::error!(instance = %reaped.id, error = %e, "failed to remove instance");
-            }
-        }
-    }
-    for id in &plan.retire {
-        tracing::info!(instance = %id, "instance reached max_use_count; draining it, it goes once its jobs are done");
-        core.drain_instance(id, true, "max_use_count reached");
-        memory.retiring.insert(id.clone());
-    }
-    // An instance going away (Spot notice, Auto Scaling termination) or at
-    // risk (rebalance) is let go as soon as its jobs are handed back or
-    // done: terminating it ourselves, with the desired capacity lowered,
-    // keeps the group from launching a replacement nobody asked for; the
-    // policy launches one if the work needs it. An instance whose agent
-    // left and did not come back within the boot timeout is broken: it
-    // goes too.
-    let grace = settings.policy.boot_timeout.unwrap_or(Duration::MAX);
-    let doomed = core.doomed_instances();
-    for i in observed.instances.iter().filter(|i| !i.removing) {
-        let why = match agents.iter().find(|a| a.instance_id == i.id) {
-            Some(a) if doomed.contains(&i.id) && a.busy == 0 => {
-                Some("it was interrupted and its jobs are handed back")
-            }
-            Some(_) => None,
-            None if doomed.contains(&i.id) => Some("it was interrupted and its agent has left"),
-            None => memory
-                .joined
-                .get(&i.id)
-                .filter(|since| now.saturating_duration_since(**since) >= grace)
-                .map(|_| "its agent left and did not come back within the boot timeout"),
-        };
-        if let Some(why) = why {
-            match fleet.remove(&i.id).await {
-                Ok(()) => {
-                    tracing::info!(instance = %i.id, reason = why, "removed an instance that serves no more");
-                    core.metrics().scale_op(ScaleOp::Terminate, 1);
-                    memory.joined.remove(&i.id);
-                }
-                Err(e) => {
-                    tracing::warn!(instance = %i.id, error = %e, "failed to remove an instance that serves no more");
-                }
-            }
-        }
-    }
-    // Retired instances go once their running jobs are done, never before.
-    let mut done = Vec::new();
-    for id in memory.retiring.iter() {
-        match observed.instances.iter().find(|i| i.id == *id) {
-            None => done.push(id.clone()),
-            Some(i) if i.removing => done.push(id.clone()),
-            Some(_) => {
-                let busy = agents
-                    .iter()
-                    .find(|a| a.instance_id == *id)
-                    .map_or(0, |a| a.busy);
-                if busy == 0 {
-                    match fleet.remove(id).await {
-                        Ok(()) => {
-                            tracing::info!(instance = %id, "removed an instance that reached max_use_count");
-                            core.metrics().scale_op(ScaleOp::Retire, 1);
-                            done.push(id.clone());
-                        }
-                        Err(e) => {
-                            tracing::error!(instance = %id, error = %e, "failed to remove instance");
-                        }
-                    }
-                }
-            }
-        }
-    }
-    for id in done {
-        memory.retiring.remove(&id);
-    }
-    for id in &plan.remove {
-        // A job may have reached the instance since the plan was made:
-        // only an instance still idle as it is drained is removed.
-        if !core.drain_if_idle(id, true, "idle instance removed by the fleet") {
-            tracing::debug!(instance = %id, "idle instance took a job before it could be removed; keeping it");
+            tracing::debug!(instance = %t.id, "idle instance took a job before it could be removed; keeping it");
             continue;
         }
-        tracing::info!(instance = %id, "removing idle instance");
-        match fleet.remove(id).await {
-            Ok(()) => core.metrics().scale_op(ScaleOp::Terminate, 1),
-            Err(e) => tracing::error!(instance = %id, error = %e, "failed to remove instance"),
+        if t.reason.is_broken() {
+            tracing::warn!(instance = %t.id, reason = %t.reason, "removing a broken instance");
+        } else {
+            tracing::info!(instance = %t.id, reason = %t.reason, "removing an instance");
+        }
+        match fleet.remove(&t.id).await {
+            Ok(()) => core.metrics().scale_op(scale_op(&t.reason), 1),
+            Err(e) => {
+                tracing::error!(instance = %t.id, error = %e, "failed to remove instance");
+            }
         }
     }
     if plan.launch > 0 && !stop.is_cancelled() {
@@ -684,8 +722,8 @@ async fn reconcile_once<F: Fleet>(
     }
 }
 
-/// The regular tick, or sooner when an idle time runs out (just after it,
-/// so the policy sees it passed).
+/// The regular tick, or sooner when a deadline runs out (just after it, so
+/// the planner sees it passed).
 fn next_tick(wake_at: Option<Instant>) -> Instant {
     let regular = Instant::now() + RECONCILE_INTERVAL;
     wake_at.map_or(regular, |at| regular.min(at + DEADLINE_SLACK))
@@ -738,5 +776,86 @@ async fn refresh_prices<F: Fleet>(fleet: &F, prices: &PriceBook, observed: &Obse
                 tracing::warn!(%instance_type, %zone, error = %e, "cannot read the Spot price; using the last one known");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(ids: &[&str]) -> Observation {
+        Observation {
+            instances: ids
+                .iter()
+                .map(|id| FleetInstance {
+                    id: (*id).to_owned(),
+                    launched_at: None,
+                    removing: false,
+                    protected: None,
+                    awaiting_release: false,
+                    instance_type: String::new(),
+                    zone: String::new(),
+                    market: String::new(),
+                })
+                .collect(),
+            ..Observation::default()
+        }
+    }
+
+    fn agent_on(instance: &str, busy: u32) -> AgentSnapshot {
+        AgentSnapshot {
+            agent_id: format!("agent-{instance}"),
+            instance_id: instance.to_owned(),
+            instance_type: String::new(),
+            zone: String::new(),
+            market: String::new(),
+            executor: "shell".to_owned(),
+            capacity: 1,
+            busy,
+            draining: false,
+            used: 2,
+            connected_for: Duration::ZERO,
+            idle_since: None,
+            remote: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+        }
+    }
+
+    /// What the planner learns of the past comes from the loop's memory:
+    /// instances found at the first look are adopted, later ones are not;
+    /// an agent's last sighting is kept after it leaves; instances that
+    /// leave the fleet are forgotten.
+    #[test]
+    fn memory_marks_adoption_and_agent_sightings() {
+        let t0 = Instant::now();
+        let (t1, t2) = (t0 + Duration::from_secs(1), t0 + Duration::from_secs(2));
+        let mut memory = Memory::new(SystemTime::now());
+        let none = HashSet::new();
+
+        let first = memory.instances(&listed(&["old"]), &[], &none, t0);
+        assert!(first[0].adopted, "found at the first look");
+        assert_eq!((first[0].first_seen, first[0].last_seen), (t0, None));
+
+        let second = memory.instances(&listed(&["old", "new"]), &[agent_on("old", 1)], &none, t1);
+        assert_eq!(second[0].first_seen, t0);
+        assert_eq!(second[0].last_seen, Some(t1), "its agent is back");
+        assert_eq!(
+            second[0].agent.as_ref().map(|a| (a.busy, a.used)),
+            Some((1, 2))
+        );
+        assert!(!second[1].adopted, "launched since");
+        assert_eq!(second[1].first_seen, t1);
+
+        memory.retiring.insert("new".to_owned());
+        let doomed: HashSet<String> = ["new".to_owned()].into();
+        let third = memory.instances(&listed(&["new"]), &[], &doomed, t2);
+        assert_eq!(third.len(), 1);
+        assert!(third[0].interrupted && third[0].retiring);
+        assert!(!memory.seen.contains_key("old"), "gone from the fleet");
+
+        // Back in the fleet later: a new instance as far as anyone knows.
+        let again = memory.instances(&listed(&["old", "new"]), &[], &none, t2);
+        assert!(!again[0].adopted);
+        assert_eq!(again[0].first_seen, t2);
+        assert_eq!(again[1].last_seen, None, "the agent on `new` never joined");
     }
 }

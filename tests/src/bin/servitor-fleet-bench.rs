@@ -14,7 +14,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use servitor_coordinator::fleet::policy::{self, FleetPolicy, Instance, InstanceState};
+use servitor_coordinator::fleet::policy::{self, AgentView, FleetPolicy, Instance};
 use servitor_coordinator::fleet::schedule::ActivePolicy;
 use servitor_testkit::gitlab::{JobSpec, JobState};
 use servitor_tests::aws::{AwsHarness, AwsOptions};
@@ -38,21 +38,22 @@ fn us(d: Duration) -> String {
 fn plan_cost(n: usize) -> Duration {
     let now = tokio::time::Instant::now() + Duration::from_secs(3600);
     let instances: Vec<Instance> = (0..n)
-        .map(|k| Instance {
-            id: format!("i-{k:017x}"),
-            state: match k % 3 {
-                0 => InstanceState::Ready {
-                    busy: 1,
-                    idle_since: None,
+        .map(|k| {
+            let agent = |busy: u32, idle_for: Option<u64>| AgentView {
+                busy,
+                draining: false,
+                idle_since: idle_for.map(|s| now - Duration::from_secs(s)),
+                used: 1,
+            };
+            Instance {
+                agent: match k % 3 {
+                    0 => Some(agent(1, None)),
+                    1 => Some(agent(0, Some(600))),
+                    _ => None,
                 },
-                1 => InstanceState::Ready {
-                    busy: 0,
-                    idle_since: Some(now - Duration::from_secs(600)),
-                },
-                _ => InstanceState::Booting,
-            },
-            launched_at: now - Duration::from_secs(60),
-            used: 1,
+                last_seen: (k % 3 != 2).then_some(now),
+                ..Instance::launched(format!("i-{k:017x}"), now - Duration::from_secs(60))
+            }
         })
         .collect();
     let policy = FleetPolicy {
@@ -60,6 +61,7 @@ fn plan_cost(n: usize) -> Duration {
         max_instances: u32::try_from(n * 2).unwrap_or(u32::MAX),
         max_use_count: 100,
         boot_timeout: Some(Duration::from_secs(600)),
+        lost_grace: Duration::from_secs(30),
         launch_rate: None,
         idle: ActivePolicy {
             idle_count: 2,
@@ -75,8 +77,10 @@ fn plan_cost(n: usize) -> Duration {
         let plan = policy::plan_with(&policy::PlanInput {
             demand,
             instances: &instances,
+            pending: 0,
             policy: &policy,
             recent_launches: &[],
+            budget: None,
             now,
         });
         samples.push(start.elapsed());
