@@ -224,8 +224,21 @@ async fn run_in(
         // Reclaim the Spot victim's instance once its job is under way.
         if !reclaimed {
             if let Some(victim) = records.iter().find(|r| r.name == "spot-victim") {
+                // A notice to an instance whose other job is still in its
+                // canceled after_script would end that after_script too:
+                // wait until the cancel is through there.
+                let canceling_there = |n: usize| {
+                    records.iter().any(|r| {
+                        r.name == "long-running"
+                            && !r.state.is_final()
+                            && canceled
+                            && instance_of(&coordinator, r.id) == Some(n)
+                    })
+                };
                 if victim.trace_text().contains("step 2 of 6") {
-                    if let Some(n) = instance_of(&coordinator, victim.id) {
+                    if let Some(n) =
+                        instance_of(&coordinator, victim.id).filter(|n| !canceling_there(*n))
+                    {
                         if let Some(stand_in) = imds.get(n.saturating_sub(1)) {
                             stand_in.set_spot_action("terminate", Duration::from_secs(120));
                             println!(
