@@ -262,15 +262,29 @@ mod tests {
         assert!(log.contains("after status=failed shared=true\n"), "{log:?}");
     }
 
+    /// Whether process `pid` still runs; a zombie has ended.
+    fn process_alive(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next())
+                .is_some_and(|state| state != 'Z' && state != 'X')
+        })
+    }
+
     #[tokio::test]
     async fn timeout_kills_the_script_group_and_runs_after_script() {
+        /// A SIGKILLed process is gone within milliseconds; this only bounds
+        /// the wait on a loaded machine.
+        const DEATH_WAIT: Duration = Duration::from_secs(5);
         let dir = tempfile::tempdir().unwrap();
-        let marker = dir.path().join("survivor");
+        let pid_file = dir.path().join("background.pid");
+        // A background process in the script's group, left running when the
+        // script is stopped; it would outlive the test unless the group is
+        // killed. It writes its pid (`exec` keeps it) so the test can watch it.
+        let background = format!("sh -c 'echo $$ > {}; exec sleep 300' &", pid_file.display());
         let job = job_with(
-            &[
-                &format!("(sleep 4; touch {}) &", marker.display()),
-                "sleep 30",
-            ],
+            &[&background, "sleep 30"],
             &["echo after status=$CI_JOB_STATUS"],
             1,
         );
@@ -297,11 +311,19 @@ mod tests {
             "{log}"
         );
         assert!(log.contains("after status=failed\n"), "{log:?}");
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        assert!(
-            !marker.exists(),
-            "a background process of the timed-out script survived"
-        );
+        let pid: u32 = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("the background process never started ({e}):\n{log}"))
+            .trim()
+            .parse()
+            .unwrap();
+        let deadline = Instant::now() + DEATH_WAIT;
+        while process_alive(pid) {
+            assert!(
+                Instant::now() < deadline,
+                "background process {pid} of the timed-out script survived"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     #[tokio::test]
