@@ -33,8 +33,19 @@ const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(60);
 /// A session that lasted this long was healthy: reset the backoff.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
-/// Heartbeat cadence until the coordinator says otherwise.
-const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Fastest heartbeat the agent agrees to: more often only costs the
+/// coordinator work and tells it nothing new.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+/// Slowest heartbeat the agent agrees to: a failed heartbeat write is how
+/// the agent notices a dead link while it has nothing else to say, so two
+/// must fit in QUIC's idle timeout.
+const MAX_HEARTBEAT: Duration =
+    Duration::from_secs(servitor_proto::link::IDLE_TIMEOUT.as_secs() / 2);
+// The protocol's own pace is one the agent accepts.
+const _: () = assert!(
+    servitor_proto::link::HEARTBEAT_INTERVAL.as_millis() >= MIN_HEARTBEAT.as_millis()
+        && servitor_proto::link::HEARTBEAT_INTERVAL.as_millis() <= MAX_HEARTBEAT.as_millis()
+);
 /// Output chunks buffered between the executor and the stream.
 const OUTPUT_QUEUE: usize = 256;
 /// Output kept per attempt for resending after a reconnect; GitLab keeps at
@@ -428,7 +439,9 @@ async fn session(
         return SessionEnd::Lost;
     }
 
-    let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
+    // The coordinator names its pace in its Welcome; until then, the
+    // protocol's.
+    let mut heartbeat = heartbeat_timer(servitor_proto::link::HEARTBEAT_INTERVAL, false);
     let mut sequence = 0u64;
     loop {
         if state.exit_when_idle && state.running.is_empty() {
@@ -486,6 +499,17 @@ async fn session(
                         return SessionEnd::Lost;
                     }
                 };
+                if let Some(coordinator_message::Msg::Welcome(welcome)) = &message.msg {
+                    let pace = heartbeat_interval(welcome.heartbeat_interval_ms);
+                    if welcome.heartbeat_interval_ms != 0 && pace != Duration::from_millis(welcome.heartbeat_interval_ms.into()) {
+                        tracing::warn!(
+                            asked_ms = welcome.heartbeat_interval_ms,
+                            using = ?pace,
+                            "the coordinator asked for a heartbeat interval out of bounds; using the nearest bound"
+                        );
+                    }
+                    heartbeat = heartbeat_timer(pace, true);
+                }
                 let replies = handle(settings, state, message);
                 for reply in replies {
                     if write_frame(&mut send, &reply).await.is_err() {
@@ -495,6 +519,30 @@ async fn session(
             }
         }
     }
+}
+
+/// The heartbeat interval to keep: what the coordinator asked for in its
+/// Welcome (milliseconds; 0 means it left it to the protocol's default),
+/// within [`MIN_HEARTBEAT`] and [`MAX_HEARTBEAT`].
+fn heartbeat_interval(asked_ms: u32) -> Duration {
+    if asked_ms == 0 {
+        return servitor_proto::link::HEARTBEAT_INTERVAL;
+    }
+    Duration::from_millis(asked_ms.into()).clamp(MIN_HEARTBEAT, MAX_HEARTBEAT)
+}
+
+/// A heartbeat timer at `period`; its first tick is at once, or one period
+/// from now when `delayed` (the pace changed mid-session).
+fn heartbeat_timer(period: Duration, delayed: bool) -> tokio::time::Interval {
+    let start = if delayed {
+        tokio::time::Instant::now() + period
+    } else {
+        tokio::time::Instant::now()
+    };
+    let mut timer = tokio::time::interval_at(start, period);
+    // After a stall (a slow write), one heartbeat says as much as a burst.
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer
 }
 
 /// Handles one coordinator message; returns the replies to send.
@@ -800,6 +848,33 @@ mod tests {
         assert_eq!(log.start, 2);
         assert_eq!(log.total(), OUTPUT_REPLAY_BYTES as u64 + 2);
         assert!(log.kept.ends_with(b"bcd"));
+    }
+
+    #[test]
+    fn heartbeat_interval_follows_the_coordinator_within_bounds() {
+        let ms = Duration::from_millis;
+        let cases = [
+            (
+                0,
+                servitor_proto::link::HEARTBEAT_INTERVAL,
+                "unset: the protocol's",
+            ),
+            (250, ms(250), "as asked"),
+            (5_000, ms(5_000), "as asked"),
+            (10_000, MAX_HEARTBEAT, "the slowest allowed, as asked"),
+            (1, MIN_HEARTBEAT, "too fast: the fastest allowed"),
+            (99, MIN_HEARTBEAT, "too fast: the fastest allowed"),
+            (100, MIN_HEARTBEAT, "the fastest allowed, as asked"),
+            (60_000, MAX_HEARTBEAT, "too slow: the slowest allowed"),
+            (u32::MAX, MAX_HEARTBEAT, "too slow: the slowest allowed"),
+        ];
+        for (asked, want, why) in cases {
+            assert_eq!(heartbeat_interval(asked), want, "{asked} ms: {why}");
+        }
+        assert!(
+            MAX_HEARTBEAT * 2 <= servitor_proto::link::IDLE_TIMEOUT,
+            "two heartbeats fit in QUIC's idle timeout"
+        );
     }
 
     #[tokio::test]

@@ -1,13 +1,18 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 //! The agent link over real QUIC and real TLS on 127.0.0.1: the coordinator's
-//! `LinkServer` against the agent's `connect`, and against raw clients that
-//! misbehave.
+//! `LinkServer` against the agent's `connect`, against raw clients that
+//! misbehave, and against the agent's whole session (`session::run`, shell
+//! executor) with the test speaking the coordinator's side of the control
+//! stream, to see what the agent says when.
 
 use std::sync::{Arc, Mutex};
 
+use servitor_agent::executor::{AnyExecutor, ShellExecutor};
 use servitor_agent::link::{connect, CaTrust, LinkError as AgentLinkError, LinkSettings};
+use servitor_agent::session::{AgentSettings, Notice};
 use servitor_proto::agent::{
-    agent_message, coordinator_message, AgentMessage, CoordinatorMessage, Heartbeat, Hello, Welcome,
+    agent_message, coordinator_message, AgentMessage, CoordinatorMessage, Heartbeat, Hello,
+    InstanceFacts, Welcome,
 };
 use servitor_proto::frame::{read_frame, write_frame};
 
@@ -477,4 +482,165 @@ async fn out_of_range_certificate_validity_is_refused_at_bind() {
         assert!(err.to_string().contains("agents.cert_validity"), "{err}");
         assert!(!err.is_retryable());
     }
+}
+
+/// The agent's whole life (`session::run`, shell executor) in this process,
+/// dialling the test's coordinator.
+struct Agent {
+    /// Kept open: a closed channel would mean no more notices.
+    _notices: tokio::sync::mpsc::Sender<Notice>,
+    shutdown: tokio_util::sync::CancellationToken,
+    run: tokio::task::JoinHandle<Result<(), servitor_agent::session::AgentError>>,
+    _work: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(coordinator: &Coordinator) -> Self {
+        let work = tempfile::tempdir().unwrap();
+        let settings = AgentSettings {
+            link: coordinator.settings("session-test", None),
+            capacity: 1,
+            executor: AnyExecutor::from(ShellExecutor::new()),
+            work_dir: work.path().to_path_buf(),
+            instance: InstanceFacts::default(),
+            imds: None,
+        };
+        let (notices, received) = tokio::sync::mpsc::channel(8);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let run = tokio::spawn(servitor_agent::session::run(
+            settings,
+            received,
+            shutdown.clone(),
+        ));
+        Self {
+            _notices: notices,
+            shutdown,
+            run,
+            _work: work,
+        }
+    }
+
+    /// Waits for `run` to return, which it must do promptly now.
+    async fn ended(self) -> Result<(), servitor_agent::session::AgentError> {
+        tokio::time::timeout(PROMPT, self.run)
+            .await
+            .expect("the agent exits in time")
+            .unwrap()
+    }
+}
+
+/// The coordinator's end of one agent session.
+struct Session {
+    agent: AgentConnection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    hello: Hello,
+}
+
+impl Coordinator {
+    /// Accepts the agent's next connection and reads its hello.
+    async fn next_session(&self) -> Session {
+        let agent = self.accept_promptly().await;
+        let (send, mut recv) = tokio::time::timeout(PROMPT, agent.connection.accept_bi())
+            .await
+            .expect("the agent opens its control stream in time")
+            .unwrap();
+        let first: AgentMessage = read_frame(&mut recv).await.unwrap().unwrap();
+        let Some(agent_message::Msg::Hello(hello)) = first.msg else {
+            panic!("the agent's first message is not a hello: {first:?}");
+        };
+        // Output streams are read to their end, as the coordinator does, so
+        // the agent does not wait for them to be taken.
+        let connection = agent.connection.clone();
+        tokio::spawn(async move {
+            while let Ok(mut output) = connection.accept_uni().await {
+                tokio::spawn(async move { output.read_to_end(usize::MAX).await });
+            }
+        });
+        Session {
+            agent,
+            send,
+            recv,
+            hello,
+        }
+    }
+}
+
+impl Session {
+    async fn say(&mut self, msg: coordinator_message::Msg) {
+        write_frame(&mut self.send, &CoordinatorMessage { msg: Some(msg) })
+            .await
+            .unwrap();
+    }
+
+    async fn welcome(&mut self, heartbeat_interval_ms: u32) {
+        let agent_id = self.agent.agent_id.clone();
+        self.say(coordinator_message::Msg::Welcome(Welcome {
+            agent_id,
+            heartbeat_interval_ms,
+            ..Welcome::default()
+        }))
+        .await;
+    }
+
+    /// The agent's next message, heartbeats included.
+    async fn next(&mut self) -> agent_message::Msg {
+        loop {
+            let message: AgentMessage = tokio::time::timeout(PROMPT, read_frame(&mut self.recv))
+                .await
+                .expect("the agent says something in time")
+                .unwrap()
+                .expect("the control stream stays open");
+            if let Some(msg) = message.msg {
+                return msg;
+            }
+        }
+    }
+
+    /// The agent's next message that is not a heartbeat.
+    async fn next_not_heartbeat(&mut self) -> agent_message::Msg {
+        loop {
+            match self.next().await {
+                agent_message::Msg::Heartbeat(_) => {}
+                msg => return msg,
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn agent_heartbeats_at_the_pace_the_coordinator_asks_for() {
+    /// Far quicker than the protocol's default of 5 s.
+    const ASKED_MS: u32 = 200;
+    /// Heartbeats counted after the Welcome; the first may be the one the
+    /// agent sends as its session opens, before it read the Welcome.
+    const COUNTED: u32 = 6;
+    let coordinator = coordinator();
+    let agent = Agent::start(&coordinator);
+    let mut session = coordinator.next_session().await;
+    assert_eq!(session.hello.capacity, 1);
+    session.welcome(ASKED_MS).await;
+    let welcomed = tokio::time::Instant::now();
+    let mut heartbeats = 0;
+    while heartbeats < COUNTED {
+        if let agent_message::Msg::Heartbeat(_) = session.next().await {
+            heartbeats += 1;
+        }
+    }
+    let took = welcomed.elapsed();
+    let paced = Duration::from_millis(u64::from(ASKED_MS) * u64::from(COUNTED - 1));
+    assert!(
+        took >= paced,
+        "{COUNTED} heartbeats in {took:?}: faster than asked"
+    );
+    assert!(
+        took < servitor_proto::link::HEARTBEAT_INTERVAL - Duration::from_secs(1),
+        "{COUNTED} heartbeats took {took:?}: not at the asked pace"
+    );
+    agent.shutdown.cancel();
+    assert!(matches!(
+        session.next_not_heartbeat().await,
+        agent_message::Msg::Interrupting(_)
+    ));
+    agent.ended().await.unwrap();
 }
