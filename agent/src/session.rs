@@ -23,6 +23,8 @@ use servitor_proto::frame::{read_frame, write_frame};
 use servitor_proto::job::JobPayload;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::executor::{AnyExecutor, CancelSignals, Executor, JobContext, JobResult};
 use crate::link::{connect, LinkError, LinkSettings};
@@ -134,7 +136,8 @@ enum SessionEnd {
 
 /// Runs the agent until the instance goes away (a [`Notice::Interrupt`],
 /// or `shutdown`, which is SIGTERM) and every job was handed back, or until
-/// the coordinator tells it to exit.
+/// the coordinator tells it to exit. Whatever the way out, the tasks it
+/// spawned are ended or given [`SHUTDOWN_GRACE`] to end before it returns.
 ///
 /// # Errors
 /// Only what reconnecting cannot fix: an enrollment refusal.
@@ -146,13 +149,25 @@ pub async fn run(
     let settings = Arc::new(settings);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut state = AgentState::new(Some(done_tx));
-    let mut backoff = Backoff::try_new(RECONNECT_MIN, RECONNECT_MAX)
-        .expect("reconnect backoff bounds are valid constants");
     let mut signals = Signals {
         notices: &mut notices,
         shutdown: &shutdown,
         stop_seen: false,
     };
+    let result = serve(&settings, &mut state, &mut done_rx, &mut signals).await;
+    state.wind_down().await;
+    result
+}
+
+/// Connects and runs sessions, one after another, until the agent is done.
+async fn serve(
+    settings: &Arc<AgentSettings>,
+    state: &mut AgentState,
+    done_rx: &mut mpsc::UnboundedReceiver<Done>,
+    signals: &mut Signals<'_>,
+) -> Result<(), AgentError> {
+    let mut backoff = Backoff::try_new(RECONNECT_MIN, RECONNECT_MAX)
+        .expect("reconnect backoff bounds are valid constants");
     loop {
         if state.interrupt.is_some() && state.running.is_empty() {
             return Ok(());
@@ -160,6 +175,8 @@ pub async fn run(
         let link = tokio::select! {
             notice = signals.next() => {
                 state.apply_notice(notice);
+                // About to dial anyway: the notice goes out after the hello.
+                state.redial_now = false;
                 continue;
             }
             link = connect(&settings.link) => link,
@@ -170,10 +187,8 @@ pub async fn run(
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot reach the coordinator");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    notice = signals.next() => { state.apply_notice(notice); }
-                    done = done_rx.recv() => if let Some(done) = done { state.finish(done); },
+                if wait_to_redial(delay, state, signals, done_rx).await == Redial::Now {
+                    backoff.reset();
                 }
                 continue;
             }
@@ -181,14 +196,7 @@ pub async fn run(
         tracing::info!(agent_id = %link.agent_id, "connected to the coordinator");
         state.links.send_replace(Some(link.connection.clone()));
         let started = tokio::time::Instant::now();
-        let end = session(
-            &settings,
-            &link.connection,
-            &mut state,
-            &mut done_rx,
-            &mut signals,
-        )
-        .await;
+        let end = session(settings, &link.connection, state, done_rx, signals).await;
         if let SessionEnd::Exit = end {
             // The control stream is finished: give the coordinator a moment
             // to read its end and close, so it sees a clean goodbye.
@@ -204,7 +212,48 @@ pub async fn run(
                 }
                 let delay = backoff.next_delay();
                 tracing::warn!(retry_in = ?delay, "lost the coordinator; reconnecting");
-                tokio::time::sleep(delay).await;
+                if wait_to_redial(delay, state, signals, done_rx).await == Redial::Now {
+                    backoff.reset();
+                }
+            }
+        }
+    }
+}
+
+/// How a wait before redialling the coordinator ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Redial {
+    /// The delay ran out.
+    AfterDelay,
+    /// The instance is going away and the coordinator has not been told:
+    /// dial at once, its jobs must start elsewhere before the deadline.
+    Now,
+}
+
+/// Waits `delay` before redialling while still minding the instance:
+/// notices are applied the moment they come (a drain stops new work at
+/// once), finished attempts are recorded, and an interruption the
+/// coordinator has not heard of ends the wait.
+async fn wait_to_redial(
+    delay: Duration,
+    state: &mut AgentState,
+    signals: &mut Signals<'_>,
+    done_rx: &mut mpsc::UnboundedReceiver<Done>,
+) -> Redial {
+    let deadline = tokio::time::Instant::now() + delay;
+    loop {
+        if std::mem::take(&mut state.redial_now) {
+            tracing::info!("redialling at once to report the interruption");
+            return Redial::Now;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => return Redial::AfterDelay,
+            notice = signals.next() => {
+                state.apply_notice(notice);
+            }
+            Some(done) = done_rx.recv() => {
+                tracing::info!(attempt = %done.attempt, result = ?done.result, "attempt ended while the coordinator is out of reach");
+                state.finish(done);
             }
         }
     }
@@ -253,6 +302,14 @@ struct AgentState {
     abort_all: CancellationToken,
     /// The current connection, for attempts' output streams.
     links: watch::Sender<Option<quinn::Connection>>,
+    /// An interruption was noticed and not yet written on a live control
+    /// stream: the next wait to redial is skipped.
+    redial_now: bool,
+    /// Every task the agent spawns: attempts and interruption deadline
+    /// timers.
+    tasks: TaskTracker,
+    /// Stops the deadline timers when the agent exits.
+    timers: CancellationToken,
 }
 
 impl AgentState {
@@ -267,6 +324,34 @@ impl AgentState {
             drain_reason: None,
             abort_all: CancellationToken::new(),
             links: watch::Sender::new(None),
+            redial_now: false,
+            tasks: TaskTracker::new(),
+            timers: CancellationToken::new(),
+        }
+    }
+
+    /// Ends what the agent spawned, on its way out: deadline timers stop,
+    /// attempts still running are killed (no session is left to report
+    /// them), and the tasks get [`SHUTDOWN_GRACE`] to end.
+    async fn wind_down(&mut self) {
+        self.timers.cancel();
+        if !self.running.is_empty() {
+            tracing::warn!(
+                running = self.running.len(),
+                "exiting with jobs still running; killing them"
+            );
+            self.abort_all.cancel();
+        }
+        self.tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.tasks.len(),
+                grace = ?SHUTDOWN_GRACE,
+                "tasks did not end in time; exiting without them"
+            );
         }
     }
 
@@ -284,11 +369,22 @@ impl AgentState {
                 let abort_in = left.saturating_sub(DEADLINE_MARGIN);
                 tracing::warn!(%reason, deadline_in = ?left, running = self.running.len(), "instance is going away: handing jobs back");
                 self.draining = true;
+                self.redial_now = true;
                 let abort_all = self.abort_all.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(abort_in).await;
-                    abort_all.cancel();
-                });
+                let stop = self.timers.clone();
+                let span = tracing::info_span!("interruption_deadline", %reason);
+                self.tasks.spawn(
+                    async move {
+                        tokio::select! {
+                            () = tokio::time::sleep(abort_in) => {
+                                tracing::warn!("interruption deadline near; stopping the jobs still running");
+                                abort_all.cancel();
+                            }
+                            () = stop.cancelled() => {}
+                        }
+                    }
+                    .instrument(span),
+                );
                 let deadline_unix_ms = deadline
                     .duration_since(std::time::UNIX_EPOCH)
                     .ok()
@@ -429,6 +525,8 @@ async fn session(
             return SessionEnd::Lost;
         }
     }
+    // Any interruption is told now.
+    state.redial_now = false;
     // Results not acknowledged before: their output may have died with the
     // old connection, so it goes again too (the coordinator skips what it
     // has).
@@ -459,6 +557,9 @@ async fn session(
                 if let Some(message) = state.apply_notice(notice) {
                     if write_frame(&mut send, &message).await.is_err() {
                         return SessionEnd::Lost;
+                    }
+                    if matches!(message.msg, Some(agent_message::Msg::Interrupting(_))) {
+                        state.redial_now = false;
                     }
                 }
             }
@@ -600,15 +701,23 @@ fn handle(
             let Some(done_tx) = state.done_tx.clone() else {
                 return replies;
             };
-            tokio::spawn(run_attempt(
-                settings.clone(),
-                state.links.subscribe(),
-                attempt,
-                job,
-                slot,
-                cancel,
-                done_tx,
-            ));
+            let span = tracing::info_span!(
+                "attempt",
+                job_id = attempt.job_id,
+                attempt = attempt.attempt
+            );
+            state.tasks.spawn(
+                run_attempt(
+                    settings.clone(),
+                    state.links.subscribe(),
+                    attempt,
+                    job,
+                    slot,
+                    cancel,
+                    done_tx,
+                )
+                .instrument(span),
+            );
             replies.push(msg(agent_message::Msg::Started(Started {
                 attempt: Some(attempt),
             })));
@@ -874,6 +983,226 @@ mod tests {
         assert!(
             MAX_HEARTBEAT * 2 <= servitor_proto::link::IDLE_TIMEOUT,
             "two heartbeats fit in QUIC's idle timeout"
+        );
+    }
+
+    fn spot_notice() -> Notice {
+        Notice::Interrupt {
+            reason: "spot".into(),
+            deadline: std::time::SystemTime::now() + Duration::from_secs(120),
+        }
+    }
+
+    /// An agent with one attempt running, whose results come on the
+    /// returned channel.
+    fn busy_agent() -> (AgentState, mpsc::UnboundedReceiver<Done>) {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let mut state = AgentState::new(Some(done_tx));
+        let cancel = CancelSignals {
+            graceful: CancellationToken::new(),
+            abort: state.abort_all.child_token(),
+        };
+        state.running.insert((7, 1), Running { cancel, slot: 0 });
+        (state, done_rx)
+    }
+
+    fn signals<'a>(
+        notices: &'a mut mpsc::Receiver<Notice>,
+        shutdown: &'a CancellationToken,
+    ) -> Signals<'a> {
+        Signals {
+            notices,
+            shutdown,
+            stop_seen: false,
+        }
+    }
+
+    /// Five seconds into the longest reconnect backoff.
+    const INTO_THE_WAIT: Duration = Duration::from_secs(5);
+
+    #[tokio::test(start_paused = true)]
+    async fn spot_notice_during_the_reconnect_backoff_is_applied_at_once_and_ends_it() {
+        let (mut state, mut done_rx) = busy_agent();
+        let (notice_tx, mut notices) = mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        let mut signals = signals(&mut notices, &shutdown);
+        tokio::spawn(async move {
+            tokio::time::sleep(INTO_THE_WAIT).await;
+            notice_tx.send(spot_notice()).await
+        });
+        let started = tokio::time::Instant::now();
+        let end = wait_to_redial(RECONNECT_MAX, &mut state, &mut signals, &mut done_rx).await;
+        assert_eq!(end, Redial::Now);
+        assert_eq!(
+            started.elapsed(),
+            INTO_THE_WAIT,
+            "the agent redials the moment the notice comes"
+        );
+        assert!(state.draining, "no new work from now on");
+        assert!(state.interrupt.is_some(), "it is told after the hello");
+        assert!(
+            !state.abort_all.is_cancelled(),
+            "the job runs on until the coordinator or the deadline stops it"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sigterm_during_the_reconnect_backoff_ends_it() {
+        let (mut state, mut done_rx) = busy_agent();
+        let (_notice_tx, mut notices) = mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        let mut signals = signals(&mut notices, &shutdown);
+        tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                tokio::time::sleep(INTO_THE_WAIT).await;
+                shutdown.cancel();
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let end = wait_to_redial(RECONNECT_MAX, &mut state, &mut signals, &mut done_rx).await;
+        assert_eq!((end, started.elapsed()), (Redial::Now, INTO_THE_WAIT));
+        let told = state.interrupt.as_ref().map(|i| i.reason.clone());
+        assert!(
+            told.as_deref().is_some_and(|r| r.contains("SIGTERM")),
+            "{told:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_and_finished_attempts_during_the_backoff_are_applied_while_it_goes_on() {
+        let (mut state, mut done_rx) = busy_agent();
+        let done_tx = state
+            .done_tx
+            .clone()
+            .expect("the agent has a result channel");
+        let (notice_tx, mut notices) = mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        let mut signals = signals(&mut notices, &shutdown);
+        tokio::spawn(async move {
+            tokio::time::sleep(INTO_THE_WAIT).await;
+            let _ = notice_tx
+                .send(Notice::Drain {
+                    reason: "rebalance".into(),
+                })
+                .await;
+            let _ = done_tx.send(Done {
+                attempt: AttemptRef::new(7, 1),
+                result: JobResult::Success,
+                output: OutputLog::default(),
+            });
+        });
+        let just_after = INTO_THE_WAIT + Duration::from_millis(1);
+        let waited = tokio::time::timeout(
+            just_after,
+            wait_to_redial(RECONNECT_MAX, &mut state, &mut signals, &mut done_rx),
+        )
+        .await;
+        assert!(waited.is_err(), "a drain or a result does not cut it short");
+        assert!(state.draining, "the drain is applied at once");
+        assert!(state.running.is_empty(), "the attempt's end is recorded");
+        assert_eq!(state.reports.len(), 1, "its result waits for the link");
+        let started = tokio::time::Instant::now();
+        let end = wait_to_redial(RECONNECT_MAX, &mut state, &mut signals, &mut done_rx).await;
+        assert_eq!(
+            (end, started.elapsed()),
+            (Redial::AfterDelay, RECONNECT_MAX)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spot_notice_the_lost_session_could_not_send_skips_one_backoff() {
+        let (mut state, mut done_rx) = busy_agent();
+        let (_notice_tx, mut notices) = mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        let mut signals = signals(&mut notices, &shutdown);
+        // Noticed just as the link died: the Interrupting frame never went.
+        assert!(state.apply_notice(spot_notice()).is_some());
+        let started = tokio::time::Instant::now();
+        let end = wait_to_redial(RECONNECT_MAX, &mut state, &mut signals, &mut done_rx).await;
+        assert_eq!((end, started.elapsed()), (Redial::Now, Duration::ZERO));
+        // Only once: a coordinator that stays out of reach is not hammered.
+        let delay = Duration::from_secs(3);
+        let end = wait_to_redial(delay, &mut state, &mut signals, &mut done_rx).await;
+        assert_eq!((end, started.elapsed()), (Redial::AfterDelay, delay));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exit_stops_deadline_timers_and_waits_for_tasks_only_so_long() {
+        let mut state = AgentState::new(None);
+        assert!(state.apply_notice(spot_notice()).is_some());
+        assert_eq!(state.tasks.len(), 1, "the deadline timer runs");
+        state.tasks.spawn(std::future::pending::<()>());
+        let started = tokio::time::Instant::now();
+        state.wind_down().await;
+        assert_eq!(
+            started.elapsed(),
+            SHUTDOWN_GRACE,
+            "a stuck task holds the exit up for the grace period only"
+        );
+        assert_eq!(
+            state.tasks.len(),
+            1,
+            "the timer ended; the stuck task is left"
+        );
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(
+            !state.abort_all.is_cancelled(),
+            "no timer fires after the agent exited"
+        );
+    }
+
+    #[tokio::test]
+    async fn exit_kills_attempts_nobody_can_report_and_waits_for_them() {
+        let work = tempfile::tempdir().expect("a temporary directory");
+        let settings = Arc::new(AgentSettings {
+            link: LinkSettings::new(
+                "127.0.0.1:9",
+                crate::link::CaTrust::Sha256Pin(String::new()),
+                servitor_runtime::secret::Secret::new("unused"),
+                "exit-test",
+            ),
+            capacity: 1,
+            executor: AnyExecutor::from(crate::executor::ShellExecutor::new()),
+            work_dir: work.path().to_path_buf(),
+            instance: InstanceFacts::default(),
+            imds: None,
+        });
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        let mut state = AgentState::new(Some(done_tx));
+        let job = crate::executor::testing::job_with(&["sleep 300"], &[], 600);
+        let attempt = AttemptRef::new(job.id, 1);
+        let assign = CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Assign(
+                servitor_proto::agent::Assign {
+                    attempt: Some(attempt),
+                    job_json: serde_json::to_vec(&job).expect("a payload serializes"),
+                },
+            )),
+        };
+        let replies = handle(&settings, &mut state, assign);
+        assert!(
+            matches!(
+                replies.as_slice(),
+                [AgentMessage {
+                    msg: Some(agent_message::Msg::Started(_))
+                }]
+            ),
+            "{replies:?}"
+        );
+        let started = tokio::time::Instant::now();
+        state.wind_down().await;
+        assert!(
+            started.elapsed() < SHUTDOWN_GRACE / 2,
+            "the job was killed, not waited for: {:?}",
+            started.elapsed()
+        );
+        assert!(state.tasks.is_empty(), "the attempt's task ended");
+        let done = done_rx.try_recv().expect("the attempt ended");
+        assert!(
+            matches!(done.result, JobResult::Canceled { .. }),
+            "{:?}",
+            done.result
         );
     }
 

@@ -11,8 +11,8 @@ use servitor_agent::executor::{AnyExecutor, ShellExecutor};
 use servitor_agent::link::{connect, CaTrust, LinkError as AgentLinkError, LinkSettings};
 use servitor_agent::session::{AgentSettings, Notice};
 use servitor_proto::agent::{
-    agent_message, coordinator_message, AgentMessage, CoordinatorMessage, Heartbeat, Hello,
-    InstanceFacts, Welcome,
+    agent_message, coordinator_message, Ack, AgentMessage, Assign, AttemptRef, Cancel, CancelMode,
+    CoordinatorMessage, Heartbeat, Hello, InstanceFacts, Outcome, Welcome,
 };
 use servitor_proto::frame::{read_frame, write_frame};
 
@@ -487,8 +487,7 @@ async fn out_of_range_certificate_validity_is_refused_at_bind() {
 /// The agent's whole life (`session::run`, shell executor) in this process,
 /// dialling the test's coordinator.
 struct Agent {
-    /// Kept open: a closed channel would mean no more notices.
-    _notices: tokio::sync::mpsc::Sender<Notice>,
+    notices: tokio::sync::mpsc::Sender<Notice>,
     shutdown: tokio_util::sync::CancellationToken,
     run: tokio::task::JoinHandle<Result<(), servitor_agent::session::AgentError>>,
     _work: tempfile::TempDir,
@@ -513,7 +512,7 @@ impl Agent {
             shutdown.clone(),
         ));
         Self {
-            _notices: notices,
+            notices,
             shutdown,
             run,
             _work: work,
@@ -606,6 +605,31 @@ impl Session {
             }
         }
     }
+
+    /// Hangs up, as a coordinator that restarts or a path that breaks.
+    fn drop_link(&self) {
+        self.agent
+            .connection
+            .close(0u32.into(), b"test drops the link");
+    }
+}
+
+/// A job that runs until it is stopped.
+fn endless_job(job_id: i64) -> Vec<u8> {
+    let job = servitor_proto::job::JobPayload {
+        id: job_id,
+        token: "job-token".into(),
+        runner_info: servitor_proto::job::RunnerInfo { timeout: 3600 },
+        steps: vec![servitor_proto::job::Step {
+            name: "script".into(),
+            script: vec!["sleep 3600".into()],
+            timeout: 3600,
+            when: "on_success".into(),
+            allow_failure: false,
+        }],
+        ..servitor_proto::job::JobPayload::default()
+    };
+    serde_json::to_vec(&job).unwrap()
 }
 
 #[tokio::test]
@@ -618,7 +642,6 @@ async fn agent_heartbeats_at_the_pace_the_coordinator_asks_for() {
     let coordinator = coordinator();
     let agent = Agent::start(&coordinator);
     let mut session = coordinator.next_session().await;
-    assert_eq!(session.hello.capacity, 1);
     session.welcome(ASKED_MS).await;
     let welcomed = tokio::time::Instant::now();
     let mut heartbeats = 0;
@@ -642,5 +665,95 @@ async fn agent_heartbeats_at_the_pace_the_coordinator_asks_for() {
         session.next_not_heartbeat().await,
         agent_message::Msg::Interrupting(_)
     ));
+    agent.ended().await.unwrap();
+}
+
+#[tokio::test]
+async fn spot_notice_during_a_long_reconnect_backoff_redials_at_once_and_reports_it() {
+    /// Links lost in quick succession until the agent waits 4 to 8 s before
+    /// its next try (from 250 ms, doubling, each wait drawn from its upper
+    /// half).
+    const LOSSES: usize = 6;
+    /// Far less than the shortest wait the agent would otherwise keep.
+    const AT_ONCE: Duration = Duration::from_secs(2);
+    let (logs, _guard) = Logs::capture();
+    let coordinator = coordinator();
+    let agent = Agent::start(&coordinator);
+    let mut session = coordinator.next_session().await;
+    session.welcome(0).await;
+    let attempt = AttemptRef::new(41, 1);
+    session
+        .say(coordinator_message::Msg::Assign(Assign {
+            attempt: Some(attempt),
+            job_json: endless_job(attempt.job_id),
+        }))
+        .await;
+    assert!(matches!(
+        session.next_not_heartbeat().await,
+        agent_message::Msg::Started(_)
+    ));
+    session.drop_link();
+    for _ in 1..LOSSES {
+        let again = coordinator.next_session().await;
+        assert_eq!(again.hello.running, vec![attempt], "the job runs on");
+        again.drop_link();
+    }
+    let lost_lines = || {
+        logs.warnings()
+            .iter()
+            .filter(|line| line.contains("lost the coordinator"))
+            .count()
+    };
+    servitor_tests::wait_until("the agent backing off", PROMPT, || lost_lines() == LOSSES)
+        .await
+        .unwrap();
+    let noticed = tokio::time::Instant::now();
+    agent
+        .notices
+        .send(Notice::Interrupt {
+            reason: "Spot interruption notice: terminate".into(),
+            deadline: std::time::SystemTime::now() + Duration::from_secs(120),
+        })
+        .await
+        .unwrap();
+    let mut session = coordinator.next_session().await;
+    let redialled = noticed.elapsed();
+    assert!(
+        redialled < AT_ONCE,
+        "the agent redialled {redialled:?} after the notice"
+    );
+    assert_eq!(session.hello.running, vec![attempt]);
+    assert_eq!(session.hello.free_slots, 0, "it takes no more work");
+    match session.next_not_heartbeat().await {
+        agent_message::Msg::Interrupting(interrupting) => {
+            assert!(
+                interrupting.reason.contains("Spot interruption notice"),
+                "{interrupting:?}"
+            );
+        }
+        other => panic!("expected the interruption right after the hello, got {other:?}"),
+    }
+    // The hand-back, as the coordinator does it: stop the job, take its
+    // result; the agent then has nothing left and exits.
+    session.welcome(0).await;
+    session
+        .say(coordinator_message::Msg::Cancel(Cancel {
+            attempt: Some(attempt),
+            mode: CancelMode::Abort.into(),
+            reason: "instance interrupted".into(),
+        }))
+        .await;
+    match session.next_not_heartbeat().await {
+        agent_message::Msg::Finished(finished) => {
+            assert_eq!(finished.attempt, Some(attempt));
+            assert_eq!(finished.outcome(), Outcome::Canceled);
+        }
+        other => panic!("expected the attempt's result, got {other:?}"),
+    }
+    session
+        .say(coordinator_message::Msg::Ack(Ack {
+            attempt: Some(attempt),
+        }))
+        .await;
     agent.ended().await.unwrap();
 }

@@ -26,7 +26,7 @@ pub mod script;
 pub mod shell;
 pub mod sources;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use docker::{DockerConfig, DockerError, DockerExecutor, PullPolicy};
 pub use shell::ShellExecutor;
