@@ -1,9 +1,10 @@
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 //! Nothing a job prints is lost: output that ends without a newline (a
 //! `printf` as the last command, a long last line written in many small
-//! pieces) reaches the GitLab trace in full, with both executors, every
-//! run — the attempt's end must not overtake its last bytes anywhere on the
-//! way from the job to GitLab.
+//! pieces, the last words of an attempt handed back on a Spot notice)
+//! reaches the GitLab trace in full, with both executors, every run — the
+//! attempt's end must not overtake its last bytes anywhere on the way from
+//! the job to GitLab.
 
 use std::time::Duration;
 
@@ -89,4 +90,71 @@ async fn docker_job_output_without_a_final_newline_is_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shell_job_output_without_a_final_newline_is_kept() {
     last_output_without_newline_reaches_the_trace("shell").await;
+}
+
+/// What the first attempt prints last, without a newline, before its
+/// instance is interrupted. The echoed command
+/// (`$ printf 'tail-%s' before-handback`) does not contain it.
+const HANDBACK_TAIL: &str = "tail-before-handback";
+
+/// How long the job sleeps after its tail: the first attempt is handed back
+/// during the sleep (instance metadata is polled every second); the second
+/// sleeps it through and succeeds.
+const HANDBACK_JOB_SLEEP_SECS: u32 = 15;
+
+async fn output_without_newline_before_a_handback_reaches_the_trace(executor: &'static str) {
+    let h = Harness::start(HarnessOptions {
+        executor,
+        max_instances: 2,
+        capacity_per_instance: 1,
+        imds_instances: 2,
+        ..HarnessOptions::default()
+    })
+    .await
+    .unwrap();
+    let id = h
+        .standin
+        .push_job(JobSpec::new("handback-tail").script([
+            "echo begin".to_owned(),
+            "printf 'tail-%s' before-handback".to_owned(),
+            format!("sleep {HANDBACK_JOB_SLEEP_SECS}"),
+        ]))
+        .await
+        .unwrap();
+    // The command is echoed right before it runs: once the echo is in the
+    // trace, the tail follows within moments, and the notice lands while
+    // the job sleeps with the tail as its last output.
+    h.wait_trace(id, "printf 'tail-%s' before-handback", JOB_TIMEOUT)
+        .await
+        .unwrap();
+    h.imds_of_job(id)
+        .expect("the job runs on an instance with instance metadata")
+        .set_spot_action("terminate", Duration::from_secs(120));
+    let r = h.wait_final(id, JOB_TIMEOUT).await.unwrap();
+    let text = r.trace_text();
+    assert_eq!(r.state, JobState::Success, "{text}");
+    let handback = text
+        .find("Attempt 1 stopped at")
+        .unwrap_or_else(|| panic!("the first attempt was not handed back:\n{text}"));
+    assert!(
+        text[handback..].contains("Spot interruption notice"),
+        "handed back for the notice: {text}"
+    );
+    assert!(
+        text[..handback].contains(HANDBACK_TAIL),
+        "the first attempt's last output is missing before the hand-back:\n{text}"
+    );
+    assert!(text[handback..].contains("Attempt 2 of"), "{text}");
+    assert!(text.contains("Job succeeded"), "{text}");
+    assert_eq!(r.checksum_ok, Some(true), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_job_output_without_a_newline_before_a_spot_handback_is_kept() {
+    output_without_newline_before_a_handback_reaches_the_trace("docker").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_job_output_without_a_newline_before_a_spot_handback_is_kept() {
+    output_without_newline_before_a_handback_reaches_the_trace("shell").await;
 }
