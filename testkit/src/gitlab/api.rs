@@ -156,6 +156,7 @@ fn assign(
         job.record.state = JobState::Running;
         job.record.system_id = system_id.map(str::to_owned);
         job.record.supports_canceling = supports_canceling;
+        job.record.handed_out = Some(Instant::now());
         let payload = payload::build(job, base_url);
         job.record.payload = payload.clone();
         return Some(payload);

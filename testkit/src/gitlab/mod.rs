@@ -338,6 +338,8 @@ pub struct JobRecord {
     pub system_id: Option<String>,
     /// Whether that runner advertised `cancel_gracefully`.
     pub supports_canceling: bool,
+    /// When a job request took it (the 201 answer).
+    pub handed_out: Option<Instant>,
 }
 
 impl JobRecord {
@@ -345,6 +347,18 @@ impl JobRecord {
     pub fn trace_text(&self) -> String {
         String::from_utf8_lossy(&self.trace).into_owned()
     }
+}
+
+/// Jobs by stage, see [`StandIn::counts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobCounts {
+    pub pending: usize,
+    /// Running or canceling.
+    pub running: usize,
+    /// Success, failed or canceled.
+    pub finished: usize,
+    /// Trace bytes stored over all jobs.
+    pub trace_bytes: u64,
 }
 
 /// One `POST /jobs/request` as received.
@@ -577,6 +591,7 @@ impl StandIn {
                 payload: serde_json::Value::Null,
                 system_id: None,
                 supports_canceling: false,
+                handed_out: None,
             },
             spec,
             pipeline_id,
@@ -652,6 +667,40 @@ impl StandIn {
             .jobs
             .get(&job_id)
             .map(|j| j.record.clone())
+    }
+
+    /// Jobs waiting for a runner to take them.
+    pub fn pending(&self) -> usize {
+        self.state.lock().queue.len()
+    }
+
+    /// How many jobs are in each stage, and the trace bytes stored, without
+    /// copying any job (for load generators that watch a large stand-in).
+    pub fn counts(&self) -> JobCounts {
+        let inner = self.state.lock();
+        let mut counts = JobCounts {
+            pending: inner.queue.len(),
+            ..JobCounts::default()
+        };
+        for job in inner.jobs.values() {
+            match job.record.state {
+                JobState::Pending => {}
+                JobState::Running | JobState::Canceling => counts.running += 1,
+                JobState::Success | JobState::Failed | JobState::Canceled => counts.finished += 1,
+            }
+            counts.trace_bytes += job.record.trace.len() as u64;
+        }
+        counts
+    }
+
+    /// When each of `job_ids` was handed out to a runner (`None` for jobs
+    /// not taken or unknown), in the same order.
+    pub fn handed_out(&self, job_ids: &[i64]) -> Vec<Option<Instant>> {
+        let inner = self.state.lock();
+        job_ids
+            .iter()
+            .map(|id| inner.jobs.get(id).and_then(|j| j.record.handed_out))
+            .collect()
     }
 
     /// Snapshots of all jobs, by id.
