@@ -370,7 +370,9 @@ pub struct LeaseBook {
     max_attempts: u32,
     jobs: BTreeMap<i64, HeldJob>,
     queue: VecDeque<i64>,
-    agents: HashMap<String, AgentEntry>,
+    /// By id, in order: dispatch takes the first agent with the most
+    /// credit without comparing names.
+    agents: BTreeMap<String, AgentEntry>,
     next_session: u64,
     /// Instances whose agent said they are going away or at risk, and
     /// when; kept after the agent leaves so the fleet can let them go.
@@ -384,7 +386,7 @@ impl LeaseBook {
             max_attempts,
             jobs: BTreeMap::new(),
             queue: VecDeque::new(),
-            agents: HashMap::new(),
+            agents: BTreeMap::new(),
             next_session: 0,
             doomed: HashMap::new(),
         }
@@ -982,7 +984,8 @@ impl LeaseBook {
                 .agents
                 .iter()
                 .filter(|(_, a)| a.credit() > 0)
-                .max_by_key(|(id, a)| (a.credit(), std::cmp::Reverse(*id)))
+                // The first of the most credit is the lowest name.
+                .min_by_key(|(_, a)| std::cmp::Reverse(a.credit()))
                 .map(|(id, _)| id.clone());
             let Some(agent_id) = best else {
                 return;
@@ -1076,7 +1079,7 @@ impl LeaseBook {
 
     /// The connected agents, by id.
     pub fn agents(&self, now: Instant) -> Vec<AgentSnapshot> {
-        let mut out: Vec<AgentSnapshot> = self
+        let out: Vec<AgentSnapshot> = self
             .agents
             .iter()
             .map(|(id, a)| AgentSnapshot {
@@ -1095,7 +1098,7 @@ impl LeaseBook {
                 remote: a.remote,
             })
             .collect();
-        out.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        // In agent id order, as the map keeps them.
         out
     }
 

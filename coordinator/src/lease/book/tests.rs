@@ -258,6 +258,41 @@ fn the_agent_with_most_credit_goes_first() {
 }
 
 #[test]
+fn a_tie_goes_to_the_lowest_name_whatever_order_agents_came_in() {
+    let mut book = LeaseBook::new(3);
+    play(
+        &mut book,
+        vec![
+            (0, connect("c", 1), vec![]),
+            (0, connect("b", 1), vec![]),
+            (0, connect("a", 1), vec![]),
+            (
+                0,
+                hold(1),
+                vec![
+                    "persist hold 1",
+                    "count queue-wait 0s",
+                    "persist lease 1 attempt 1 agent a",
+                    "event 1 assigned 1 to a",
+                    "send a#3 assign 1/1",
+                ],
+            ),
+            (
+                0,
+                hold(2),
+                vec![
+                    "persist hold 2",
+                    "count queue-wait 0s",
+                    "persist lease 2 attempt 1 agent b",
+                    "event 2 assigned 1 to b",
+                    "send b#2 assign 2/1",
+                ],
+            ),
+        ],
+    );
+}
+
+#[test]
 fn lost_agent_requeues_to_another_and_fences_the_old() {
     let mut book = LeaseBook::new(3);
     play(
