@@ -66,6 +66,23 @@ pub async fn wait_until(
     Ok(())
 }
 
+/// Waits until the fleet has shown two reconcile passes more than now:
+/// the second started after this call, so whatever it would decide from
+/// what holds now has been decided and done. For tests that show that
+/// nothing happens.
+///
+/// # Errors
+/// The passes did not come within 30 s (a pass runs at least every 2 s).
+pub async fn two_fleet_passes(view: &servitor_coordinator::fleet::FleetView) -> anyhow::Result<()> {
+    let start = view.summary().passes;
+    wait_until(
+        "two fleet reconcile passes",
+        Duration::from_secs(30),
+        || view.summary().passes >= start + 2,
+    )
+    .await
+}
+
 /// Test logs on stderr when `RUST_LOG` asks for them.
 pub fn init_tracing() {
     servitor_runtime::telemetry::init(servitor_runtime::telemetry::LogFormat::Plain, "warn");

@@ -379,7 +379,9 @@ async fn a_period_keeps_warm_capacity_and_prices_and_hooks_go_through_the_sdk() 
         "{err}"
     );
     // The warm instance stays while the period is in force.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    servitor_tests::two_fleet_passes(&h.coordinator().fleet_view)
+        .await
+        .unwrap();
     let (desired, now) = h.group.describe().await.unwrap();
     assert_eq!(desired, 1);
     assert_eq!(now[0].id, warm[0].id);

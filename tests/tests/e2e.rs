@@ -537,7 +537,10 @@ async fn a_policy_period_in_force_keeps_an_idle_instance_warm() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // No second one follows.
+    servitor_tests::two_fleet_passes(&h.coordinator().fleet_view)
+        .await
+        .unwrap();
     assert_eq!(
         h.coordinator().fleet_view.get().len(),
         1,

@@ -190,6 +190,9 @@ pub struct FleetSummary {
     pub budget_held: u32,
     pub spent_usd: f64,
     pub budget_usd: Option<f64>,
+    /// Reconcile passes shown so far: a pass that starts after something
+    /// happened has seen it once this has grown by two.
+    pub passes: u64,
 }
 
 /// The latest view of the fleet, shared with the admin API.
@@ -210,11 +213,13 @@ impl FleetView {
             .clone()
     }
 
-    fn set(&self, summary: FleetSummary) {
-        *self
+    fn set(&self, mut summary: FleetSummary) {
+        let mut current = self
             .0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = summary;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        summary.passes = current.passes + 1;
+        *current = summary;
     }
 }
 
@@ -622,6 +627,7 @@ fn show<F: Fleet>(fleet: &F, ctx: &ReconcileContext, pass: &Pass<'_>) {
         budget_held: plan.held_back.budget,
         spent_usd: budget.map_or(0.0, |b| b.spent_usd),
         budget_usd: budget.map(|b| b.monthly_usd),
+        passes: 0,
     });
 }
 
