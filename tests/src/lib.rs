@@ -541,11 +541,23 @@ impl CoordinatorProcess {
     /// # Errors
     /// The binary is missing or does not start.
     pub fn start(config: &std::path::Path, log: &std::path::Path) -> anyhow::Result<Self> {
+        Self::start_binary(&coordinator_binary()?, config, log)
+    }
+
+    /// Like [`Self::start`], with another build of the coordinator.
+    ///
+    /// # Errors
+    /// The binary does not start.
+    pub fn start_binary(
+        binary: &std::path::Path,
+        config: &std::path::Path,
+        log: &std::path::Path,
+    ) -> anyhow::Result<Self> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)?;
-        let child = tokio::process::Command::new(coordinator_binary()?)
+        let child = tokio::process::Command::new(binary)
             .arg("--config")
             .arg(config)
             .arg("run")
@@ -553,7 +565,7 @@ impl CoordinatorProcess {
             .stderr(std::process::Stdio::from(log))
             .kill_on_drop(true)
             .spawn()
-            .context("starting servitor-coordinator")?;
+            .with_context(|| format!("starting {}", binary.display()))?;
         Ok(Self { child })
     }
 
@@ -638,6 +650,23 @@ pub fn process_config_with(
     let path = dir.join("coordinator.toml");
     config::write(&path, &config)?;
     Ok((path, dir.join("coordinator.log")))
+}
+
+/// One `/proc/<pid>/status` figure, in KiB (or a count, as `Threads:`).
+///
+/// # Errors
+/// The process is gone, or the line is missing or malformed.
+pub fn proc_status_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .with_context(|| format!("no {key} line"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .with_context(|| format!("malformed {key} line"))?
+        .parse()?)
 }
 
 /// Whether a process runs (a zombie does not).

@@ -16,24 +16,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use servitor_testkit::gitlab::JobSpec;
-use servitor_tests::{percentile, Harness, HarnessOptions};
+use servitor_tests::{percentile, proc_status_kib, Harness, HarnessOptions};
 
 /// Jobs measured per executor.
 const SAMPLES: usize = 10;
-
-/// One `/proc/<pid>/status` figure, in KiB.
-fn status_kib(pid: u32, key: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(key))
-        .with_context(|| format!("no {key} line"))?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .with_context(|| format!("malformed {key} line"))?
-        .parse()?)
-}
 
 /// Resident memory of a process: total, anonymous (heap, stacks) and
 /// file-backed (the binary's code pages), in KiB.
@@ -46,9 +32,9 @@ struct Rss {
 
 fn rss_kib(pid: u32) -> anyhow::Result<Rss> {
     Ok(Rss {
-        total: status_kib(pid, "VmRSS:")?,
-        anon: status_kib(pid, "RssAnon:")?,
-        file: status_kib(pid, "RssFile:")?,
+        total: proc_status_kib(pid, "VmRSS:")?,
+        anon: proc_status_kib(pid, "RssAnon:")?,
+        file: proc_status_kib(pid, "RssFile:")?,
     })
 }
 

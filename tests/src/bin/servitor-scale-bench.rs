@@ -40,7 +40,9 @@ use servitor_proto::agent::{
 use servitor_proto::frame::{read_frame, write_frame};
 use servitor_runtime::secret::Secret;
 use servitor_testkit::gitlab::{JobSpec, StandIn, StandInConfig, DEFAULT_RUNNER_TOKEN};
-use servitor_tests::{config, coordinator_binary, percentile, process_running};
+use servitor_tests::{
+    config, coordinator_binary, percentile, proc_status_kib, process_running, CoordinatorProcess,
+};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -141,6 +143,10 @@ enum Work {
     Output(usize),
 }
 
+/// Output is written in pieces of about this size, as the real agent's
+/// executors read it.
+const OUTPUT_CHUNK: usize = 64 * 1024;
+
 /// Shared by every simulated agent.
 #[derive(Debug)]
 struct Fleet {
@@ -148,12 +154,10 @@ struct Fleet {
     connected: AtomicU64,
     lost: AtomicU64,
     heartbeats: AtomicU64,
-    assigned: AtomicU64,
-    output_bytes: AtomicU64,
     /// When each assignment arrived, by job id.
     arrivals: Mutex<Vec<(i64, Instant)>>,
-    /// One line of output, repeated.
-    line: Bytes,
+    /// What a job streams, chunk after chunk: lines of text.
+    chunk: Bytes,
 }
 
 impl Fleet {
@@ -165,10 +169,8 @@ impl Fleet {
             connected: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             heartbeats: AtomicU64::new(0),
-            assigned: AtomicU64::new(0),
-            output_bytes: AtomicU64::new(0),
             arrivals: Mutex::new(Vec::new()),
-            line: Bytes::from(line),
+            chunk: Bytes::from(line.repeat(OUTPUT_CHUNK / line.len())),
         }
     }
 
@@ -277,7 +279,6 @@ async fn run_agent(
                             .lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
                             .push((attempt.job_id, Instant::now()));
-                        fleet.assigned.fetch_add(1, Ordering::Relaxed);
                         free = free.saturating_sub(1);
                         write_frame(&mut send, &msg(agent_message::Msg::Started(Started { attempt: Some(attempt) }))).await?;
                         tokio::spawn(run_attempt(connection.clone(), attempt, fleet.clone(), done_tx.clone()));
@@ -320,16 +321,13 @@ async fn run_attempt(
         };
         if write_frame(&mut stream, &header).await.is_ok() {
             if let Work::Output(total) = fleet.work() {
-                let chunk = fleet.line.repeat(64 * 1024 / fleet.line.len());
-                let chunk = Bytes::from(chunk);
                 while (sent as usize) < total {
-                    let n = chunk.len().min(total - sent as usize);
-                    if stream.write_chunk(chunk.slice(..n)).await.is_err() {
+                    let n = fleet.chunk.len().min(total - sent as usize);
+                    if stream.write_chunk(fleet.chunk.slice(..n)).await.is_err() {
                         break;
                     }
                     sent += n as u64;
                 }
-                fleet.output_bytes.fetch_add(sent, Ordering::Relaxed);
             }
             let _ = stream.finish();
             // As the real agent: let the coordinator take the tail first.
@@ -365,20 +363,11 @@ fn proc_sample(pid: u32) -> anyhow::Result<ProcSample> {
     // utime and stime are fields 14 and 15; the list starts at field 3.
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     let hz = 100; // USER_HZ on Linux
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib = |key: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
     Ok(ProcSample {
         cpu: Duration::from_millis(ticks * 1000 / hz),
-        rss_kib: kib("VmRSS:"),
-        peak_rss_kib: kib("VmHWM:"),
-        threads: kib("Threads:"),
+        rss_kib: proc_status_kib(pid, "VmRSS:")?,
+        peak_rss_kib: proc_status_kib(pid, "VmHWM:")?,
+        threads: proc_status_kib(pid, "Threads:")?,
     })
 }
 
@@ -388,17 +377,40 @@ fn cpu_percent(before: ProcSample, after: ProcSample, over: Duration) -> f64 {
     100.0 * used.as_secs_f64() / over.as_secs_f64()
 }
 
+/// What a measuring window saw: how fast a count grew, and the
+/// coordinator's CPU use (percent of one core) and memory at its end.
+struct Window {
+    per_sec: f64,
+    cpu: f64,
+    end: ProcSample,
+}
+
+/// Measures for `over`: `count` before and after, and the coordinator.
+async fn window(pid: u32, over: Duration, count: impl Fn() -> u64) -> anyhow::Result<Window> {
+    let (from, before) = (count(), proc_sample(pid)?);
+    let t0 = Instant::now();
+    tokio::time::sleep(over).await;
+    let took = t0.elapsed();
+    let end = proc_sample(pid)?;
+    let grown = count().saturating_sub(from);
+    Ok(Window {
+        per_sec: grown as f64 / took.as_secs_f64(),
+        cpu: cpu_percent(before, end, took),
+        end,
+    })
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
 /// The coordinator under test.
 struct Coordinator {
-    child: tokio::process::Child,
+    process: CoordinatorProcess,
     pid: u32,
     addr: String,
     ca_pem: String,
-    dir: PathBuf,
+    log: PathBuf,
 }
 
 async fn start_coordinator(
@@ -432,42 +444,32 @@ async fn start_coordinator(
         Some(path) => path.clone(),
         None => coordinator_binary()?,
     };
-    let log = std::fs::File::create(dir.join("coordinator.log"))?;
-    let child = tokio::process::Command::new(&binary)
-        .arg("--config")
-        .arg(&path)
-        .arg("run")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::from(log))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let pid = child.id().context("the coordinator exited at once")?;
+    let log = dir.join("coordinator.log");
+    let process = CoordinatorProcess::start_binary(&binary, &path, &log)?;
+    let pid = process
+        .child
+        .id()
+        .context("the coordinator exited at once")?;
     let ca_path = cfg.state_dir.join("ca.pem");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let ca_pem = loop {
-        if let Ok(pem) = std::fs::read_to_string(&ca_path) {
-            if !pem.is_empty() && standin.verify_log().iter().any(|v| v.status == 200) {
-                break pem;
-            }
-        }
-        if !process_running(pid) {
-            bail!(
-                "the coordinator exited; see {}",
-                dir.join("coordinator.log").display()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!("the coordinator did not start within a minute");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let ready = || {
+        std::fs::metadata(&ca_path).is_ok_and(|m| m.len() > 0)
+            && standin.verify_log().iter().any(|v| v.status == 200)
     };
+    servitor_tests::wait_until(
+        "the coordinator verified and listening",
+        Duration::from_secs(60),
+        || ready() || !process_running(pid),
+    )
+    .await?;
+    if !process_running(pid) {
+        bail!("the coordinator exited; see {}", log.display());
+    }
     Ok(Coordinator {
-        child,
+        process,
         pid,
         addr: listen.to_string(),
-        ca_pem,
-        dir: dir.to_owned(),
+        ca_pem: std::fs::read_to_string(&ca_path)?,
+        log,
     })
 }
 
@@ -559,22 +561,19 @@ async fn measure(options: &Options, agents: usize) -> anyhow::Result<Report> {
     if fleet.lost.load(Ordering::Relaxed) > 0 {
         bail!(
             "agents were lost while connecting; see {}",
-            coordinator.dir.join("coordinator.log").display()
+            coordinator.log.display()
         );
     }
 
     // 2. Idle: connected and heartbeating.
     eprintln!("[{agents}] idle for {:?}", options.idle);
-    let before = proc_sample(pid)?;
-    let beats = fleet.heartbeats.load(Ordering::Relaxed);
-    let t0 = Instant::now();
-    tokio::time::sleep(options.idle).await;
-    let over = t0.elapsed();
-    let after = proc_sample(pid)?;
-    report.idle_cpu = cpu_percent(before, after, over);
-    report.idle_rss_mib = mib(after.rss_kib);
-    report.heartbeats_per_sec =
-        (fleet.heartbeats.load(Ordering::Relaxed) - beats) as f64 / over.as_secs_f64();
+    let idle = window(pid, options.idle, || {
+        fleet.heartbeats.load(Ordering::Relaxed)
+    })
+    .await?;
+    report.idle_cpu = idle.cpu;
+    report.idle_rss_mib = mib(idle.end.rss_kib);
+    report.heartbeats_per_sec = idle.per_sec;
     report.connected = fleet.connected.load(Ordering::Relaxed);
 
     // 3. Dispatch: jobs that end at once, GitLab never empty.
@@ -601,13 +600,7 @@ async fn measure(options: &Options, agents: usize) -> anyhow::Result<Report> {
         ),
         None => None,
     };
-    let done_before = standin.counts().finished;
-    let before = proc_sample(pid)?;
-    let t0 = Instant::now();
-    tokio::time::sleep(options.dispatch).await;
-    let over = t0.elapsed();
-    let after = proc_sample(pid)?;
-    let done_after = standin.counts().finished;
+    let dispatch = window(pid, options.dispatch, || standin.counts().finished as u64).await?;
     if let Some(mut perf) = perf {
         if let Some(perf_pid) = perf.id() {
             let _ = std::process::Command::new("kill")
@@ -618,9 +611,9 @@ async fn measure(options: &Options, agents: usize) -> anyhow::Result<Report> {
     }
     feeding.cancel();
     feeder.await??;
-    report.jobs_per_sec = (done_after - done_before) as f64 / over.as_secs_f64();
-    report.dispatch_cpu = cpu_percent(before, after, over);
-    report.dispatch_rss_mib = mib(after.rss_kib);
+    report.jobs_per_sec = dispatch.per_sec;
+    report.dispatch_cpu = dispatch.cpu;
+    report.dispatch_rss_mib = mib(dispatch.end.rss_kib);
     let arrivals = fleet.take_arrivals();
     let ids: Vec<i64> = arrivals.iter().map(|(id, _)| *id).collect();
     let handed = standin.handed_out(&ids);
@@ -652,37 +645,19 @@ async fn measure(options: &Options, agents: usize) -> anyhow::Result<Report> {
     let backlog = (agents * options.capacity as usize).clamp(50, 400);
     let feeder = tokio::spawn(feed(standin.clone(), backlog, feeding.clone()));
     tokio::time::sleep(warm).await;
-    let bytes_before = standin.counts().trace_bytes;
-    let before = proc_sample(pid)?;
-    let t0 = Instant::now();
-    tokio::time::sleep(options.trace).await;
-    let over = t0.elapsed();
-    let after = proc_sample(pid)?;
-    let bytes_after = standin.counts().trace_bytes;
+    let trace = window(pid, options.trace, || standin.counts().trace_bytes).await?;
     feeding.cancel();
     feeder.await??;
-    report.trace_mb_per_sec = (bytes_after - bytes_before) as f64 / 1e6 / over.as_secs_f64();
-    report.trace_cpu = cpu_percent(before, after, over);
-    report.peak_rss_mib = mib(after.peak_rss_kib);
-    report.threads = after.threads;
+    report.trace_mb_per_sec = trace.per_sec / 1e6;
+    report.trace_cpu = trace.cpu;
+    report.peak_rss_mib = mib(trace.end.peak_rss_kib);
+    report.threads = trace.end.threads;
     report.lost = fleet.lost.load(Ordering::Relaxed);
 
     stop.cancel();
     while tasks.join_next().await.is_some() {}
-    stop_coordinator(coordinator).await;
+    coordinator.process.stop().await;
     Ok(report)
-}
-
-async fn stop_coordinator(mut coordinator: Coordinator) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &coordinator.pid.to_string()])
-        .status();
-    if tokio::time::timeout(Duration::from_secs(30), coordinator.child.wait())
-        .await
-        .is_err()
-    {
-        let _ = coordinator.child.start_kill();
-    }
 }
 
 fn ms(d: Duration) -> String {
