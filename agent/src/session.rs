@@ -19,7 +19,7 @@ use servitor_proto::agent::{
     Draining, FailureKind, Finished, Heartbeat, Hello, InstanceFacts, Interrupting, Outcome,
     OutputHeader, Pull, Rejected, Started,
 };
-use servitor_proto::frame::{read_frame, write_frame};
+use servitor_proto::frame::{write_frame, FrameReader};
 use servitor_proto::job::JobPayload;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -472,13 +472,14 @@ async fn session(
     done_rx: &mut mpsc::UnboundedReceiver<Done>,
     signals: &mut Signals<'_>,
 ) -> SessionEnd {
-    let (mut send, mut recv) = match connection.open_bi().await {
+    let (mut send, recv) = match connection.open_bi().await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "could not open the control stream");
             return SessionEnd::Lost;
         }
     };
+    let mut frames = FrameReader::new(recv);
     let free = settings
         .capacity
         .saturating_sub(len_u32(state.running.len()));
@@ -588,7 +589,9 @@ async fn session(
                     }
                 }
             }
-            frame = read_frame::<_, CoordinatorMessage>(&mut recv) => {
+            // Cancel-safe: a frame half-read when another branch wins is
+            // kept for the next turn.
+            frame = frames.next::<CoordinatorMessage>() => {
                 let message = match frame {
                     Ok(Some(m)) => m,
                     Ok(None) => {

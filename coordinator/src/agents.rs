@@ -8,12 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use servitor_proto::agent::{
     agent_message, coordinator_message, AgentMessage, CoordinatorMessage, Hello, OutputHeader,
     Welcome,
 };
-use servitor_proto::frame::{read_frame, write_frame};
+use servitor_proto::frame::{read_frame, write_frame, FrameReader};
 use servitor_proto::link::{HEARTBEAT_INTERVAL, MISSED_HEARTBEATS, STALE_ATTEMPT_CODE};
 use servitor_runtime::link::code;
 use tokio::sync::mpsc;
@@ -26,8 +26,11 @@ use crate::link::{AgentConnection, LinkServer};
 
 /// How long a new connection has to open its control stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest read from an output stream at once.
-const OUTPUT_CHUNK_BYTES: usize = 64 * 1024;
+/// Most pieces of an output stream taken at once. The stream hands data
+/// over in pieces of about one packet; what has arrived together goes on
+/// to the job as one piece, so a busy stream costs the job one wake-up and
+/// one journal record per read, not per packet.
+const OUTPUT_GATHER: usize = 64;
 /// Why a session ended when the agent finished its control stream.
 const CLEAN_GOODBYE: &str = "agent closed its control stream";
 
@@ -70,19 +73,20 @@ async fn serve_agent(
     let agent_id = conn.agent_id.clone();
     let connection = conn.connection.clone();
     let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
-        let (send, mut recv) = connection.accept_bi().await?;
-        let hello: Option<AgentMessage> = read_frame(&mut recv).await?;
-        Ok::<_, SessionError>((send, recv, hello))
+        let (send, recv) = connection.accept_bi().await?;
+        let mut frames = FrameReader::new(recv);
+        let hello: Option<AgentMessage> = frames.next().await?;
+        Ok::<_, SessionError>((send, frames, hello))
     })
     .await;
-    let (mut send, mut recv, hello) = match opened {
+    let (mut send, mut frames, hello) = match opened {
         Ok(Ok((
             send,
-            recv,
+            frames,
             Some(AgentMessage {
                 msg: Some(agent_message::Msg::Hello(h)),
             }),
-        ))) => (send, recv, h),
+        ))) => (send, frames, h),
         Ok(Ok(_)) => {
             tracing::warn!("agent did not start with hello; closing");
             connection.close(2u32.into(), b"expected hello");
@@ -179,7 +183,7 @@ async fn serve_agent(
     let ended = loop {
         tokio::select! {
             () = stop.cancelled() => break "coordinator stopping",
-            frame = tokio::time::timeout(silence_limit, read_frame::<_, AgentMessage>(&mut recv)) => match frame {
+            frame = tokio::time::timeout(silence_limit, frames.next::<AgentMessage>()) => match frame {
                 Ok(Ok(Some(message))) => core.agent_message(&agent_id, session, message).await,
                 Ok(Ok(None)) => break CLEAN_GOODBYE,
                 Ok(Err(e)) => {
@@ -240,10 +244,11 @@ async fn route_output(core: Arc<Core>, agent_id: String, mut stream: quinn::Recv
         return;
     };
     let mut offset = header.offset;
+    let mut pieces = vec![Bytes::new(); OUTPUT_GATHER];
     loop {
-        match stream.read_chunk(OUTPUT_CHUNK_BYTES, true).await {
-            Ok(Some(chunk)) => {
-                let bytes: Bytes = chunk.bytes;
+        match stream.read_chunks(&mut pieces).await {
+            Ok(Some(n)) => {
+                let bytes = gather(&mut pieces[..n]);
                 let len = bytes.len() as u64;
                 let sent = events.send(JobEvent::Output {
                     attempt: attempt.attempt,
@@ -268,6 +273,18 @@ async fn route_output(core: Arc<Core>, agent_id: String, mut stream: quinn::Recv
             }
         }
     }
+}
+
+/// The pieces read, as one.
+fn gather(pieces: &mut [Bytes]) -> Bytes {
+    if let [one] = pieces {
+        return std::mem::take(one);
+    }
+    let mut all = BytesMut::with_capacity(pieces.iter().map(Bytes::len).sum());
+    for piece in pieces {
+        all.extend_from_slice(&std::mem::take(piece));
+    }
+    all.freeze()
 }
 
 /// Errors of a session before it is established.

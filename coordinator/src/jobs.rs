@@ -260,7 +260,7 @@ async fn run_job(
             // follows it there.
             let events = ctx.core.hold_job(payload.clone(), raw).await;
             let resume = Resume {
-                journal: ctx.store.as_ref().map(|store| store.journal(job_id)),
+                journal: ctx.store.as_ref().map(|store| store.journal(job_id, 0)),
                 ..Resume::default()
             };
             let (reporter, remote) =

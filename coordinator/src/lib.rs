@@ -397,7 +397,7 @@ pub async fn start(
                 continue;
             }
         };
-        let journal = Some(store.journal(job.job_id));
+        let journal = Some(store.journal(job.job_id, job.trace.len() as u64));
         let restored = jobs::Restored {
             result: job.result,
             lease: job.lease,

@@ -7,9 +7,12 @@
 //! JSON `lease.json` held), the current attempt's result once it arrived (so
 //! a restart reports it instead of running the job again), and the trace
 //! journal: the masked log as sent to GitLab, one record per append of
-//! `[attempt u32][output offset u64][bytes]`, keyed by job and sequence. The
-//! offset says how much of that attempt's output the log holds, so after a
-//! restart the agent's resent output is taken from exactly there.
+//! `[attempt u32][output offset u64][bytes]`, keyed by job and where the
+//! record's bytes start in the log, so an append needs no lookup and any
+//! part of the log is found without reading what comes before it (a journal
+//! an earlier version keyed 0, 1, 2… is re-keyed on open). The output offset
+//! says how much of that attempt's output the log holds, so after a restart
+//! the agent's resent output is taken from exactly there.
 //!
 //! One writer: [`Store::submit`] hands changes to a dedicated thread and never
 //! blocks. The thread takes every request waiting, applies them all in one
@@ -40,9 +43,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use prost::Message;
-use redb::{ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 use servitor_proto::agent::Finished;
 use tokio::sync::oneshot;
@@ -57,13 +60,21 @@ pub const SPEND_FILE: &str = "spend.json";
 const RECORD_HEADER: usize = 4 + 8;
 /// Bytes of a legacy journal record header: length, attempt, output offset.
 const LEGACY_RECORD_HEADER: usize = 4 + RECORD_HEADER;
+/// Memory the lease book may use to cache its pages. redb's default (1 GiB)
+/// would fill with journaled logs that are written once and rarely read; the
+/// book's hot part (payloads, leases, the journal's last pages) is far
+/// smaller.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
 /// File mode of everything in the store: it holds job tokens.
 const PRIVATE_FILE: u32 = 0o600;
 
 const JOBS: TableDefinition<'_, i64, &[u8]> = TableDefinition::new("jobs");
 const LEASES: TableDefinition<'_, i64, &[u8]> = TableDefinition::new("leases");
 const RESULTS: TableDefinition<'_, i64, &[u8]> = TableDefinition::new("results");
-const JOURNAL: TableDefinition<'_, (i64, u64), &[u8]> = TableDefinition::new("journal");
+const JOURNAL: TableDefinition<'_, (i64, u64), &[u8]> = TableDefinition::new("trace");
+/// The journal as earlier versions wrote it: records keyed 0, 1, 2… per job.
+/// Re-keyed by log offset into [`JOURNAL`] on open.
+const SEQ_JOURNAL: TableDefinition<'_, (i64, u64), &[u8]> = TableDefinition::new("journal");
 
 /// A store failure, naming the file and, where there is one, the fix.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -146,9 +157,9 @@ pub enum Change {
     Result { job_id: i64, result: Finished },
     /// The job is forgotten (reported, or taken away by GitLab).
     Remove { job_id: i64 },
-    /// A trace journal record (see [`Journal`]). Dropped if the job is not
-    /// held.
-    Append { job_id: i64, record: Bytes },
+    /// A trace journal record (see [`Journal`]), keyed by where its bytes
+    /// start in the log. Dropped if the job is not held.
+    Append { job_id: i64, at: u64, record: Bytes },
     /// The spend ledger's new content.
     Spend { record: Bytes },
 }
@@ -304,7 +315,10 @@ impl Store {
             .map_err(io("create", &path))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(PRIVATE_FILE))
             .map_err(io("restrict", &path))?;
-        let db = redb::Database::create(&path).map_err(book(&path))?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(book(&path))?;
         {
             // Tables exist from the start so reads never meet a missing one.
             let txn = db.begin_write().map_err(book(&path))?;
@@ -314,6 +328,7 @@ impl Store {
             txn.open_table(JOURNAL).map_err(book(&path))?;
             txn.commit().map_err(book(&path))?;
         }
+        rekey_journal(&db, &path)?;
         import_legacy(&db, &path, state_dir)?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
@@ -388,11 +403,14 @@ impl Store {
         }
     }
 
-    /// The job's trace journal, for appending.
-    pub fn journal(&self, job_id: i64) -> Journal {
+    /// The job's trace journal, for appending after the `log_len` bytes of
+    /// log it holds already (0 for a new job).
+    pub fn journal(&self, job_id: i64, log_len: u64) -> Journal {
         Journal {
             store: self.clone(),
             job_id,
+            next: log_len,
+            last_seq: 0,
         }
     }
 
@@ -422,18 +440,7 @@ impl Store {
                 .get(job_id)
                 .map_err(book(path))?
                 .and_then(|v| Finished::decode(v.value()).ok());
-            let mut trace = Vec::new();
-            let mut output = None;
-            for record in journal
-                .range((job_id, 0)..=(job_id, u64::MAX))
-                .map_err(book(path))?
-            {
-                let (_, body) = record.map_err(book(path))?;
-                if let Some((attempt, offset, bytes)) = split_record(body.value()) {
-                    trace.extend_from_slice(bytes);
-                    output = Some((attempt, offset));
-                }
-            }
+            let JournaledLog { trace, output } = read_journal(&journal, job_id, path)?;
             out.push(StoredJob {
                 job_id,
                 raw: raw.value().to_vec(),
@@ -447,11 +454,73 @@ impl Store {
     }
 }
 
+/// Moves a journal keyed 0, 1, 2… per job (as earlier versions wrote it) to
+/// keys that are log offsets, in one transaction.
+fn rekey_journal(db: &redb::Database, path: &Path) -> Result<(), StoreError> {
+    let txn = db.begin_write().map_err(book(path))?;
+    let earlier = txn
+        .list_tables()
+        .map_err(book(path))?
+        .any(|table| table.name() == SEQ_JOURNAL.name());
+    if !earlier {
+        return txn.abort().map_err(book(path));
+    }
+    {
+        let old = txn.open_table(SEQ_JOURNAL).map_err(book(path))?;
+        let mut new = txn.open_table(JOURNAL).map_err(book(path))?;
+        let mut at = (i64::MIN, 0u64);
+        for entry in old.iter().map_err(book(path))? {
+            let (key, body) = entry.map_err(book(path))?;
+            let (job_id, _) = key.value();
+            if at.0 != job_id {
+                at = (job_id, 0);
+            }
+            new.insert(at, body.value()).map_err(book(path))?;
+            at.1 += body.value().len().saturating_sub(RECORD_HEADER) as u64;
+        }
+    }
+    txn.delete_table(SEQ_JOURNAL).map_err(book(path))?;
+    txn.commit().map_err(book(path))?;
+    tracing::info!(path = %path.display(), "re-keyed the trace journal by log offset");
+    Ok(())
+}
+
+/// One job's journaled log.
+struct JournaledLog {
+    trace: Vec<u8>,
+    /// Attempt and output offset of the last record.
+    output: Option<(u32, u64)>,
+}
+
+fn read_journal(
+    journal: &impl ReadableTable<(i64, u64), &'static [u8]>,
+    job_id: i64,
+    path: &Path,
+) -> Result<JournaledLog, StoreError> {
+    let mut trace = Vec::new();
+    let mut output = None;
+    for record in journal
+        .range((job_id, 0)..=(job_id, u64::MAX))
+        .map_err(book(path))?
+    {
+        let (_, body) = record.map_err(book(path))?;
+        if let Some((attempt, offset, bytes)) = split_record(body.value()) {
+            trace.extend_from_slice(bytes);
+            output = Some((attempt, offset));
+        }
+    }
+    Ok(JournaledLog { trace, output })
+}
+
 /// Appends to one job's trace journal through the writer.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Journal {
     store: Store,
     job_id: i64,
+    /// Where the next record's bytes start in the log: its key.
+    next: u64,
+    /// The writer's sequence number of the last record submitted.
+    last_seq: u64,
 }
 
 impl Journal {
@@ -473,8 +542,11 @@ impl Journal {
         record.extend_from_slice(bytes);
         let commit = self.store.submit(vec![Change::Append {
             job_id: self.job_id,
+            at: self.next,
             record: Bytes::from(record),
         }]);
+        self.next += bytes.len() as u64;
+        self.last_seq = commit.seq;
         // Only a stopped writer answers at once; anything else is pending.
         let mut done = commit.done;
         match done.try_recv() {
@@ -482,6 +554,71 @@ impl Journal {
             _ => Ok(()),
         }
     }
+
+    /// Up to `max` bytes of the job's journaled log from `from`, read once
+    /// everything appended so far is on disk. Empty if the journal holds no
+    /// byte at `from`.
+    ///
+    /// # Errors
+    /// The writer has stopped, or the lease book cannot be read.
+    pub async fn read(&self, from: u64, max: usize) -> Result<Bytes, StoreError> {
+        if self.store.durable_through() < self.last_seq {
+            self.store.flush().await?;
+        }
+        let store = self.store.clone();
+        let job_id = self.job_id;
+        tokio::task::spawn_blocking(move || {
+            let path = &store.inner.shared.path;
+            let txn = store.inner.db.begin_read().map_err(book(path))?;
+            let journal = txn.open_table(JOURNAL).map_err(book(path))?;
+            read_range(&journal, job_id, from, max, path)
+        })
+        .await
+        .unwrap_or(Err(StoreError::WriterStopped))
+    }
+}
+
+/// Up to `max` log bytes of one job from `from`.
+fn read_range(
+    journal: &impl ReadableTable<(i64, u64), &'static [u8]>,
+    job_id: i64,
+    from: u64,
+    max: usize,
+    path: &Path,
+) -> Result<Bytes, StoreError> {
+    // The record holding `from` is the last one starting at or before it.
+    let first = journal
+        .range((job_id, 0)..=(job_id, from))
+        .map_err(book(path))?
+        .next_back()
+        .transpose()
+        .map_err(book(path))?
+        .map_or(0, |(key, _)| key.value().1);
+    let mut out = BytesMut::new();
+    for record in journal
+        .range((job_id, first)..=(job_id, u64::MAX))
+        .map_err(book(path))?
+    {
+        let (key, body) = record.map_err(book(path))?;
+        let at = key.value().1;
+        let Some((_, _, bytes)) = split_record(body.value()) else {
+            continue;
+        };
+        let want = from + out.len() as u64;
+        if at > want {
+            // A gap: the journal lacks bytes here.
+            break;
+        }
+        let skip = usize::try_from(want - at).unwrap_or(usize::MAX);
+        if skip < bytes.len() {
+            let take = (bytes.len() - skip).min(max - out.len());
+            out.extend_from_slice(&bytes[skip..skip + take]);
+        }
+        if out.len() >= max {
+            break;
+        }
+    }
+    Ok(out.freeze())
 }
 
 /// A journal record's attempt, output offset and log bytes.
@@ -606,20 +743,12 @@ impl Writer {
                             .retain_in((*job_id, 0)..=(*job_id, u64::MAX), |_, _| false)
                             .map_err(book(path))?;
                     }
-                    Change::Append { job_id, record } => {
-                        if jobs.get(*job_id).map_err(book(path))?.is_none() {
-                            continue;
+                    Change::Append { job_id, at, record } => {
+                        if jobs.get(*job_id).map_err(book(path))?.is_some() {
+                            journal
+                                .insert((*job_id, *at), record.as_ref())
+                                .map_err(book(path))?;
                         }
-                        let next = journal
-                            .range((*job_id, 0)..=(*job_id, u64::MAX))
-                            .map_err(book(path))?
-                            .next_back()
-                            .transpose()
-                            .map_err(book(path))?
-                            .map_or(0, |(k, _)| k.value().1 + 1);
-                        journal
-                            .insert((*job_id, next), record.as_ref())
-                            .map_err(book(path))?;
                     }
                     Change::Spend { .. } => {}
                 }

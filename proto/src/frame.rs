@@ -49,6 +49,10 @@ where
 /// Reads one length-delimited frame. Returns `Ok(None)` when the stream ended
 /// cleanly before a new frame began.
 ///
+/// Not cancel-safe: dropped half-way (a `select!` branch that lost), it
+/// loses the bytes it took and the stream is out of step. Where a read
+/// races other events, use a [`FrameReader`].
+///
 /// # Errors
 /// Fails on I/O errors, a frame over the size limit, a stream that ends
 /// mid-frame, or bytes that do not decode as `M`.
@@ -108,6 +112,85 @@ async fn read_varint<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<usiz
         .map_err(|_| FrameError::BadLength)
 }
 
+/// Reads length-delimited frames from a stream, cancel-safe: a read that is
+/// dropped half-way (a `select!` branch that lost) loses nothing, because
+/// the bytes it took stay in the reader for the next call. It also takes
+/// whatever has arrived in one read instead of a byte at a time.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    reader: R,
+    buf: BytesMut,
+}
+
+/// Room made for each read when no frame length asks for more.
+const READ_AHEAD: usize = 4096;
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(reader: R) -> Self {
+        Self {
+            reader,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The next frame; `Ok(None)` when the stream ended cleanly between
+    /// frames. Cancel-safe.
+    ///
+    /// # Errors
+    /// As [`read_frame`]; after an error the stream is unusable.
+    pub async fn next<M: Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
+        loop {
+            let wanted = match frame_prefix(&self.buf)? {
+                Some((prefix, len)) if self.buf.len() >= prefix + len => {
+                    self.buf.advance(prefix);
+                    let body = self.buf.split_to(len).freeze();
+                    return M::decode(body)
+                        .map(Some)
+                        .map_err(|source| FrameError::Decode {
+                            kind: std::any::type_name::<M>(),
+                            source,
+                        });
+                }
+                Some((prefix, len)) => prefix + len - self.buf.len(),
+                None => READ_AHEAD,
+            };
+            self.buf.reserve(wanted.max(READ_AHEAD));
+            // Cancel-safe: no byte is taken unless this completes.
+            if self.reader.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
+            }
+        }
+    }
+}
+
+/// The length prefix at the start of `buf`: its own size and the frame's
+/// length, or `None` if it has not all arrived.
+fn frame_prefix(buf: &[u8]) -> Result<Option<(usize, usize)>, FrameError> {
+    let mut len: u64 = 0;
+    for (i, &byte) in buf.iter().enumerate().take(10) {
+        if i == 9 && byte > 1 {
+            return Err(FrameError::BadLength);
+        }
+        len |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            let len = usize::try_from(len).map_err(|_| FrameError::BadLength)?;
+            if len > MAX_FRAME_BYTES {
+                return Err(FrameError::TooLarge(len));
+            }
+            return Ok(Some((i + 1, len)));
+        }
+    }
+    if buf.len() >= 10 {
+        Err(FrameError::BadLength)
+    } else {
+        Ok(None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,5 +238,62 @@ mod tests {
         let mut reader = &buf[..];
         let err = read_frame::<_, Pull>(&mut reader).await.unwrap_err();
         assert!(matches!(err, FrameError::Truncated), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_frame_reader_loses_nothing_when_a_read_is_dropped_half_way() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut frames = FrameReader::new(b);
+        let big = AgentMessage {
+            msg: Some(agent_message::Msg::Hello(crate::agent::Hello {
+                agent_name: "x".repeat(20_000),
+                ..Default::default()
+            })),
+        };
+        let small = Pull { free_slots: 7 };
+        let mut bytes = big.encode_length_delimited_to_vec();
+        let second = Pull { free_slots: 9 }.encode_length_delimited_to_vec();
+        for cut in [1, 2, 3, 10_000] {
+            // Part of a frame arrives, the read is dropped (another branch
+            // won), the rest arrives: the frame still comes out whole.
+            let (first, rest) = bytes.split_at(cut);
+            a.write_all(first).await.unwrap();
+            tokio::select! {
+                biased;
+                frame = frames.next::<AgentMessage>() => panic!("a partial frame came out: {frame:?}"),
+                () = std::future::ready(()) => {}
+            }
+            a.write_all(rest).await.unwrap();
+            let got: AgentMessage = frames.next().await.unwrap().unwrap();
+            assert_eq!(got, big);
+        }
+        // Two frames in one read come out one by one.
+        bytes = small.encode_length_delimited_to_vec();
+        bytes.extend_from_slice(&second);
+        a.write_all(&bytes).await.unwrap();
+        drop(a);
+        assert_eq!(frames.next::<Pull>().await.unwrap(), Some(small));
+        assert_eq!(frames.next::<Pull>().await.unwrap().unwrap().free_slots, 9);
+        assert_eq!(frames.next::<Pull>().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_frame_reader_refuses_what_read_frame_refuses() {
+        let mut huge = Vec::new();
+        prost::encoding::encode_varint((MAX_FRAME_BYTES + 1) as u64, &mut huge);
+        let err = FrameReader::new(&huge[..])
+            .next::<Pull>()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge(_)), "{err}");
+        let mut cut = Pull { free_slots: 7 }.encode_length_delimited_to_vec();
+        cut.pop();
+        let err = FrameReader::new(&cut[..]).next::<Pull>().await.unwrap_err();
+        assert!(matches!(err, FrameError::Truncated), "{err}");
+        let err = FrameReader::new(&[0xffu8; 11][..])
+            .next::<Pull>()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::BadLength), "{err}");
     }
 }

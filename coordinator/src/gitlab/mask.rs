@@ -180,6 +180,20 @@ impl Masker {
         let mut out = Vec::with_capacity(self.pending.len());
         let mut i = 0;
         while i < self.pending.len() {
+            if self.covers.is_empty() {
+                // Nothing hidden pending: copy the run of bytes that start
+                // no pattern in one go.
+                let run = self.pending[i..]
+                    .iter()
+                    .position(|&b| self.starts[usize::from(b)])
+                    .unwrap_or(self.pending.len() - i);
+                if run > 0 {
+                    out.extend_from_slice(&self.pending[i..i + run]);
+                    self.in_mask = false;
+                    i += run;
+                    continue;
+                }
+            }
             if self.starts[usize::from(self.pending[i])] {
                 if let Decision::Undecided = self.decide(i, at_end) {
                     break;

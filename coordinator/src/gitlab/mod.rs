@@ -14,6 +14,7 @@ mod failure;
 pub mod mask;
 mod reporter;
 mod system_id;
+mod window;
 
 #[cfg(test)]
 mod tests;
@@ -31,7 +32,7 @@ pub use failure::{failure_reason, map_reason, ALWAYS_ACCEPTED_REASONS};
 pub use mask::Masker;
 pub use reporter::{
     AbortReason, FinalReport, FinalState, JobReporter, JobReporterHandle, RemoteEvent, Resume,
-    KEEPALIVE_MAX, MAX_PATCH_BYTES, TRACE_COALESCE,
+    KEEPALIVE_MAX, MAX_PATCH_BYTES, TRACE_BURST, TRACE_COALESCE, TRACE_MAX_GAP, WINDOW_BYTES,
 };
 pub use system_id::{is_valid_system_id, load_or_create_system_id, SYSTEM_ID_FILE};
 

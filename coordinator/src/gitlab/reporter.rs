@@ -5,9 +5,12 @@
 //! [`JobReporter::start`] spawns one task per job. Output goes in through
 //! [`JobReporterHandle::append`], which masks it and caps it at the output
 //! limit right away, so memory stays bounded however fast a job writes; the
-//! task sends it at its own pace and never loses a byte: the whole masked
-//! log stays in memory, so GitLab's 416 answers (our offset is wrong) are
-//! answered by resending from whatever offset GitLab holds.
+//! task sends it at its own pace and never loses a byte. Memory holds at
+//! most the newest [`WINDOW_BYTES`] GitLab has not confirmed
+//! ([`LogWindow`]); the whole masked log is in the job's trace journal, so
+//! output GitLab has not taken yet, and bytes it confirmed before and asks
+//! for again (a 416 naming a shorter size, a 412), are read from there and
+//! sent from whatever offset GitLab holds.
 //!
 //! Not responsible for running the job or deciding its outcome: the
 //! coordinator core reacts to [`RemoteEvent`]s and calls
@@ -32,16 +35,42 @@ use super::client::{
 };
 use super::failure::failure_reason;
 use super::mask::Masker;
+use super::window::{Dropped, LogWindow};
 use super::GitLabError;
 use crate::store::Journal;
 
-/// Longest time new output waits to be sent with what follows it: a person
-/// watching the job sees each line within a moment, and GitLab gets a few
-/// PATCHes per second at most from a chatty job rather than one per line.
+/// How long new output waits to be sent with what follows it: a person
+/// watching sees each line within a moment.
 pub const TRACE_COALESCE: Duration = Duration::from_millis(200);
+
+/// PATCHes a job may send in quick succession (each [`TRACE_COALESCE`]
+/// after its output) before they are spaced out. A job that prints now and
+/// then never waits longer; a chatty one settles at one PATCH per
+/// [`trace_gap`], as gitlab-runner paces them, so a thousand busy jobs cost
+/// GitLab hundreds of requests a second, not thousands. A full PATCH, and
+/// everything once the job ends, goes at once.
+pub const TRACE_BURST: u32 = 5;
+
+/// Longest spacing of a chatty job's PATCHes. GitLab names an interval
+/// (3 s while someone watches the log, 60 s otherwise) and gitlab-runner
+/// follows it, but the 60 s is only learnt to have become 3 s (someone
+/// opened the log) from an answer, so following it would leave a new
+/// watcher without lines for up to a minute.
+pub const TRACE_MAX_GAP: Duration = Duration::from_secs(3);
+
+/// Spacing of a chatty job's PATCHes under GitLab's update interval.
+fn trace_gap(update_interval: Duration) -> Duration {
+    update_interval.min(TRACE_MAX_GAP)
+}
 
 /// Largest trace PATCH body (gitlab-runner's `DefaultTracePatchLimit`).
 pub const MAX_PATCH_BYTES: usize = 1024 * 1024;
+
+/// Most unconfirmed log bytes of one job kept in memory when the log is
+/// journaled: a PATCH's worth for a chatty job. Older unconfirmed bytes are
+/// read back from the journal, so a thousand jobs writing faster than
+/// GitLab takes their logs cost a thousand windows, not a thousand logs.
+pub const WINDOW_BYTES: u64 = 256 * 1024;
 
 /// Longest silence before a keep-alive `PUT state=running`. GitLab drops a
 /// job with no update for 30 minutes, and cancellation is only learnt from
@@ -145,7 +174,7 @@ pub struct FinalReport {
 /// The masked log of one job.
 struct Trace {
     masker: Masker,
-    bytes: Vec<u8>,
+    log: LogWindow,
     limit: u64,
     truncated: bool,
     closed: bool,
@@ -169,52 +198,52 @@ pub struct Resume {
 }
 
 impl Trace {
-    /// Masks and appends, then journals what was appended.
-    fn add(&mut self, masked: &[u8], committed: u64) {
-        let before = self.bytes.len();
-        self.push(masked);
-        if self.bytes.len() == before {
+    /// Appends masked bytes, then journals what was appended.
+    fn add(&mut self, masked: Vec<u8>, committed: u64) {
+        let Some(appended) = self.push(masked) else {
             return;
-        }
+        };
         let attempt = self.output_attempt;
         if let Some(journal) = self.journal.as_mut() {
-            if let Err(e) = journal.append(attempt, committed, &self.bytes[before..]) {
+            if let Err(e) = journal.append(attempt, committed, &appended) {
                 // The job goes on; only a restart would lose this part.
                 tracing::warn!(error = %e, "cannot journal the job log; it will not survive a coordinator restart");
                 self.journal = None;
+                self.log.keep_all();
             }
         }
     }
 
     /// Appends masked bytes, enforcing the output limit like gitlab-runner:
-    /// up to the limit, then one notice, then nothing.
-    fn push(&mut self, masked: &[u8]) {
+    /// up to the limit, then one notice, then nothing. Returns what was
+    /// appended.
+    fn push(&mut self, mut masked: Vec<u8>) -> Option<Bytes> {
         if self.truncated || masked.is_empty() {
-            return;
+            return None;
         }
-        let room = usize::try_from(self.limit.saturating_sub(self.bytes.len() as u64))
-            .unwrap_or(usize::MAX);
-        if masked.len() <= room {
-            self.bytes.extend_from_slice(masked);
-            return;
+        let room = usize::try_from(self.limit.saturating_sub(self.log.len())).unwrap_or(usize::MAX);
+        if masked.len() > room {
+            // Cut on a UTF-8 character boundary so the log stays valid text.
+            let mut cut = room;
+            while cut > 0 && cut > room.saturating_sub(3) && (masked[cut] & 0xC0) == 0x80 {
+                cut -= 1;
+            }
+            if (masked[cut] & 0xC0) == 0x80 {
+                cut = room;
+            }
+            masked.truncate(cut);
+            masked.extend_from_slice(
+                format!(
+                    "\n\x1b[33;1mJob's log exceeded limit of {} bytes.\nJob execution will continue but no more output will be collected.\x1b[0;m\n",
+                    self.limit
+                )
+                .as_bytes(),
+            );
+            self.truncated = true;
         }
-        // Cut on a UTF-8 character boundary so the log stays valid text.
-        let mut cut = room;
-        while cut > 0 && cut > room.saturating_sub(3) && (masked[cut] & 0xC0) == 0x80 {
-            cut -= 1;
-        }
-        if (masked[cut] & 0xC0) == 0x80 {
-            cut = room;
-        }
-        self.bytes.extend_from_slice(&masked[..cut]);
-        self.bytes.extend_from_slice(
-            format!(
-                "\n\x1b[33;1mJob's log exceeded limit of {} bytes.\nJob execution will continue but no more output will be collected.\x1b[0;m\n",
-                self.limit
-            )
-            .as_bytes(),
-        );
-        self.truncated = true;
+        let bytes = Bytes::from(masked);
+        self.log.push(bytes.clone());
+        Some(bytes)
     }
 }
 
@@ -242,7 +271,7 @@ impl Shared {
     }
 
     fn trace_len(&self) -> u64 {
-        self.trace().bytes.len() as u64
+        self.trace().log.len()
     }
 }
 
@@ -285,7 +314,10 @@ impl JobReporter {
             trace: Mutex::new(Trace {
                 masker: Masker::for_job(job),
                 truncated: resume.trace.len() as u64 >= limit,
-                bytes: resume.trace,
+                log: LogWindow::new(
+                    resume.trace,
+                    resume.journal.is_some().then_some(WINDOW_BYTES),
+                ),
                 limit,
                 closed: false,
                 journal: resume.journal,
@@ -312,6 +344,7 @@ impl JobReporter {
             keepalive_at: now,
             patch_not_before: now,
             pending_since: None,
+            patch_paid_until: now,
             patch_backoff: retry_backoff(),
             put_backoff: retry_backoff(),
             trace_enabled: true,
@@ -366,7 +399,7 @@ impl JobReporterHandle {
             let mut masked = trace.masker.write(&bytes);
             masked.extend_from_slice(&trace.masker.flush());
             let committed = trace.output_end;
-            trace.add(&masked, committed);
+            trace.add(masked, committed);
         }
         self.shared.notify.notify_one();
     }
@@ -384,7 +417,7 @@ impl JobReporterHandle {
             trace.output_end = end;
             let masked = trace.masker.write(&bytes);
             let committed = end.saturating_sub(trace.masker.held_back() as u64);
-            trace.add(&masked, committed);
+            trace.add(masked, committed);
         }
         self.shared.notify.notify_one();
     }
@@ -394,7 +427,13 @@ impl JobReporterHandle {
         self.shared.acked.load(Ordering::Relaxed)
     }
 
-    /// Bytes of masked log kept so far (sent or not).
+    /// Bytes of masked log held in memory: what GitLab has not confirmed
+    /// yet, or the whole log when there is no journal to read it back from.
+    pub fn held_bytes(&self) -> u64 {
+        self.shared.trace().log.held()
+    }
+
+    /// Bytes of masked log produced so far (sent or not).
     pub fn trace_len(&self) -> u64 {
         self.shared.trace_len()
     }
@@ -420,7 +459,7 @@ impl JobReporterHandle {
             trace.closed = true;
             let rest = trace.masker.flush();
             let committed = trace.output_end;
-            trace.add(&rest, committed);
+            trace.add(rest, committed);
         }
         self.shared.notify.notify_one();
         let (reply, answer) = oneshot::channel();
@@ -469,6 +508,10 @@ struct Pump {
     patch_not_before: Instant,
     /// When the oldest unsent output arrived.
     pending_since: Option<Instant>,
+    /// PATCH pacing (the generic cell rate algorithm): when the PATCHes
+    /// sent so far would all have been paid for at one per gap. A PATCH
+    /// may go once this is at most `TRACE_BURST - 1` gaps ahead.
+    patch_paid_until: Instant,
     patch_backoff: Backoff,
     put_backoff: Backoff,
     /// False once GitLab said 404 to a PATCH or the offsets cannot be
@@ -544,7 +587,8 @@ impl Pump {
                 let ready = if finishing.is_some() || len - self.sent >= MAX_PATCH_BYTES as u64 {
                     now
                 } else {
-                    self.pending_since.unwrap_or(now) + TRACE_COALESCE
+                    let coalesced = self.pending_since.unwrap_or(now) + TRACE_COALESCE;
+                    coalesced.max(self.patch_allowed_at())
                 };
                 ready.max(self.patch_not_before)
             });
@@ -607,6 +651,14 @@ impl Pump {
         }
     }
 
+    /// The earliest a PATCH may go under the pacing.
+    fn patch_allowed_at(&self) -> Instant {
+        let burst = trace_gap(self.update_interval) * (TRACE_BURST - 1);
+        self.patch_paid_until
+            .checked_sub(burst)
+            .unwrap_or(self.patch_paid_until)
+    }
+
     fn keepalive_interval(&self) -> Duration {
         self.update_interval.min(KEEPALIVE_MAX)
     }
@@ -657,17 +709,21 @@ impl Pump {
 
     /// Sends the next chunk of unsent trace.
     async fn send_patch(&mut self) -> Flow {
-        let chunk = {
-            let trace = self.shared.trace();
-            let start = usize::try_from(self.sent).unwrap_or(usize::MAX);
-            let end = trace.bytes.len().min(start.saturating_add(MAX_PATCH_BYTES));
-            if start >= end {
-                return Flow::Continue;
-            }
-            Bytes::copy_from_slice(&trace.bytes[start..end])
+        let read = self.shared.trace().log.read(self.sent, MAX_PATCH_BYTES);
+        let chunk = match read {
+            Ok(chunk) => chunk,
+            Err(dropped) => match self.read_journal(dropped).await {
+                Ok(chunk) => chunk,
+                Err(flow) => return flow,
+            },
         };
+        if chunk.is_empty() {
+            return Flow::Continue;
+        }
         let offset = self.sent;
         let len = chunk.len() as u64;
+        let gap = trace_gap(self.update_interval);
+        self.patch_paid_until = self.patch_paid_until.max(Instant::now()) + gap;
         let call = self
             .client
             .patch_trace(self.job_id, &self.token, offset, chunk);
@@ -697,6 +753,11 @@ impl Pump {
                             "gitlab holds a different amount of trace; resending from its size"
                         );
                         self.set_sent(remote_size);
+                        // GitLab named where to go on: the resend is free.
+                        self.patch_paid_until = self
+                            .patch_paid_until
+                            .checked_sub(gap)
+                            .unwrap_or(self.patch_paid_until);
                         if self.quick_416 > MAX_QUICK_416 {
                             let delay = self.patch_backoff.next_delay();
                             warn!(delay = ?delay, "repeated trace offset mismatches; backing off");
@@ -725,7 +786,14 @@ impl Pump {
     }
 
     fn set_sent(&mut self, remote_size: u64) {
-        let len = self.shared.trace_len();
+        let len = {
+            let mut trace = self.shared.trace();
+            let len = trace.log.len();
+            if remote_size <= len {
+                trace.log.confirm(remote_size);
+            }
+            len
+        };
         if remote_size > len {
             error!(
                 remote_size,
@@ -737,6 +805,46 @@ impl Pump {
         }
         self.sent = remote_size;
         self.shared.acked.store(remote_size, Ordering::Relaxed);
+    }
+
+    /// Reads the next PATCH from the journal: memory no longer holds it
+    /// (GitLab asks again for bytes it confirmed, or fell behind the job).
+    async fn read_journal(&mut self, dropped: Dropped) -> Result<Bytes, Flow> {
+        let journal = self.shared.trace().journal.clone();
+        let Some(journal) = journal else {
+            error!(
+                from = self.sent,
+                kept_from = dropped.kept_from,
+                "gitlab asks for trace that is no longer held, and without a journal it is gone; no more trace is sent"
+            );
+            self.trace_enabled = false;
+            return Err(Flow::Continue);
+        };
+        debug!(
+            from = self.sent,
+            kept_from = dropped.kept_from,
+            "sending trace from the journal"
+        );
+        let Some(read) = self.guarded(journal.read(self.sent, MAX_PATCH_BYTES)).await else {
+            return Err(Flow::Stop(Ended::Cancelled));
+        };
+        match read {
+            Ok(chunk) if chunk.is_empty() => {
+                error!(
+                    from = self.sent,
+                    "the trace journal lacks bytes this job produced; no more trace is sent"
+                );
+                self.trace_enabled = false;
+                Err(Flow::Continue)
+            }
+            Ok(chunk) => Ok(chunk),
+            Err(e) => {
+                let delay = self.patch_backoff.next_delay();
+                warn!(error = %e, delay = ?delay, "cannot read the trace from its journal; retrying");
+                self.patch_not_before = Instant::now() + delay;
+                Err(Flow::Continue)
+            }
+        }
     }
 
     /// `PUT state=running`: commits the job the first time, keeps it alive after.
@@ -786,7 +894,7 @@ impl Pump {
     ) -> FinalStep {
         let (output, truncated) = {
             let trace = self.shared.trace();
-            (TraceOutput::of(&trace.bytes), trace.truncated)
+            (trace.log.output(), trace.truncated)
         };
         let update = match state {
             FinalState::Success => JobUpdate {
@@ -891,7 +999,7 @@ mod tests {
     fn trace(limit: u64) -> Trace {
         Trace {
             masker: Masker::new(Vec::<Vec<u8>>::new(), Vec::<Vec<u8>>::new()),
-            bytes: Vec::new(),
+            log: LogWindow::new(Vec::new(), None),
             limit,
             truncated: false,
             closed: false,
@@ -901,13 +1009,17 @@ mod tests {
         }
     }
 
+    fn text(t: &Trace) -> String {
+        String::from_utf8(t.log.read(0, usize::MAX).unwrap().to_vec()).unwrap()
+    }
+
     #[test]
     fn output_limit_cuts_once_with_notice() {
         let mut t = trace(10);
-        t.push(b"12345");
-        t.push(b"67890abc");
-        t.push(b"dropped");
-        let text = String::from_utf8(t.bytes.clone()).unwrap();
+        t.push(b"12345".to_vec());
+        t.push(b"67890abc".to_vec());
+        t.push(b"dropped".to_vec());
+        let text = text(&t);
         assert!(text.starts_with("1234567890\n"), "{text:?}");
         assert!(text.contains("Job's log exceeded limit of 10 bytes."));
         assert_eq!(text.matches("exceeded").count(), 1);
@@ -918,8 +1030,7 @@ mod tests {
     #[test]
     fn output_limit_keeps_utf8_whole() {
         let mut t = trace(4);
-        t.push("abcé".as_bytes()); // 'é' is 2 bytes: 5 bytes in all
-        assert!(String::from_utf8(t.bytes.clone()).is_ok());
-        assert!(t.bytes.starts_with(b"abc\n"));
+        t.push("abcé".as_bytes().to_vec()); // 'é' is 2 bytes: 5 bytes in all
+        assert!(text(&t).starts_with("abc\n"));
     }
 }

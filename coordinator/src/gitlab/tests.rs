@@ -367,6 +367,110 @@ async fn trace_is_restored_after_416() {
     assert!(record.patches.iter().filter(|p| p.status == 416).count() >= 2);
 }
 
+/// Polls `check` until it holds, for at most [`WAIT`].
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn memory_keeps_a_window_of_the_log_and_the_journal_serves_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Store::open(dir.path()).unwrap();
+    let standin = standin_with(1).await;
+    let client = client(&standin);
+    let job = take_job(&standin, &client, JobSpec::new("journaled")).await;
+    store
+        .submit(vec![crate::store::Change::Hold {
+            job_id: job.id,
+            raw: Bytes::from_static(b"{}"),
+        }])
+        .durable()
+        .await
+        .unwrap();
+    let resume = Resume {
+        journal: Some(store.journal(job.id, 0)),
+        ..Resume::default()
+    };
+    let (handle, _events) =
+        JobReporter::start_with(Arc::clone(&client), &job, CancellationToken::new(), resume);
+
+    // More output at once than memory keeps: the oldest goes out from the
+    // journal.
+    let mut expected = Vec::new();
+    for i in 0..6000 {
+        let line = format!("line {i:05} {}\n", "x".repeat(90));
+        expected.extend_from_slice(line.as_bytes());
+        handle.append(Bytes::from(line));
+    }
+    let len = expected.len() as u64;
+    assert!(len > 2 * WINDOW_BYTES);
+    assert!(handle.held_bytes() <= WINDOW_BYTES);
+    until("gitlab to confirm the log", || handle.sent_bytes() == len).await;
+    assert_eq!(standin.job(job.id).unwrap().trace, expected);
+    assert_eq!(handle.held_bytes(), 0, "confirmed bytes stay in memory");
+
+    // GitLab lost all but the first bytes: they come back from the journal.
+    standin.truncate_trace(job.id, 5).unwrap();
+    handle.append(Bytes::from_static(b"second part\n"));
+    expected.extend_from_slice(b"second part\n");
+    let total = expected.len();
+    wait_for(&standin, job.id, "the log resent", |r| {
+        r.trace.len() == total
+    })
+    .await;
+    assert_eq!(standin.job(job.id).unwrap().trace, expected);
+
+    // Trace validation fails at the final update: all of it goes again.
+    standin.reject_final_trace(job.id).unwrap();
+    handle.append(Bytes::from_static(b"last line\n"));
+    expected.extend_from_slice(b"last line\n");
+    let report = handle.finish(FinalState::Success).await.unwrap();
+    let record = standin.job(job.id).unwrap();
+    assert_eq!(record.trace, expected);
+    assert_eq!(report.output, TraceOutput::of(&expected));
+    assert_eq!(record.checksum_ok, Some(true));
+    assert!(record.updates.iter().any(|u| u.status == 412));
+    assert!(record.patches.iter().any(|p| p.status == 416));
+}
+
+#[tokio::test]
+async fn a_chatty_job_settles_at_one_patch_per_interval() {
+    // GitLab asks for a PATCH a second.
+    let standin = standin_with(1).await;
+    let client = client(&standin);
+    let (job, handle, _events) = start_reporter(&standin, &client, JobSpec::new("chatty")).await;
+    wait_for(&standin, job.id, "running update", |r| {
+        !r.updates.is_empty()
+    })
+    .await;
+    // A line every 50 ms for 4 s: unpaced, a PATCH every 200 ms (20).
+    let mut expected = Vec::new();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    while started.elapsed() < Duration::from_secs(4) {
+        tick.tick().await;
+        let line = format!("line {}\n", expected.len());
+        expected.extend_from_slice(line.as_bytes());
+        handle.append(Bytes::from(line));
+    }
+    let report = handle.finish(FinalState::Success).await.unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    let record = standin.job(job.id).unwrap();
+    assert_eq!(record.trace, expected);
+    assert_eq!(report.output, TraceOutput::of(&expected));
+    // The burst, then one a second, then the rest at the end.
+    let most = TRACE_BURST as usize + elapsed.ceil() as usize + 1;
+    assert!(
+        record.patches.len() <= most,
+        "{} patches in {elapsed:.1} s, at most {most} expected",
+        record.patches.len()
+    );
+}
+
 #[tokio::test]
 async fn masked_values_never_reach_gitlab_even_when_split() {
     let standin = standin_with(1).await;

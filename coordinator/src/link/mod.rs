@@ -125,8 +125,16 @@ impl LinkServer {
             return Err(LinkError::CertValidity(cert_validity));
         }
         let server_config = server_config(pki)?;
-        let socket =
-            std::net::UdpSocket::bind(addr).map_err(|source| LinkError::Bind { addr, source })?;
+        let bound = servitor_runtime::link::bind_socket(addr)
+            .map_err(|source| LinkError::Bind { addr, source })?;
+        if bound.short_of_buffer() {
+            tracing::warn!(
+                receive_buffer = bound.receive_buffer,
+                wanted = servitor_runtime::link::SOCKET_BUFFER_BYTES,
+                "the agent link's UDP receive buffer is small: with many agents streaming, the kernel will drop their packets and links will time out; raise it with `sysctl -w net.core.rmem_max=8388608 net.core.wmem_max=8388608` (and in /etc/sysctl.d/ to keep it)"
+            );
+        }
+        let socket = bound.socket;
         let runtime = quinn::default_runtime().ok_or_else(|| LinkError::Bind {
             addr,
             source: std::io::Error::other("no async runtime for the agent link"),

@@ -53,7 +53,7 @@ fn jobs_leases_results_and_journals_survive_a_reopen() {
     {
         let store = Store::open(dir.path()).unwrap();
         store.submit(vec![hold(7)]).wait().unwrap();
-        let mut journal = store.journal(7);
+        let mut journal = store.journal(7, 0);
         journal.append(1, 0, b"header\n").unwrap();
         store
             .submit(vec![Change::Lease {
@@ -83,7 +83,7 @@ fn jobs_leases_results_and_journals_survive_a_reopen() {
             ])
             .wait()
             .unwrap();
-        store.journal(8).append(1, 3, b"late").unwrap();
+        store.journal(8, 0).append(1, 3, b"late").unwrap();
         store.flush_blocking();
     }
     let store = Store::open(dir.path()).unwrap();
@@ -272,7 +272,7 @@ fn a_lease_book_in_the_earlier_layout_is_imported_once() {
             "the earlier layout is removed once imported"
         );
         // The imported journal goes on where it stopped.
-        store.journal(9).append(1, 9, b"ghi").unwrap();
+        store.journal(9, 3).append(1, 9, b"ghi").unwrap();
         store.flush_blocking();
     }
     let store = Store::open(dir.path()).unwrap();
@@ -295,7 +295,7 @@ fn a_power_loss_leaves_the_last_commit_or_the_one_before() {
     let (before, after, state_before, state_after) = {
         let store = Store::open(dir.path()).unwrap();
         store.submit(vec![hold(1), hold(2)]).wait().unwrap();
-        store.journal(1).append(1, 4, b"one\n").unwrap();
+        store.journal(1, 0).append(1, 4, b"one\n").unwrap();
         store.flush_blocking();
         let before = std::fs::read(&path).unwrap();
         let state_before = seen(&store);
@@ -313,6 +313,7 @@ fn a_power_loss_leaves_the_last_commit_or_the_one_before() {
                 },
                 Change::Append {
                     job_id: 1,
+                    at: 4,
                     record: Bytes::from_static(b"\x02\0\0\0\x04\0\0\0\0\0\0\0two\n"),
                 },
                 Change::Remove { job_id: 2 },
@@ -363,4 +364,64 @@ impl Store {
     fn flush_blocking(&self) {
         self.submit(Vec::new()).wait().unwrap();
     }
+}
+
+fn record(attempt: u32, output_offset: u64, bytes: &[u8]) -> Vec<u8> {
+    let mut record = attempt.to_le_bytes().to_vec();
+    record.extend_from_slice(&output_offset.to_le_bytes());
+    record.extend_from_slice(bytes);
+    record
+}
+
+#[tokio::test]
+async fn any_part_of_a_log_is_read_back_and_an_earlier_journal_is_rekeyed() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // A lease book as the previous version left it: the journal keyed
+        // 0, 1, 2… per job.
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .submit(vec![hold(1), hold(2)])
+            .durable()
+            .await
+            .unwrap();
+        drop(store);
+        let db = redb::Database::open(dir.path().join(BOOK_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut old = txn.open_table(SEQ_JOURNAL).unwrap();
+            for (key, body) in [
+                ((1, 0), record(1, 4, b"one\n")),
+                ((1, 1), record(1, 8, b"two\n")),
+                ((2, 0), record(1, 6, b"other\n")),
+                ((1, 2), record(2, 6, b"three\n")),
+            ] {
+                old.insert(key, body.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let jobs = store.load().unwrap();
+    assert_eq!(jobs[0].trace, b"one\ntwo\nthree\n");
+    assert_eq!(jobs[0].output, Some((2, 6)));
+    assert_eq!(jobs[1].trace, b"other\n");
+
+    // It goes on after its 14 bytes; any range reads across records.
+    let mut journal = store.journal(1, 14);
+    journal.append(2, 11, b"four\n").unwrap();
+    let whole = b"one\ntwo\nthree\nfour\n";
+    for from in 0..=whole.len() {
+        for max in [1, 3, 5, 100] {
+            let got = journal.read(from as u64, max).await.unwrap();
+            let end = (from + max).min(whole.len());
+            assert_eq!(got, whole[from..end], "from {from} max {max}");
+        }
+    }
+    assert!(store.journal(2, 6).read(6, 10).await.unwrap().is_empty());
+    assert!(store.journal(3, 0).read(0, 10).await.unwrap().is_empty());
+    drop(journal);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.load().unwrap()[0].trace, whole);
 }

@@ -345,6 +345,11 @@ async fn update_job(
                                 "400 Bad request - failure_reason does not have a valid value",
                             ),
                         )
+                    } else if job.reject_trace > 0 && record.checksum.is_some() {
+                        // Trace validation failed: the runner sends it all again.
+                        job.reject_trace -= 1;
+                        job.record.trace.clear();
+                        (412, json_status(412))
                     } else if job.not_accepted > 0 && record.checksum.is_some() {
                         job.not_accepted -= 1;
                         (202, json_status(202))

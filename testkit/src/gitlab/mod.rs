@@ -430,6 +430,8 @@ struct Job {
     force_416: u32,
     /// Answer the next final updates 202.
     not_accepted: u32,
+    /// Answer the next final updates 412, dropping the trace held.
+    reject_trace: u32,
 }
 
 /// A runner manager seen on verify or job request.
@@ -599,6 +601,7 @@ impl StandIn {
             branch,
             force_416: 0,
             not_accepted: 0,
+            reject_trace: 0,
         };
         {
             let mut inner = self.state.lock();
@@ -785,6 +788,15 @@ impl StandIn {
     /// [`StandInError::NoSuchJob`].
     pub fn next_patch_416(&self, job_id: i64) -> Result<(), StandInError> {
         self.with_job(job_id, |job| job.force_416 += 1)
+    }
+
+    /// Answers the job's next final update 412 (trace validation failed)
+    /// and drops the trace it holds, so the whole trace must come again.
+    ///
+    /// # Errors
+    /// [`StandInError::NoSuchJob`].
+    pub fn reject_final_trace(&self, job_id: i64) -> Result<(), StandInError> {
+        self.with_job(job_id, |job| job.reject_trace += 1)
     }
 
     /// Answers the job's next `count` final updates 202 (trace still being

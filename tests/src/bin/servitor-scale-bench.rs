@@ -21,7 +21,8 @@
 //! `cargo build --profile scale --workspace --bins &&
 //!  target/scale/servitor-scale-bench --agents 1000,5000`
 //! (`--perf <file>` records a CPU profile of the coordinator during the
-//! dispatch window with `perf`; `--coordinator <path>` measures another
+//! dispatch window with `perf`, `--perf-trace <file>` during the trace
+//! window; `--coordinator <path>` measures another
 //! build of the coordinator).
 
 use std::path::{Path, PathBuf};
@@ -37,7 +38,7 @@ use servitor_proto::agent::{
     agent_message, coordinator_message, AgentMessage, AttemptRef, CoordinatorMessage, Finished,
     Heartbeat, Hello, InstanceFacts, Outcome, OutputHeader, Pull, Started,
 };
-use servitor_proto::frame::{read_frame, write_frame};
+use servitor_proto::frame::{write_frame, FrameReader};
 use servitor_runtime::secret::Secret;
 use servitor_testkit::gitlab::{JobSpec, StandIn, StandInConfig, DEFAULT_RUNNER_TOKEN};
 use servitor_tests::{
@@ -58,6 +59,7 @@ struct Options {
     trace_bytes_per_job: usize,
     connect_concurrency: usize,
     perf: Option<PathBuf>,
+    perf_trace: Option<PathBuf>,
     coordinator: Option<PathBuf>,
 }
 
@@ -72,6 +74,7 @@ impl Default for Options {
             trace_bytes_per_job: 1 << 20,
             connect_concurrency: 64,
             perf: None,
+            perf_trace: None,
             coordinator: None,
         }
     }
@@ -79,7 +82,7 @@ impl Default for Options {
 
 const USAGE: &str = "usage: servitor-scale-bench [--agents 1000,5000] [--capacity 1] \
 [--idle-secs 20] [--dispatch-secs 60] [--trace-secs 30] [--trace-mib-per-job 1] \
-[--connect-concurrency 64] [--perf <perf.data>] [--coordinator <binary>]";
+[--connect-concurrency 64] [--perf <perf.data>] [--perf-trace <perf.data>] [--coordinator <binary>]";
 
 impl Options {
     fn parse() -> anyhow::Result<Self> {
@@ -120,6 +123,7 @@ impl Options {
                     options.connect_concurrency = value.parse().context("--connect-concurrency")?;
                 }
                 "--perf" => options.perf = Some(PathBuf::from(value)),
+                "--perf-trace" => options.perf_trace = Some(PathBuf::from(value)),
                 "--coordinator" => options.coordinator = Some(PathBuf::from(value)),
                 _ => bail!("unknown option {flag}; {USAGE}"),
             }
@@ -220,7 +224,8 @@ async fn run_agent(
         }
     };
     let connection = link.connection;
-    let (mut send, mut recv) = connection.open_bi().await?;
+    let (mut send, recv) = connection.open_bi().await?;
+    let mut frames = FrameReader::new(recv);
     let hello = Hello {
         protocol_version: servitor_proto::link::PROTOCOL_VERSION,
         agent_name: settings.agent_name.clone(),
@@ -259,7 +264,7 @@ async fn run_agent(
                 free += 1;
                 write_frame(&mut send, &msg(agent_message::Msg::Pull(Pull { free_slots: free }))).await?;
             }
-            frame = read_frame::<_, CoordinatorMessage>(&mut recv) => {
+            frame = frames.next::<CoordinatorMessage>() => {
                 let message = match frame {
                     Ok(Some(m)) => m,
                     Ok(None) => break Err(anyhow::anyhow!("coordinator closed the control stream")),
@@ -296,8 +301,11 @@ async fn run_agent(
     };
     fleet.connected.fetch_sub(1, Ordering::Relaxed);
     if let Err(e) = &result {
-        if !stop.is_cancelled() && fleet.lost.fetch_add(1, Ordering::Relaxed) == 0 {
-            eprintln!("agent {} lost its link: {e}", settings.agent_name);
+        if !stop.is_cancelled() && fleet.lost.fetch_add(1, Ordering::Relaxed) < 3 {
+            let why = connection
+                .close_reason()
+                .map_or_else(|| "still open".to_owned(), |r| r.to_string());
+            eprintln!("agent {} lost its link: {e} ({why})", settings.agent_name);
         }
     }
     let _ = send.finish();
@@ -340,6 +348,35 @@ async fn run_attempt(
         output_bytes: sent,
         ..Finished::default()
     });
+}
+
+/// Runs `measure` while `perf` records the process `pid` into `path`, if
+/// one is named.
+async fn profiled<T>(
+    path: Option<&Path>,
+    pid: u32,
+    measure: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let Some(path) = path else {
+        return measure.await;
+    };
+    let mut perf = tokio::process::Command::new("perf")
+        .args(["record", "-F", "499", "-g", "-o"])
+        .arg(path)
+        .args(["-p", &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting perf (install linux-perf, or drop --perf)")?;
+    let measured = measure.await;
+    if let Some(perf_pid) = perf.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &perf_pid.to_string()])
+            .status();
+    }
+    let _ = perf.wait().await;
+    measured
 }
 
 /// CPU time and memory of a process, from `/proc`.
@@ -586,29 +623,12 @@ async fn measure(options: &Options, agents: usize) -> anyhow::Result<Report> {
     let warm = Duration::from_secs(5);
     tokio::time::sleep(warm).await;
     let _ = fleet.take_arrivals();
-    let perf = match &options.perf {
-        Some(path) => Some(
-            tokio::process::Command::new("perf")
-                .args(["record", "-F", "499", "-g", "-o"])
-                .arg(path)
-                .args(["-p", &pid.to_string()])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .context("starting perf (install linux-perf, or drop --perf)")?,
-        ),
-        None => None,
-    };
-    let dispatch = window(pid, options.dispatch, || standin.counts().finished as u64).await?;
-    if let Some(mut perf) = perf {
-        if let Some(perf_pid) = perf.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-INT", &perf_pid.to_string()])
-                .status();
-        }
-        let _ = perf.wait().await;
-    }
+    let dispatch = profiled(
+        options.perf.as_deref(),
+        pid,
+        window(pid, options.dispatch, || standin.counts().finished as u64),
+    )
+    .await?;
     feeding.cancel();
     feeder.await??;
     report.jobs_per_sec = dispatch.per_sec;
@@ -645,7 +665,12 @@ async fn measure(options: &Options, agents: usize) -> anyhow::Result<Report> {
     let backlog = (agents * options.capacity as usize).clamp(50, 400);
     let feeder = tokio::spawn(feed(standin.clone(), backlog, feeding.clone()));
     tokio::time::sleep(warm).await;
-    let trace = window(pid, options.trace, || standin.counts().trace_bytes).await?;
+    let trace = profiled(
+        options.perf_trace.as_deref(),
+        pid,
+        window(pid, options.trace, || standin.counts().trace_bytes),
+    )
+    .await?;
     feeding.cancel();
     feeder.await??;
     report.trace_mb_per_sec = trace.per_sec / 1e6;
