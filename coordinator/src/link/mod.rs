@@ -412,3 +412,24 @@ fn restart_keys(pki: &Pki) -> (Arc<dyn quinn::crypto::HmacKey>, u64) {
         u64::from_le_bytes(cid_key),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use servitor_runtime::link::SOCKET_BUFFER_BYTES;
+
+    /// The shipped sysctl settings let the kernel grant what the link asks for.
+    #[test]
+    fn the_shipped_sysctl_file_allows_the_link_buffer() {
+        let conf = include_str!("../../systemd/60-servitor-coordinator.conf");
+        for key in ["net.core.rmem_max", "net.core.wmem_max"] {
+            let value: usize = conf
+                .lines()
+                .find_map(|line| line.strip_prefix(key)?.trim().strip_prefix('='))
+                .unwrap_or_else(|| panic!("{key} is not set"))
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(value >= SOCKET_BUFFER_BYTES, "{key} = {value}");
+        }
+    }
+}
