@@ -12,3 +12,40 @@
 pub mod gitlab;
 pub mod image;
 pub mod imds;
+
+use std::time::Duration;
+
+/// How often [`wait_until`] looks again.
+const WAIT_POLL: Duration = Duration::from_millis(50);
+
+/// What a test waited for did not happen in time.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} did not happen within {timeout:?}")]
+pub struct NotInTime {
+    pub what: String,
+    pub timeout: Duration,
+}
+
+/// Waits until `check` holds, looking every 50 ms, for at most `timeout`:
+/// for events a test can only observe, not subscribe to (a log line, a
+/// process state, a counter). Fails naming `what`.
+///
+/// # Errors
+/// [`NotInTime`]: `check` did not hold within `timeout`.
+pub async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> bool,
+) -> Result<(), NotInTime> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !check() {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(NotInTime {
+                what: what.to_owned(),
+                timeout,
+            });
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+    Ok(())
+}

@@ -24,6 +24,8 @@ use servitor_testkit::gitlab::{JobRecord, StandIn, StandInConfig};
 use servitor_testkit::imds::{ImdsStandIn, InstanceSpec};
 use tokio_util::sync::CancellationToken;
 
+pub use servitor_testkit::wait_until;
+
 /// The job image tests run in, built from the host's static busybox.
 pub const TEST_IMAGE: &str = "servitor-test-job:latest";
 
@@ -42,30 +44,6 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-/// How often [`wait_until`] looks again.
-const WAIT_POLL: Duration = Duration::from_millis(50);
-
-/// Waits until `check` holds, looking every 50 ms, for at most `timeout`:
-/// for events the harness can only observe, not subscribe to (a log line,
-/// a process state). Fails naming `what`.
-///
-/// # Errors
-/// `check` did not hold within `timeout`.
-pub async fn wait_until(
-    what: &str,
-    timeout: Duration,
-    mut check: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !check() {
-        if tokio::time::Instant::now() >= deadline {
-            bail!("{what} did not happen within {timeout:?}");
-        }
-        tokio::time::sleep(WAIT_POLL).await;
-    }
-    Ok(())
-}
-
 /// Waits until the fleet has shown two reconcile passes more than now:
 /// the second started after this call, so whatever it would decide from
 /// what holds now has been decided and done. For tests that show that
@@ -80,7 +58,8 @@ pub async fn two_fleet_passes(view: &servitor_coordinator::fleet::FleetView) -> 
         Duration::from_secs(30),
         || view.summary().passes >= start + 2,
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 /// Test logs on stderr when `RUST_LOG` asks for them.

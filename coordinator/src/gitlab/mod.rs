@@ -32,7 +32,7 @@ pub use failure::{failure_reason, map_reason, ALWAYS_ACCEPTED_REASONS};
 pub use mask::Masker;
 pub use reporter::{
     AbortReason, FinalReport, FinalState, JobReporter, JobReporterHandle, RemoteEvent, Resume,
-    KEEPALIVE_MAX, MAX_PATCH_BYTES, TRACE_BURST, TRACE_COALESCE, TRACE_MAX_GAP, WINDOW_BYTES,
+    KEEPALIVE_MAX, MAX_PATCH_BYTES, TRACE_BURST, TRACE_COALESCE, WINDOW_BYTES,
 };
 pub use system_id::{is_valid_system_id, load_or_create_system_id, SYSTEM_ID_FILE};
 

@@ -429,7 +429,8 @@ impl JobReporterHandle {
 
     /// Bytes of masked log held in memory: what GitLab has not confirmed
     /// yet, or the whole log when there is no journal to read it back from.
-    pub fn held_bytes(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn held_bytes(&self) -> u64 {
         self.shared.trace().log.held()
     }
 

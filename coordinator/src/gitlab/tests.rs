@@ -367,15 +367,6 @@ async fn trace_is_restored_after_416() {
     assert!(record.patches.iter().filter(|p| p.status == 416).count() >= 2);
 }
 
-/// Polls `check` until it holds, for at most [`WAIT`].
-async fn until(what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn memory_keeps_a_window_of_the_log_and_the_journal_serves_the_rest() {
     let dir = tempfile::tempdir().unwrap();
@@ -409,7 +400,11 @@ async fn memory_keeps_a_window_of_the_log_and_the_journal_serves_the_rest() {
     let len = expected.len() as u64;
     assert!(len > 2 * WINDOW_BYTES);
     assert!(handle.held_bytes() <= WINDOW_BYTES);
-    until("gitlab to confirm the log", || handle.sent_bytes() == len).await;
+    servitor_testkit::wait_until("gitlab to confirm the log", WAIT, || {
+        handle.sent_bytes() == len
+    })
+    .await
+    .unwrap();
     assert_eq!(standin.job(job.id).unwrap().trace, expected);
     assert_eq!(handle.held_bytes(), 0, "confirmed bytes stay in memory");
 

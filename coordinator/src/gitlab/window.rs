@@ -62,6 +62,7 @@ impl LogWindow {
     }
 
     /// Bytes held in memory.
+    #[cfg(test)]
     pub(crate) fn held(&self) -> u64 {
         self.len - self.base
     }
