@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod executor;
+pub mod gitlab;
 pub mod imds;
 pub mod link;
 pub mod session;

@@ -714,7 +714,10 @@ fn handle(
                     settings.clone(),
                     state.links.subscribe(),
                     attempt,
-                    job,
+                    JobOrder {
+                        job,
+                        gitlab_url: assign.gitlab_url,
+                    },
                     slot,
                     cancel,
                     done_tx,
@@ -789,13 +792,21 @@ async fn send_reports(
     Ok(())
 }
 
+/// What an assignment asks the agent to run.
+#[derive(Debug)]
+struct JobOrder {
+    job: JobPayload,
+    /// Where the job's artifacts go and its dependencies come from.
+    gitlab_url: String,
+}
+
 /// Runs one attempt and streams its output on its own stream, resending
 /// it on a new stream after a reconnect.
 async fn run_attempt(
     settings: Arc<AgentSettings>,
     links: watch::Receiver<Option<quinn::Connection>>,
     attempt: AttemptRef,
-    job: JobPayload,
+    order: JobOrder,
     slot: u32,
     cancel: CancelSignals,
     done_tx: mpsc::UnboundedSender<Done>,
@@ -804,7 +815,8 @@ async fn run_attempt(
         .work_dir
         .join(format!("{}-{}", attempt.job_id, attempt.attempt));
     let ctx = JobContext {
-        job,
+        job: order.job,
+        gitlab_url: order.gitlab_url,
         attempt: attempt.attempt,
         work_dir: work_dir.clone(),
         concurrent_id: slot,
@@ -1180,6 +1192,7 @@ mod tests {
                 servitor_proto::agent::Assign {
                     attempt: Some(attempt),
                     job_json: serde_json::to_vec(&job).expect("a payload serializes"),
+                    gitlab_url: String::new(),
                 },
             )),
         };

@@ -40,6 +40,8 @@ pub use crate::lease::book::{
 pub struct CoreSettings {
     /// Attempts a job gets before it fails for good.
     pub max_attempts: u32,
+    /// The GitLab jobs are taken from; agents reach it with job tokens.
+    pub gitlab_url: String,
 }
 
 /// Effects of one step, waiting for the step's changes to be durable.
@@ -88,7 +90,9 @@ impl Core {
     /// A core holding nothing that persists leases in `store`.
     pub fn with_store(settings: CoreSettings, store: Option<Store>) -> Arc<Self> {
         Arc::new(Self {
-            book: Mutex::new(LeaseBook::new(settings.max_attempts)),
+            book: Mutex::new(
+                LeaseBook::new(settings.max_attempts).with_gitlab_url(settings.gitlab_url),
+            ),
             outbox: Mutex::new(Outbox::default()),
             store,
             changed: Notify::new(),
@@ -485,7 +489,13 @@ mod tests {
     async fn an_assign_reaches_the_agent_only_after_its_lease_is_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let core = Core::with_store(CoreSettings { max_attempts: 3 }, Some(store.clone()));
+        let core = Core::with_store(
+            CoreSettings {
+                max_attempts: 3,
+                gitlab_url: String::new(),
+            },
+            Some(store.clone()),
+        );
         let (tx, mut rx) = mpsc::unbounded_channel();
         core.agent_connected(
             "a",

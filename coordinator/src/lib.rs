@@ -221,6 +221,7 @@ pub async fn start(
     let core = Core::with_store(
         CoreSettings {
             max_attempts: config.max_attempts,
+            gitlab_url: config.gitlab.url.trim_end_matches('/').to_owned(),
         },
         Some(store.clone()),
     );

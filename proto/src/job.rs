@@ -32,13 +32,13 @@ pub struct JobPayload {
     #[serde(deserialize_with = "nullable")]
     pub services: Vec<serde_json::Value>,
     #[serde(deserialize_with = "nullable")]
-    pub artifacts: Vec<serde_json::Value>,
+    pub artifacts: Vec<Artifact>,
     #[serde(deserialize_with = "nullable")]
-    pub cache: Vec<serde_json::Value>,
+    pub cache: Vec<Cache>,
     #[serde(deserialize_with = "nullable")]
     pub credentials: Vec<serde_json::Value>,
     #[serde(deserialize_with = "nullable")]
-    pub dependencies: Vec<serde_json::Value>,
+    pub dependencies: Vec<Dependency>,
     #[serde(deserialize_with = "nullable")]
     pub features: JobFeatures,
 }
@@ -152,6 +152,110 @@ pub struct Image {
     pub pull_policy: Vec<String>,
 }
 
+/// When an artifact or cache entry applies (`artifacts:when`, `cache:when`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum When {
+    Always,
+    OnFailure,
+    /// Also what an empty or unknown value means, as in gitlab-runner.
+    #[default]
+    #[serde(other)]
+    OnSuccess,
+}
+
+impl When {
+    /// Whether an entry with this `when` applies to a job that succeeded
+    /// (or not).
+    pub fn applies(self, success: bool) -> bool {
+        match self {
+            When::OnSuccess => success,
+            When::OnFailure => !success,
+            When::Always => true,
+        }
+    }
+}
+
+/// One `artifacts[]` entry: the archive of `artifacts:paths` or one report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Artifact {
+    /// `artifacts:name`, unexpanded; `artifacts` when empty.
+    #[serde(deserialize_with = "nullable")]
+    pub name: String,
+    pub untracked: bool,
+    /// Globs relative to the project directory, unexpanded.
+    #[serde(deserialize_with = "nullable")]
+    pub paths: Vec<String>,
+    #[serde(deserialize_with = "nullable")]
+    pub exclude: Vec<String>,
+    #[serde(deserialize_with = "nullable")]
+    pub when: When,
+    /// Passed to GitLab unchanged (`1 week`, `never`); GitLab's default when
+    /// empty.
+    #[serde(deserialize_with = "nullable")]
+    pub expire_in: String,
+    /// `archive` or a report type (`junit`, `dotenv`, …).
+    #[serde(deserialize_with = "nullable")]
+    pub artifact_type: String,
+    /// `zip`, `gzip` or `raw`; `zip` when empty.
+    #[serde(deserialize_with = "nullable")]
+    pub artifact_format: String,
+}
+
+/// The artifacts file of a dependency (`JobArtifactFile`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ArtifactFile {
+    #[serde(deserialize_with = "nullable")]
+    pub filename: String,
+    pub size: u64,
+}
+
+/// One `dependencies[]` entry: a job whose artifacts this job downloads.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Dependency {
+    pub id: i64,
+    #[serde(deserialize_with = "nullable")]
+    pub name: String,
+    /// The token to download with (the running job's own in newer GitLab).
+    /// Never log it.
+    #[serde(deserialize_with = "nullable")]
+    pub token: String,
+    /// Present when the job has artifacts to download.
+    pub artifacts_file: Option<ArtifactFile>,
+}
+
+impl Dependency {
+    /// Whether there is anything to download (gitlab-runner skips entries
+    /// without a file name).
+    pub fn has_artifacts(&self) -> bool {
+        self.artifacts_file
+            .as_ref()
+            .is_some_and(|file| !file.filename.is_empty())
+    }
+}
+
+/// One `cache[]` entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Cache {
+    /// Unexpanded; GitLab sends at least `default`.
+    #[serde(deserialize_with = "nullable")]
+    pub key: String,
+    pub untracked: bool,
+    #[serde(deserialize_with = "nullable")]
+    pub paths: Vec<String>,
+    /// `pull`, `push` or `pull-push` (also when empty).
+    #[serde(deserialize_with = "nullable")]
+    pub policy: String,
+    #[serde(deserialize_with = "nullable")]
+    pub when: When,
+    #[serde(deserialize_with = "nullable")]
+    pub fallback_keys: Vec<String>,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct JobFeatures {
@@ -261,5 +365,36 @@ mod tests {
         assert_eq!(job.step("script").unwrap().script, vec!["echo hi"]);
         assert_eq!(job.runner_info.timeout().as_secs(), 60);
         assert_eq!(job.git_info.git_ref, "main");
+    }
+
+    #[test]
+    fn artifacts_dependencies_and_caches_parse_as_gitlab_sends_them() {
+        let job = JobPayload::from_json(
+            br#"{"id": 9, "token": "t",
+                 "artifacts": [
+                   {"name": "build", "untracked": false, "paths": ["out/"], "exclude": ["out/*.tmp"],
+                    "when": "on_success", "expire_in": "1 week", "artifact_type": "archive", "artifact_format": "zip"},
+                   {"name": "junit.xml", "paths": ["report.xml"], "when": "always", "expire_in": null,
+                    "artifact_type": "junit", "artifact_format": "gzip"},
+                   {"paths": ["x"], "when": "sometimes"}],
+                 "dependencies": [
+                   {"id": 3, "name": "build", "token": "t", "artifacts_file": {"filename": "artifacts.zip", "size": 10}},
+                   {"id": 4, "name": "lint", "token": "t"}],
+                 "cache": [{"key": "default-non_protected", "untracked": false, "paths": ["vendor/"],
+                            "policy": "pull-push", "when": "on_success", "fallback_keys": ["main"]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(job.artifacts[0].exclude, vec!["out/*.tmp"]);
+        assert_eq!(job.artifacts[1].when, When::Always);
+        assert_eq!(job.artifacts[1].expire_in, "");
+        assert_eq!(
+            job.artifacts[2].when,
+            When::OnSuccess,
+            "unknown is on_success"
+        );
+        assert!(job.dependencies[0].has_artifacts());
+        assert!(!job.dependencies[1].has_artifacts());
+        assert_eq!(job.cache[0].fallback_keys, vec!["main"]);
+        assert!(When::Always.applies(false) && !When::OnFailure.applies(true));
     }
 }

@@ -686,6 +686,7 @@ async fn spot_notice_during_a_long_reconnect_backoff_redials_at_once_and_reports
         .say(coordinator_message::Msg::Assign(Assign {
             attempt: Some(attempt),
             job_json: endless_job(attempt.job_id),
+            gitlab_url: String::new(),
         }))
         .await;
     assert!(matches!(

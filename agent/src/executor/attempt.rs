@@ -15,6 +15,7 @@ use servitor_proto::agent::FailureKind;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::artifacts;
 use super::output::JobOutput;
 use super::script::{self, Environment, JobStatus, Layout, ScriptEnv};
 use super::{go_duration, sources, CancelSignals, JobContext, JobResult, OutputSink};
@@ -172,6 +173,25 @@ impl<'a> Attempt<'a> {
             Err(interrupt) => return self.interrupted(interrupt),
         }
 
+        if artifacts::has_downloads(&self.ctx.job) {
+            out.section_start("download_artifacts", "Downloading artifacts")
+                .await;
+            let downloaded = self
+                .bounded(artifacts::download(
+                    self.ctx,
+                    &self.layout.project_dir,
+                    &self.layout.tmp_dir,
+                    out,
+                ))
+                .await;
+            out.section_end("download_artifacts").await;
+            match downloaded {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) => return script_failure(message),
+                Err(interrupt) => return self.interrupted(interrupt),
+            }
+        }
+
         let env = match ScriptEnv::prepare(self.ctx, &self.layout, runner.environment()).await {
             Ok(env) => env,
             Err(e) => return system_failure(e.to_string()),
@@ -224,7 +244,61 @@ impl<'a> Attempt<'a> {
         if self.cancel.abort.is_cancelled() {
             return self.interrupted(Interrupt::Aborted);
         }
-        result
+        self.upload_artifacts(result).await
+    }
+
+    /// The `upload_artifacts_on_*` stage. Skipped after a timeout, as in
+    /// gitlab-runner, and after an abort: an attempt handed back uploads
+    /// nothing, so only the attempt that finishes the job does. A graceful
+    /// cancel still uploads the `on_failure` entries. A failed upload
+    /// fails a job that had succeeded; a failed job keeps its own reason.
+    async fn upload_artifacts(&self, result: JobResult) -> JobResult {
+        if matches!(
+            result,
+            JobResult::Failed {
+                kind: FailureKind::Timeout,
+                ..
+            }
+        ) {
+            return result;
+        }
+        let success = matches!(result, JobResult::Success);
+        let entries = artifacts::uploads(&self.ctx.job, success);
+        if entries.is_empty() {
+            return result;
+        }
+        let (stage, header) = if success {
+            (
+                "upload_artifacts_on_success",
+                "Uploading artifacts for successful job",
+            )
+        } else {
+            (
+                "upload_artifacts_on_failure",
+                "Uploading artifacts for failed job",
+            )
+        };
+        let out = &self.out;
+        out.section_start(stage, header).await;
+        let sent = tokio::select! {
+            biased;
+            () = self.cancel.abort.cancelled() => Err(Interrupt::Aborted),
+            () = tokio::time::sleep_until(self.deadline) => Err(Interrupt::Timeout),
+            sent = artifacts::upload(
+                self.ctx,
+                &entries,
+                &self.layout.project_dir,
+                &self.layout.tmp_dir,
+                out,
+            ) => Ok(sent),
+        };
+        out.section_end(stage).await;
+        match sent {
+            Ok(Ok(())) => result,
+            Ok(Err(message)) if success => script_failure(message),
+            Ok(Err(_)) => result,
+            Err(interrupt) => self.interrupted(interrupt),
+        }
     }
 
     async fn run_after_script<R: ScriptRunner>(
@@ -345,6 +419,17 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+/// A failure of the job's own doing (a dependency it names is missing, its
+/// artifacts cannot be uploaded), reported as gitlab-runner reports a
+/// failed helper stage.
+pub(crate) fn script_failure(message: String) -> JobResult {
+    JobResult::Failed {
+        kind: FailureKind::Script,
+        exit_code: None,
+        message,
     }
 }
 

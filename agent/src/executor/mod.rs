@@ -18,6 +18,8 @@ use servitor_proto::job::JobPayload;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub mod archive;
+mod artifacts;
 mod attempt;
 pub mod docker;
 pub mod output;
@@ -27,6 +29,7 @@ pub mod shell;
 pub mod sources;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod vars;
 
 pub use docker::{DockerConfig, DockerError, DockerExecutor, PullPolicy};
 pub use shell::ShellExecutor;
@@ -35,6 +38,11 @@ pub use shell::ShellExecutor;
 #[derive(Clone, Debug)]
 pub struct JobContext {
     pub job: JobPayload,
+    /// The GitLab the job came from (`https://gitlab.example.com`): artifacts
+    /// are uploaded there and dependencies downloaded from it with the job
+    /// token. Empty when the coordinator did not say; jobs that need it
+    /// then fail with a message naming it.
+    pub gitlab_url: String,
     pub attempt: u32,
     /// Host directory private to this attempt; the executor creates what it
     /// needs below it and the caller removes it afterwards.

@@ -364,6 +364,7 @@ mod tests {
                 variables,
                 ..Default::default()
             },
+            gitlab_url: String::new(),
             attempt: 1,
             work_dir: work_dir.to_path_buf(),
             concurrent_id: 3,

@@ -63,6 +63,7 @@ pub(crate) fn job_with(script: &[&str], after_script: &[&str], timeout_secs: i64
 pub(crate) fn context(job: JobPayload, work_dir: &Path) -> JobContext {
     JobContext {
         job,
+        gitlab_url: String::new(),
         attempt: 1,
         work_dir: work_dir.to_path_buf(),
         concurrent_id: 0,

@@ -118,14 +118,16 @@ pub fn runner_features() -> Map<String, Value> {
         ("refspecs", true),
         ("return_exit_code", true),
         ("raw_variables", true),
+        // Agents upload artifacts (archive and reports, zip, gzip and raw)
+        // and download dependencies themselves, with the job token.
+        ("artifacts", true),
+        ("artifacts_exclude", true),
+        ("upload_multiple_artifacts", true),
+        ("upload_raw_artifacts", true),
         ("services", false),
-        ("artifacts", false),
-        ("artifacts_exclude", false),
         ("cache", false),
         ("fallback_cache_keys", false),
         ("shared", false),
-        ("upload_multiple_artifacts", false),
-        ("upload_raw_artifacts", false),
         ("session", false),
         ("terminal", false),
         ("proxy", false),
@@ -914,22 +916,25 @@ mod tests {
             "refspecs",
             "return_exit_code",
             "raw_variables",
+            "artifacts",
+            "artifacts_exclude",
+            "upload_multiple_artifacts",
+            "upload_raw_artifacts",
         ] {
             assert!(on.contains(&wanted), "{wanted} must be advertised");
         }
         for never in [
-            "artifacts",
             "cache",
+            "fallback_cache_keys",
             "services",
             "multi_build_steps",
-            "upload_multiple_artifacts",
             "session",
             "terminal",
             "two_phase_job_commit",
         ] {
             assert_eq!(features.get(never), Some(&Value::Bool(false)), "{never}");
         }
-        assert_eq!(on.len(), 11);
+        assert_eq!(on.len(), 15);
     }
 
     #[test]

@@ -377,6 +377,9 @@ pub struct LeaseBook {
     /// Instances whose agent said they are going away or at risk, and
     /// when; kept after the agent leaves so the fleet can let them go.
     doomed: HashMap<String, Instant>,
+    /// Sent with each assignment: where the agent reaches GitLab with the
+    /// job token (artifacts, dependencies).
+    gitlab_url: String,
 }
 
 impl LeaseBook {
@@ -389,7 +392,16 @@ impl LeaseBook {
             agents: BTreeMap::new(),
             next_session: 0,
             doomed: HashMap::new(),
+            gitlab_url: String::new(),
         }
+    }
+
+    /// Names the GitLab agents upload artifacts to and download
+    /// dependencies from (the one jobs are taken from).
+    #[must_use]
+    pub fn with_gitlab_url(mut self, url: impl Into<String>) -> Self {
+        self.gitlab_url = url.into();
+        self
     }
 
     /// Applies an input that happened at `now`.
@@ -1034,6 +1046,7 @@ impl LeaseBook {
                 coordinator_message::Msg::Assign(Assign {
                     attempt: Some(AttemptRef::new(job_id, attempt)),
                     job_json: job.raw.to_vec(),
+                    gitlab_url: self.gitlab_url.clone(),
                 }),
             );
         }

@@ -8,14 +8,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, State as Extract};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{patch, post, put};
+use axum::routing::{get, patch, post, put};
 use axum::Router;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use super::artifacts;
 use super::payload::{self, FAILURE_REASONS};
 use super::{
     git, Fault, Inner, JobState, Manager, PatchRecord, RequestRecord, Route, State, UpdateRecord,
@@ -31,6 +33,13 @@ pub(super) fn router(state: Arc<State>) -> Router {
         .route("/api/v4/jobs/request", post(request_job))
         .route("/api/v4/jobs/{id}", put(update_job))
         .route("/api/v4/jobs/{id}/trace", patch(patch_trace))
+        .route(
+            "/api/v4/jobs/{id}/artifacts",
+            post(artifacts::upload)
+                .get(artifacts::download)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/objects/artifacts/{key}", get(artifacts::object))
         .fallback(git::serve)
         .with_state(state)
 }
@@ -40,11 +49,11 @@ fn status_code(status: u16) -> StatusCode {
 }
 
 /// A Grape-style error: `{"message": "..."}`.
-fn message(status: u16, text: &str) -> Response {
+pub(super) fn message(status: u16, text: &str) -> Response {
     (status_code(status), axum::Json(json!({ "message": text }))).into_response()
 }
 
-fn fault_response(fault: Fault) -> Response {
+pub(super) fn fault_response(fault: Fault) -> Response {
     let mut response = message(fault.status, "injected fault");
     if let Some(secs) = fault.retry_after {
         response
@@ -84,7 +93,7 @@ fn cancel_gracefully(body: &Value) -> Option<bool> {
         .as_bool()
 }
 
-fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
+pub(super) fn header_str(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -147,17 +156,20 @@ fn assign(
             .is_some_and(|m: &Manager| m.cancel_gracefully)
     });
     while let Some(id) = inner.queue.pop_front() {
+        let dependencies = match inner.jobs.get(&id) {
+            Some(job) if job.record.state == JobState::Pending => {
+                payload::dependencies(job, &inner.jobs)
+            }
+            _ => continue,
+        };
         let Some(job) = inner.jobs.get_mut(&id) else {
             continue;
         };
-        if job.record.state != JobState::Pending {
-            continue;
-        }
         job.record.state = JobState::Running;
         job.record.system_id = system_id.map(str::to_owned);
         job.record.supports_canceling = supports_canceling;
         job.record.handed_out = Some(Instant::now());
-        let payload = payload::build(job, base_url);
+        let payload = payload::build(job, base_url, dependencies);
         job.record.payload = payload.clone();
         return Some(payload);
     }
@@ -251,7 +263,7 @@ async fn request_job(
 }
 
 /// The job token of a job call: header `JOB-TOKEN` or param `token`.
-fn job_token(headers: &HeaderMap, param: Option<&str>) -> Option<String> {
+pub(super) fn job_token(headers: &HeaderMap, param: Option<&str>) -> Option<String> {
     header_str(headers, "job-token").or_else(|| param.map(str::to_owned))
 }
 

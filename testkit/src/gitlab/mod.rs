@@ -8,12 +8,15 @@
 //! them, read what the runner sent ([`StandIn::job`]), and inject faults
 //! (rate limits, server errors, 416s, 202s on the final update).
 //!
-//! It is not GitLab: no pipelines, artifacts, caches, services, runner
-//! registration or web UI, and it stores the trace exactly as received
+//! Artifacts are stored in memory as uploaded and served to dependent jobs,
+//! with a redirect to an object-store URL for direct downloads.
+//!
+//! It is not GitLab: no pipelines, caches, runner registration or web UI, and it stores the trace exactly as received
 //! (GitLab would also hide the job token in it; not doing so lets tests see
 //! whether the runner masked it).
 
 mod api;
+mod artifacts;
 mod git;
 mod payload;
 
@@ -26,6 +29,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use servitor_proto::job::Artifact;
 use servitor_runtime::secret::Secret;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -41,6 +45,9 @@ pub const DEFAULT_LONG_POLL: Duration = Duration::from_secs(2);
 /// `X-GitLab-Trace-Update-Interval` in seconds: what GitLab sends while
 /// someone watches the job's log.
 pub const DEFAULT_TRACE_UPDATE_INTERVAL: u64 = 3;
+
+/// GitLab's default maximum artifacts size (100 MB).
+pub const DEFAULT_MAX_ARTIFACTS_SIZE: u64 = 100 * 1024 * 1024;
 
 /// Project path jobs belong to unless their spec names one.
 pub const DEFAULT_PROJECT_PATH: &str = "servitor/demo";
@@ -150,6 +157,11 @@ pub struct JobSpec {
     pub git: Option<GitSpec>,
     /// `features.token_mask_prefixes` of the payload.
     pub token_mask_prefixes: Vec<String>,
+    /// `artifacts[]` of the payload, as GitLab's presenter sends them.
+    pub artifacts: Vec<Artifact>,
+    /// Stand-in job ids whose artifacts this job downloads
+    /// (`dependencies:`/`needs:`).
+    pub dependencies: Vec<i64>,
 }
 
 impl JobSpec {
@@ -166,7 +178,35 @@ impl JobSpec {
             project_path: DEFAULT_PROJECT_PATH.to_owned(),
             git: None,
             token_mask_prefixes: Vec::new(),
+            artifacts: Vec::new(),
+            dependencies: Vec::new(),
         }
+    }
+
+    /// Adds an `artifacts[]` entry.
+    #[must_use]
+    pub fn artifact(mut self, artifact: Artifact) -> Self {
+        self.artifacts.push(artifact);
+        self
+    }
+
+    /// `artifacts: paths:` as GitLab presents it: one `archive` entry in
+    /// zip, uploaded on success.
+    #[must_use]
+    pub fn artifact_paths<I: IntoIterator<Item = S>, S: Into<String>>(self, paths: I) -> Self {
+        self.artifact(Artifact {
+            paths: paths.into_iter().map(Into::into).collect(),
+            artifact_type: "archive".to_owned(),
+            artifact_format: "zip".to_owned(),
+            ..Artifact::default()
+        })
+    }
+
+    /// Downloads the artifacts of stand-in job `job_id` before the script.
+    #[must_use]
+    pub fn needs(mut self, job_id: i64) -> Self {
+        self.dependencies.push(job_id);
+        self
     }
 
     #[must_use]
@@ -340,6 +380,28 @@ pub struct JobRecord {
     pub supports_canceling: bool,
     /// When a job request took it (the 201 answer).
     pub handed_out: Option<Instant>,
+    /// Artifacts uploaded, in order.
+    pub artifacts: Vec<ArtifactRecord>,
+}
+
+/// One `POST /jobs/:id/artifacts` the stand-in stored.
+#[derive(Clone, Debug)]
+pub struct ArtifactRecord {
+    pub at: Instant,
+    pub artifact_type: String,
+    pub artifact_format: String,
+    pub expire_in: Option<String>,
+    /// The multipart part's file name.
+    pub filename: String,
+    pub body: Vec<u8>,
+}
+
+/// One request to the stand-in's object store (a direct download).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectRequest {
+    pub key: String,
+    /// Whether the job token was sent along (it must not be).
+    pub job_token_sent: bool,
 }
 
 impl JobRecord {
@@ -391,6 +453,10 @@ pub enum Route {
     RequestJob,
     UpdateJob(i64),
     PatchTrace(i64),
+    /// `GET /jobs/:id/artifacts` of the job whose artifacts are fetched.
+    DownloadArtifacts(i64),
+    /// `POST /jobs/:id/artifacts`.
+    UploadArtifacts(i64),
 }
 
 /// An injected answer.
@@ -450,6 +516,12 @@ struct Inner {
     requests: Vec<RequestRecord>,
     verifies: Vec<VerifyRecord>,
     faults: HashMap<Route, VecDeque<Fault>>,
+    /// Larger uploads get 413.
+    max_artifacts_size: u64,
+    /// Direct downloads redirect to the object store.
+    object_storage: bool,
+    objects: HashMap<String, Vec<u8>>,
+    object_requests: Vec<ObjectRequest>,
 }
 
 struct State {
@@ -528,6 +600,10 @@ impl StandIn {
                 requests: Vec::new(),
                 verifies: Vec::new(),
                 faults: HashMap::new(),
+                max_artifacts_size: DEFAULT_MAX_ARTIFACTS_SIZE,
+                object_storage: true,
+                objects: HashMap::new(),
+                object_requests: Vec::new(),
             }),
             changed,
             requests_seen,
@@ -594,6 +670,7 @@ impl StandIn {
                 system_id: None,
                 supports_canceling: false,
                 handed_out: None,
+                artifacts: Vec::new(),
             },
             spec,
             pipeline_id,
@@ -661,6 +738,16 @@ impl StandIn {
     /// [`StandInError::NoSuchJob`].
     pub fn drop_job(&self, job_id: i64) -> Result<(), StandInError> {
         self.with_job(job_id, |job| job.record.state = JobState::Failed)
+    }
+
+    /// Sets the maximum artifacts size; larger uploads get 413.
+    pub fn set_max_artifacts_size(&self, bytes: u64) {
+        self.state.lock().max_artifacts_size = bytes;
+    }
+
+    /// Requests the object store behind direct downloads received.
+    pub fn object_requests(&self) -> Vec<ObjectRequest> {
+        self.state.lock().object_requests.clone()
     }
 
     /// A snapshot of one job.

@@ -5,6 +5,8 @@
 //!
 //! Not responsible for the job's lifecycle (see `api`).
 
+use std::collections::BTreeMap;
+
 use serde_json::{json, Value};
 
 use super::Job;
@@ -65,8 +67,36 @@ fn variable(key: &str, value: &str, public: bool, masked: bool) -> Value {
     json!({ "key": key, "value": value, "public": public, "masked": masked })
 }
 
+/// The `dependencies[]` of `job` as Rails presents them: each needed job's
+/// id and name, the running job's own token (newest Rails), and its
+/// `archive` file when it has one.
+pub(super) fn dependencies(job: &Job, jobs: &BTreeMap<i64, Job>) -> Value {
+    let token = job.record.token.expose();
+    let list: Vec<Value> = job
+        .spec
+        .dependencies
+        .iter()
+        .filter_map(|id| jobs.get(id))
+        .map(|dependency| {
+            let mut entry = json!({
+                "id": dependency.record.id,
+                "name": dependency.record.name,
+                "token": token,
+            });
+            if let Some(archive) = dependency.record.archive() {
+                entry["artifacts_file"] = json!({
+                    "filename": archive.filename,
+                    "size": archive.body.len(),
+                });
+            }
+            entry
+        })
+        .collect();
+    Value::Array(list)
+}
+
 /// The 201 body for `job`, served from `base_url`.
-pub(super) fn build(job: &Job, base_url: &str) -> Value {
+pub(super) fn build(job: &Job, base_url: &str, dependencies: Value) -> Value {
     let spec = &job.spec;
     let id = job.record.id;
     let token = job.record.token.expose();
@@ -197,10 +227,10 @@ pub(super) fn build(job: &Job, base_url: &str) -> Value {
         "steps": steps,
         "image": image,
         "services": [],
-        "artifacts": [],
+        "artifacts": spec.artifacts,
         "cache": [],
         "credentials": [],
-        "dependencies": [],
+        "dependencies": dependencies,
         "features": features,
     })
 }
