@@ -69,12 +69,22 @@ fn demo_config(dir: &Path, gitlab_url: &str, executor: ExecutorChoice) -> Config
 fn pipeline() -> Vec<(JobSpec, &'static str)> {
     vec![
         (
-            JobSpec::new("build").script([
-                "echo Compiling servitor...",
-                "sleep 1",
-                "echo Build finished",
-            ]),
-            "passes",
+            JobSpec::new("build")
+                .script([
+                    "echo Compiling servitor...",
+                    "mkdir -p dist",
+                    "echo \"servitor build $CI_JOB_ID\" > dist/servitor.txt",
+                    "sleep 1",
+                    "echo Build finished",
+                ])
+                .artifact_paths(["dist/"]),
+            "passes; uploads dist/ as its artifacts",
+        ),
+        (
+            JobSpec::new("package")
+                .needs("build")
+                .script(["cat dist/servitor.txt", "echo packaged"]),
+            "needs build: starts after it, with its artifacts",
         ),
         (
             JobSpec::new("test").script([
@@ -341,7 +351,16 @@ fn summary(records: &[JobRecord]) -> bool {
         let exit = fin.and_then(|f| f.exit_code);
         let trace = r.trace_text();
         let expected = match r.name.as_str() {
-            "build" => r.state == JobState::Success && trace.contains("Build finished"),
+            "build" => {
+                r.state == JobState::Success
+                    && trace.contains("Build finished")
+                    && r.artifacts.len() == 1
+            }
+            "package" => {
+                r.state == JobState::Success
+                    && trace.contains("Downloading artifacts for build")
+                    && trace.contains("servitor build ")
+            }
             "test" => {
                 r.state == JobState::Failed
                     && reason == "script_failure"

@@ -95,7 +95,7 @@ async fn build_artifacts_reach_the_job_that_needs_them() {
 
     let test = h
         .standin
-        .push_job(JobSpec::new("test").needs(build).script([
+        .push_job(JobSpec::new("test").needs("build").script([
             "cat out/app.bin",
             "cat out/sub/deep.txt",
             "test ! -e out/app.tmp && echo no scratch",
@@ -244,7 +244,7 @@ async fn refusals_are_named_in_the_log_and_fail_the_job() {
         .standin
         .push_job(
             JobSpec::new("check")
-                .needs(build)
+                .needs("compile")
                 .script(["echo script ran"]),
         )
         .await
@@ -267,7 +267,7 @@ async fn refusals_are_named_in_the_log_and_fail_the_job() {
         .standin
         .push_job(
             JobSpec::new("check-again")
-                .needs(build)
+                .needs("compile")
                 .script(["cat x.txt"]),
         )
         .await

@@ -155,25 +155,31 @@ fn assign(
             .and_then(|id| inner.managers.get(id))
             .is_some_and(|m: &Manager| m.cancel_gracefully)
     });
-    while let Some(id) = inner.queue.pop_front() {
-        let dependencies = match inner.jobs.get(&id) {
-            Some(job) if job.record.state == JobState::Pending => {
-                payload::dependencies(job, &inner.jobs)
-            }
-            _ => continue,
-        };
-        let Some(job) = inner.jobs.get_mut(&id) else {
-            continue;
-        };
-        job.record.state = JobState::Running;
-        job.record.system_id = system_id.map(str::to_owned);
-        job.record.supports_canceling = supports_canceling;
-        job.record.handed_out = Some(Instant::now());
-        let payload = payload::build(job, base_url, dependencies);
-        job.record.payload = payload.clone();
-        return Some(payload);
-    }
-    None
+    // The oldest pending job whose needs have finished, as GitLab makes a
+    // job pending only once the jobs it needs are done.
+    let Inner { queue, jobs, .. } = inner;
+    queue.retain(|id| {
+        jobs.get(id)
+            .is_some_and(|job| job.record.state == JobState::Pending)
+    });
+    let ready = queue.iter().position(|id| {
+        jobs.get(id).is_some_and(|job| {
+            job.needs.iter().all(|need| {
+                jobs.get(need)
+                    .is_none_or(|needed| needed.record.state.is_final())
+            })
+        })
+    })?;
+    let id = queue.remove(ready)?;
+    let dependencies = payload::dependencies(jobs.get(&id)?, jobs);
+    let job = jobs.get_mut(&id)?;
+    job.record.state = JobState::Running;
+    job.record.system_id = system_id.map(str::to_owned);
+    job.record.supports_canceling = supports_canceling;
+    job.record.handed_out = Some(Instant::now());
+    let payload = payload::build(job, base_url, dependencies);
+    job.record.payload = payload.clone();
+    Some(payload)
 }
 
 async fn request_job(

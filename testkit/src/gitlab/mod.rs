@@ -70,6 +70,8 @@ pub enum StandInError {
         action: &'static str,
         needs: &'static str,
     },
+    #[error("job {job:?} needs {needs:?}, but no job of that name was pushed before it")]
+    UnknownNeed { job: String, needs: String },
     #[error("git repository {dir} cannot be served ({reason}); create it with `git init` and commit to it")]
     Repository { dir: PathBuf, reason: String },
     #[error("job {job_id} did not reach {what} within {timeout:?}")]
@@ -159,9 +161,9 @@ pub struct JobSpec {
     pub token_mask_prefixes: Vec<String>,
     /// `artifacts[]` of the payload, as GitLab's presenter sends them.
     pub artifacts: Vec<Artifact>,
-    /// Stand-in job ids whose artifacts this job downloads
-    /// (`dependencies:`/`needs:`).
-    pub dependencies: Vec<i64>,
+    /// Names of earlier jobs whose artifacts this job downloads
+    /// (`needs:`); the job is handed out only once they have finished.
+    pub needs: Vec<String>,
 }
 
 impl JobSpec {
@@ -179,7 +181,7 @@ impl JobSpec {
             git: None,
             token_mask_prefixes: Vec::new(),
             artifacts: Vec::new(),
-            dependencies: Vec::new(),
+            needs: Vec::new(),
         }
     }
 
@@ -202,10 +204,11 @@ impl JobSpec {
         })
     }
 
-    /// Downloads the artifacts of stand-in job `job_id` before the script.
+    /// `needs: [name]`: runs after the last job pushed under that name and
+    /// downloads its artifacts before the script.
     #[must_use]
-    pub fn needs(mut self, job_id: i64) -> Self {
-        self.dependencies.push(job_id);
+    pub fn needs(mut self, name: impl Into<String>) -> Self {
+        self.needs.push(name.into());
         self
     }
 
@@ -498,6 +501,8 @@ struct Job {
     not_accepted: u32,
     /// Answer the next final updates 412, dropping the trace held.
     reject_trace: u32,
+    /// The jobs `spec.needs` names, resolved when it was pushed.
+    needs: Vec<i64>,
 }
 
 /// A runner manager seen on verify or job request.
@@ -639,11 +644,29 @@ impl StandIn {
     /// [`StandInError::Repository`] when the repository has no commit or
     /// git cannot read it.
     pub async fn push_job(&self, spec: JobSpec) -> Result<i64, StandInError> {
-        let (id, pipeline_id) = {
+        let (id, pipeline_id, needs) = {
             let mut inner = self.state.lock();
+            let mut needs = Vec::new();
+            for name in &spec.needs {
+                let found = inner
+                    .jobs
+                    .values()
+                    .rev()
+                    .find(|job| &job.record.name == name)
+                    .map(|job| job.record.id);
+                match found {
+                    Some(id) => needs.push(id),
+                    None => {
+                        return Err(StandInError::UnknownNeed {
+                            job: spec.name.clone(),
+                            needs: name.clone(),
+                        })
+                    }
+                }
+            }
             let id = inner.next_job_id;
             inner.next_job_id += 1;
-            (id, 1000 + id)
+            (id, 1000 + id, needs)
         };
         let (sha, branch) = match &spec.git {
             Some(git) => {
@@ -679,6 +702,7 @@ impl StandIn {
             force_416: 0,
             not_accepted: 0,
             reject_trace: 0,
+            needs,
         };
         {
             let mut inner = self.state.lock();

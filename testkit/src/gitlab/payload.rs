@@ -73,8 +73,7 @@ fn variable(key: &str, value: &str, public: bool, masked: bool) -> Value {
 pub(super) fn dependencies(job: &Job, jobs: &BTreeMap<i64, Job>) -> Value {
     let token = job.record.token.expose();
     let list: Vec<Value> = job
-        .spec
-        .dependencies
+        .needs
         .iter()
         .filter_map(|id| jobs.get(id))
         .map(|dependency| {
