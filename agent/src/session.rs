@@ -717,6 +717,7 @@ fn handle(
                     JobOrder {
                         job,
                         gitlab_url: assign.gitlab_url,
+                        caches: assign.caches,
                     },
                     slot,
                     cancel,
@@ -798,6 +799,8 @@ struct JobOrder {
     job: JobPayload,
     /// Where the job's artifacts go and its dependencies come from.
     gitlab_url: String,
+    /// Where its caches live.
+    caches: Vec<servitor_proto::agent::CacheAccess>,
 }
 
 /// Runs one attempt and streams its output on its own stream, resending
@@ -817,6 +820,7 @@ async fn run_attempt(
     let ctx = JobContext {
         job: order.job,
         gitlab_url: order.gitlab_url,
+        caches: order.caches,
         attempt: attempt.attempt,
         work_dir: work_dir.clone(),
         concurrent_id: slot,
@@ -1193,6 +1197,7 @@ mod tests {
                     attempt: Some(attempt),
                     job_json: serde_json::to_vec(&job).expect("a payload serializes"),
                     gitlab_url: String::new(),
+                    caches: Vec::new(),
                 },
             )),
         };

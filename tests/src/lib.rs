@@ -90,6 +90,40 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
     Ok(agent)
 }
 
+/// A git repository holding `files` (path, contents) in one commit on
+/// `main`, for jobs to fetch.
+///
+/// # Errors
+/// When a file cannot be written or git fails, with git's message.
+pub fn git_repository(files: &[(&str, &str)]) -> anyhow::Result<tempfile::TempDir> {
+    let repo = tempfile::tempdir().context("creating a repository directory")?;
+    let git = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(repo.path())
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .output()
+            .context("running git")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    git(&["init", "-q", "-b", "main"])?;
+    for (path, contents) in files {
+        std::fs::write(repo.path().join(path), contents)
+            .with_context(|| format!("writing {path}"))?;
+        git(&["add", path])?;
+    }
+    git(&["commit", "-q", "-m", "first"])?;
+    Ok(repo)
+}
+
 /// The built coordinator binary.
 ///
 /// # Errors

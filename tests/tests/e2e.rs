@@ -300,27 +300,8 @@ async fn job_requests_back_off_on_429_and_5xx() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sources_are_cloned_over_http_with_the_job_token() {
-    let repo = tempfile::tempdir().unwrap();
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .args(args)
-            .current_dir(repo.path())
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.com")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.com")
-            .output()
-            .expect("git runs");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    git(&["init", "-q", "-b", "main"]);
-    std::fs::write(repo.path().join("VERSION"), "servitor-source-check 1.2.3\n").unwrap();
-    git(&["add", "VERSION"]);
-    git(&["commit", "-q", "-m", "first"]);
+    let repo =
+        servitor_tests::git_repository(&[("VERSION", "servitor-source-check 1.2.3\n")]).unwrap();
     let h = Harness::start(HarnessOptions::default()).await.unwrap();
     let id = h
         .standin

@@ -687,6 +687,7 @@ async fn spot_notice_during_a_long_reconnect_backoff_redials_at_once_and_reports
             attempt: Some(attempt),
             job_json: endless_job(attempt.job_id),
             gitlab_url: String::new(),
+            caches: Vec::new(),
         }))
         .await;
     assert!(matches!(

@@ -276,36 +276,11 @@ async fn refusals_are_named_in_the_log_and_fail_the_job() {
     assert_eq!(r.state, JobState::Success, "{}", r.trace_text());
 }
 
-/// A repository with one committed file and a `.gitignore`.
-fn repository() -> tempfile::TempDir {
-    let repo = tempfile::tempdir().unwrap();
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .args(args)
-            .current_dir(repo.path())
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.com")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.com")
-            .output()
-            .expect("git runs");
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    git(&["init", "-q", "-b", "main"]);
-    std::fs::write(repo.path().join("tracked.txt"), "in git\n").unwrap();
-    std::fs::write(repo.path().join(".gitignore"), "*.log\n").unwrap();
-    git(&["add", "tracked.txt", ".gitignore"]);
-    git(&["commit", "-q", "-m", "first"]);
-    repo
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untracked_takes_what_git_does_not_track_ignored_files_included() {
-    let repo = repository();
+    let repo =
+        servitor_tests::git_repository(&[("tracked.txt", "in git\n"), (".gitignore", "*.log\n")])
+            .unwrap();
     let h = Harness::start(HarnessOptions::default()).await.unwrap();
     let id = h
         .standin

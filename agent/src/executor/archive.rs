@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Write};
+use std::io::{self, BufReader, BufWriter};
 use std::path::{Component, Path, PathBuf};
 use std::time::SystemTime;
 
@@ -292,8 +292,12 @@ pub fn write_zip(
             }
         }
     }
-    let mut out = zip.finish().map_err(zip_error)?;
-    out.flush().map_err(io_error("write", dest))?;
+    let out = zip.finish().map_err(zip_error)?;
+    close(out, dest)
+}
+
+/// Flushes and syncs a written archive; returns its size.
+fn close(out: BufWriter<File>, dest: &Path) -> Result<u64, ArchiveError> {
     let file = out
         .into_inner()
         .map_err(|e| io_error("write", dest)(e.into_error()))?;
@@ -331,13 +335,7 @@ pub fn write_gzip(
         io::copy(&mut source, &mut encoder).map_err(io_error("archive", &path))?;
         encoder.finish().map_err(io_error("write", dest))?;
     }
-    let file = out
-        .into_inner()
-        .map_err(|e| io_error("write", dest)(e.into_error()))?;
-    file.sync_all().map_err(io_error("write", dest))?;
-    file.metadata()
-        .map(|m| m.len())
-        .map_err(io_error("read", dest))
+    close(out, dest)
 }
 
 /// A gzip header name as gitlab-runner writes it: non-ASCII or `%` makes
@@ -471,7 +469,7 @@ fn remove_existing(path: &Path) -> Result<(), ArchiveError> {
 #[allow(clippy::unwrap_used)] // a test fails loudly on anything unexpected
 mod tests {
     use super::*;
-    use std::io::Read;
+    use std::io::{Read, Write};
 
     fn tree() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();

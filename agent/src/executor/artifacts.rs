@@ -16,7 +16,6 @@ use tokio::process::Command;
 
 use super::archive::{self, Note, Selection};
 use super::output::JobOutput;
-use super::vars::expand;
 use super::JobContext;
 use crate::gitlab::{JobApi, UploadQuery};
 
@@ -148,7 +147,7 @@ pub(crate) async fn upload(
             out.error("No files to upload").await;
             continue;
         }
-        let file_name = upload_name(&expand(&artifact.name, &ctx.job), format);
+        let file_name = upload_name(&ctx.job.expand(&artifact.name), format);
         let (path, temporary) =
             match archive_for(format, project_dir, tmp_dir, index, selection).await {
                 Ok(made) => made,
@@ -203,8 +202,8 @@ async fn choose(
     project_dir: &Path,
     out: &JobOutput,
 ) -> Result<Selection, String> {
-    let paths: Vec<String> = artifact.paths.iter().map(|p| expand(p, job)).collect();
-    let exclude: Vec<String> = artifact.exclude.iter().map(|p| expand(p, job)).collect();
+    let paths: Vec<String> = artifact.paths.iter().map(|p| job.expand(p)).collect();
+    let exclude: Vec<String> = artifact.exclude.iter().map(|p| job.expand(p)).collect();
     let untracked = if artifact.untracked {
         untracked_files(project_dir, out).await
     } else {

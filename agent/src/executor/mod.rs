@@ -29,7 +29,6 @@ pub mod shell;
 pub mod sources;
 #[cfg(test)]
 pub(crate) mod testing;
-pub mod vars;
 
 pub use docker::{DockerConfig, DockerError, DockerExecutor, PullPolicy};
 pub use shell::ShellExecutor;
@@ -43,6 +42,9 @@ pub struct JobContext {
     /// token. Empty when the coordinator did not say; jobs that need it
     /// then fail with a message naming it.
     pub gitlab_url: String,
+    /// Where the job's caches are restored from and saved to, as the
+    /// coordinator signed them; empty without cache storage.
+    pub caches: Vec<servitor_proto::agent::CacheAccess>,
     pub attempt: u32,
     /// Host directory private to this attempt; the executor creates what it
     /// needs below it and the caller removes it afterwards.

@@ -365,6 +365,7 @@ mod tests {
                 ..Default::default()
             },
             gitlab_url: String::new(),
+            caches: Vec::new(),
             attempt: 1,
             work_dir: work_dir.to_path_buf(),
             concurrent_id: 3,

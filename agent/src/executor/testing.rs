@@ -64,6 +64,7 @@ pub(crate) fn context(job: JobPayload, work_dir: &Path) -> JobContext {
     JobContext {
         job,
         gitlab_url: String::new(),
+        caches: Vec::new(),
         attempt: 1,
         work_dir: work_dir.to_path_buf(),
         concurrent_id: 0,

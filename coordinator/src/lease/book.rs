@@ -1047,6 +1047,7 @@ impl LeaseBook {
                     attempt: Some(AttemptRef::new(job_id, attempt)),
                     job_json: job.raw.to_vec(),
                     gitlab_url: self.gitlab_url.clone(),
+                    caches: Vec::new(),
                 }),
             );
         }
