@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use servitor_proto::agent::{
-    agent_message, coordinator_message, AgentMessage, CoordinatorMessage, Hello, OutputHeader,
-    Welcome,
+    agent_message, coordinator_message, AgentMessage, Assign, CoordinatorMessage, Hello,
+    OutputHeader, Welcome,
 };
 use servitor_proto::frame::{read_frame, write_frame, FrameReader};
 use servitor_proto::link::{HEARTBEAT_INTERVAL, MISSED_HEARTBEATS, STALE_ATTEMPT_CODE};
@@ -21,8 +21,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::cache::CacheStore;
 use crate::core::{Core, JobEvent};
 use crate::link::{AgentConnection, LinkServer};
+use servitor_proto::job::JobPayload;
 
 /// How long a new connection has to open its control stream and say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,10 +37,19 @@ const OUTPUT_GATHER: usize = 64;
 const CLEAN_GOODBYE: &str = "agent closed its control stream";
 
 /// Accepts authenticated agent connections until `stop`, one task each.
+/// What every agent session needs besides the core.
+#[derive(Clone, Debug)]
+pub struct Serving {
+    /// How long a silent agent keeps its attempts.
+    pub lost_grace: Duration,
+    /// Where jobs' caches live; each assignment carries access to its own.
+    pub cache: Option<Arc<CacheStore>>,
+}
+
 pub async fn serve_agents(
     core: Arc<Core>,
     link: Arc<LinkServer>,
-    lost_grace: Duration,
+    serving: Serving,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -54,9 +65,10 @@ pub async fn serve_agents(
         let core = core.clone();
         let stop = stop.clone();
         let inner_tracker = tracker.clone();
+        let serving = serving.clone();
         tracker.spawn(
             async move {
-                serve_agent(core, conn, lost_grace, stop, inner_tracker).await;
+                serve_agent(core, conn, serving, stop, inner_tracker).await;
             }
             .instrument(span),
         );
@@ -66,10 +78,11 @@ pub async fn serve_agents(
 async fn serve_agent(
     core: Arc<Core>,
     conn: AgentConnection,
-    lost_grace: Duration,
+    serving: Serving,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
+    let Serving { lost_grace, cache } = serving;
     let agent_id = conn.agent_id.clone();
     let connection = conn.connection.clone();
     let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
@@ -167,7 +180,12 @@ async fn serve_agent(
             if write_frame(&mut send, &welcome).await.is_err() {
                 return;
             }
-            while let Some(message) = rx.recv().await {
+            while let Some(mut message) = rx.recv().await {
+                if let (Some(cache), Some(coordinator_message::Msg::Assign(assign))) =
+                    (&cache, &mut message.msg)
+                {
+                    grant_cache(cache, assign).await;
+                }
                 if let Err(e) = write_frame(&mut send, &message).await {
                     tracing::debug!(error = %e, "control stream write failed");
                     return;
@@ -294,4 +312,14 @@ enum SessionError {
     Connection(#[from] quinn::ConnectionError),
     #[error("{0}")]
     Frame(#[from] servitor_proto::frame::FrameError),
+}
+
+/// Adds access to the job's caches to an assignment, signed as it leaves
+/// (so URLs count from the moment the job starts, as gitlab-runner's do).
+async fn grant_cache(cache: &CacheStore, assign: &mut Assign) {
+    if let Ok(job) = JobPayload::from_json(&assign.job_json) {
+        if !job.cache.is_empty() {
+            assign.caches = cache.access(&job).await;
+        }
+    }
 }

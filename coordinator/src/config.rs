@@ -42,6 +42,66 @@ pub struct Config {
     pub budget: Option<BudgetConfig>,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Where jobs' caches live. Without it, the local fleet keeps them in
+    /// `state_dir/cache`; an AWS fleet has none (caches are neither
+    /// restored nor saved, and jobs say so in their logs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheConfig>,
+}
+
+/// `[cache]`: the distributed cache, in gitlab-runner's object layout
+/// (`<path>/runner/<short token>/project/<id>/<key>`, or without the
+/// runner part when `shared`), so caches can be shared with existing
+/// gitlab-runner fleets.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// `s3` or `local`.
+    #[serde(rename = "type")]
+    pub kind: CacheKind,
+    /// A prefix for every object (gitlab-runner's `Path`).
+    #[serde(default)]
+    pub path: String,
+    /// One cache for every runner (gitlab-runner's `Shared`).
+    #[serde(default)]
+    pub shared: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3CacheConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalCacheConfig>,
+}
+
+/// Where caches are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheKind {
+    /// An S3 bucket; the coordinator signs URLs, instances need no
+    /// credentials.
+    S3,
+    /// A directory on the coordinator's machine (the local fleet).
+    Local,
+}
+
+/// `[cache.s3]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3CacheConfig {
+    pub bucket: String,
+    /// By default aws-config's chain (`AWS_REGION`, the profile, instance
+    /// metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Another S3 endpoint (MinIO, a VPC endpoint); path-style addressing
+    /// is used with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+}
+
+/// `[cache.local]`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalCacheConfig {
+    pub dir: PathBuf,
 }
 
 /// `[budget]`: the fleet stays under a monthly cap.
@@ -381,6 +441,7 @@ impl Config {
             fleet,
             budget: None,
             metrics: MetricsConfig::default(),
+            cache: None,
         }
     }
 
@@ -484,6 +545,43 @@ impl Config {
                         &format!("budget.on_demand_hourly_usd.{t:?}"),
                         "must be a price of at least 0 US dollars an hour",
                     );
+                }
+            }
+        }
+        if let Some(cache) = &self.cache {
+            match (cache.kind, &cache.s3, &cache.local) {
+                (CacheKind::S3, None, _) => {
+                    return fail(
+                        "cache.type",
+                        "is \"s3\" but there is no [cache.s3] table; add one with bucket = \"<bucket name>\"",
+                    )
+                }
+                (CacheKind::S3, Some(s3), _) => {
+                    if s3.bucket.trim().is_empty() {
+                        return fail("cache.s3.bucket", "must name the bucket");
+                    }
+                    if let Some(url) = &s3.endpoint_url {
+                        if !(url.starts_with("http://") || url.starts_with("https://")) {
+                            return fail(
+                                "cache.s3.endpoint_url",
+                                &format!("{url:?} must start with https:// (or http://)"),
+                            );
+                        }
+                    }
+                }
+                (CacheKind::Local, _, None) => {
+                    return fail(
+                        "cache.type",
+                        "is \"local\" but there is no [cache.local] table; add one with dir = \"<directory>\"",
+                    )
+                }
+                (CacheKind::Local, _, Some(_)) => {
+                    if self.fleet.provider != FleetProvider::Local {
+                        return fail(
+                            "cache.type",
+                            "is \"local\", which only agents on this machine can reach; use type = \"s3\" with an AWS fleet",
+                        );
+                    }
                 }
             }
         }

@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod cache;
 pub mod config;
 pub mod core;
 pub mod fleet;
@@ -60,6 +61,8 @@ pub enum CoordinatorError {
     Admin(#[from] admin::AdminError),
     #[error("lease book: {0}")]
     Store(#[from] store::StoreError),
+    #[error("{0}")]
+    Cache(#[from] cache::CacheError),
     #[error("{0}")]
     Fleet(#[from] FleetError),
     #[error("{0}")]
@@ -201,6 +204,22 @@ pub async fn start(
     gitlab.verify().await?;
     tracing::info!(url = %config.gitlab.url, %system_id, "runner token verified with GitLab");
 
+    let cache = match &config.cache {
+        Some(cache) => Some(Arc::new(
+            cache::CacheStore::new(cache, secrets.runner_token.expose()).await?,
+        )),
+        None if config.fleet.provider == config::FleetProvider::Local => {
+            Some(Arc::new(cache::CacheStore::local(
+                config.state_dir.join("cache"),
+                secrets.runner_token.expose(),
+            )))
+        }
+        None => {
+            tracing::warn!("no [cache] configured: jobs' caches are neither restored nor saved (their logs say so); see the README's cache section");
+            None
+        }
+    };
+
     let link = Arc::new(link::LinkServer::bind(
         config.agents.listen,
         &pki,
@@ -317,7 +336,10 @@ pub async fn start(
     tracker.spawn(agents::serve_agents(
         core.clone(),
         link.clone(),
-        config.agents.lost_grace,
+        agents::Serving {
+            lost_grace: config.agents.lost_grace,
+            cache,
+        },
         shutdown.clone(),
         tracker.clone(),
     ));

@@ -66,25 +66,44 @@ fn demo_config(dir: &Path, gitlab_url: &str, executor: ExecutorChoice) -> Config
     config
 }
 
+/// The demo's dependency cache, as `cache: {key: deps-$CI_COMMIT_REF_NAME,
+/// paths: [vendor/], policy: …}`.
+fn demo_cache(policy: &str) -> servitor_proto::job::Cache {
+    servitor_proto::job::Cache {
+        key: "deps-$CI_COMMIT_REF_NAME".to_owned(),
+        paths: vec!["vendor/".to_owned()],
+        policy: policy.to_owned(),
+        ..servitor_proto::job::Cache::default()
+    }
+}
+
 fn pipeline() -> Vec<(JobSpec, &'static str)> {
     vec![
         (
             JobSpec::new("build")
                 .script([
+                    "mkdir -p vendor",
+                    "test -f vendor/dep.txt || echo 'fetched dependency' > vendor/dep.txt",
                     "echo Compiling servitor...",
                     "mkdir -p dist",
                     "echo \"servitor build $CI_JOB_ID\" > dist/servitor.txt",
                     "sleep 1",
                     "echo Build finished",
                 ])
-                .artifact_paths(["dist/"]),
-            "passes; uploads dist/ as its artifacts",
+                .artifact_paths(["dist/"])
+                .cache(demo_cache("pull-push")),
+            "passes; uploads dist/ as its artifacts, saves vendor/ as a cache",
         ),
         (
             JobSpec::new("package")
                 .needs("build")
-                .script(["cat dist/servitor.txt", "echo packaged"]),
-            "needs build: starts after it, with its artifacts",
+                .cache(demo_cache("pull"))
+                .script([
+                    "cat vendor/dep.txt",
+                    "cat dist/servitor.txt",
+                    "echo packaged",
+                ]),
+            "needs build: starts after it, with its artifacts and the cache",
         ),
         (
             JobSpec::new("test").script([
@@ -360,6 +379,8 @@ fn summary(records: &[JobRecord]) -> bool {
                 r.state == JobState::Success
                     && trace.contains("Downloading artifacts for build")
                     && trace.contains("servitor build ")
+                    && trace.contains("Successfully extracted cache")
+                    && trace.contains("fetched dependency")
             }
             "test" => {
                 r.state == JobState::Failed
@@ -410,7 +431,7 @@ fn summary(records: &[JobRecord]) -> bool {
             }
         );
     }
-    for name in ["deploy", "spot-victim"] {
+    for name in ["package", "deploy", "spot-victim"] {
         if let Some(record) = records.iter().find(|r| r.name == name) {
             println!("\nJob log of #{} {name}, as GitLab stores it:", record.id);
             for line in strip_ansi(&record.trace_text()).lines() {

@@ -266,7 +266,7 @@ fn upload_name(name: &str, format: Format) -> String {
 
 /// Files git does not track (ignored ones too, as gitlab-runner lists
 /// them: `git ls-files -o`, without `--exclude-standard`).
-async fn untracked_files(project_dir: &Path, out: &JobOutput) -> Vec<String> {
+pub(crate) async fn untracked_files(project_dir: &Path, out: &JobOutput) -> Vec<String> {
     let listed = Command::new("git")
         .arg("-c")
         .arg(format!("safe.directory={}", project_dir.display()))

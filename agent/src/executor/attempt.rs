@@ -15,9 +15,9 @@ use servitor_proto::agent::FailureKind;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::artifacts;
 use super::output::JobOutput;
 use super::script::{self, Environment, JobStatus, Layout, ScriptEnv};
+use super::{artifacts, cache};
 use super::{go_duration, sources, CancelSignals, JobContext, JobResult, OutputSink};
 
 /// How long a script gets between SIGTERM and SIGKILL when it is stopped:
@@ -173,6 +173,30 @@ impl<'a> Attempt<'a> {
             Err(interrupt) => return self.interrupted(interrupt),
         }
 
+        if cache::has_restore(self.ctx) {
+            out.section_start("restore_cache", "Restoring cache").await;
+            let restored = self
+                .bounded(cache::restore(
+                    self.ctx,
+                    &self.layout.project_dir,
+                    &self.layout.tmp_dir,
+                    out,
+                ))
+                .await;
+            out.section_end("restore_cache").await;
+            match restored {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) => {
+                    return JobResult::Failed {
+                        kind: FailureKind::Configuration,
+                        exit_code: None,
+                        message,
+                    }
+                }
+                Err(interrupt) => return self.interrupted(interrupt),
+            }
+        }
+
         if artifacts::has_downloads(&self.ctx.job) {
             out.section_start("download_artifacts", "Downloading artifacts")
                 .await;
@@ -244,7 +268,48 @@ impl<'a> Attempt<'a> {
         if self.cancel.abort.is_cancelled() {
             return self.interrupted(Interrupt::Aborted);
         }
+        if let Err(interrupt) = self.save_cache(&result).await {
+            return self.interrupted(interrupt);
+        }
         self.upload_artifacts(result).await
+    }
+
+    /// The `archive_cache` stage (`archive_cache_on_failure` for a failed
+    /// job). Skipped after a timeout, as in gitlab-runner; never fails the
+    /// job.
+    async fn save_cache(&self, result: &JobResult) -> Result<(), Interrupt> {
+        let timed_out = matches!(
+            result,
+            JobResult::Failed {
+                kind: FailureKind::Timeout,
+                ..
+            }
+        );
+        let success = matches!(result, JobResult::Success);
+        if timed_out || !cache::has_save(self.ctx, success) {
+            return Ok(());
+        }
+        let (stage, header) = if success {
+            ("archive_cache", "Saving cache for successful job")
+        } else {
+            ("archive_cache_on_failure", "Saving cache for failed job")
+        };
+        let out = &self.out;
+        out.section_start(stage, header).await;
+        let saved = tokio::select! {
+            biased;
+            () = self.cancel.abort.cancelled() => Err(Interrupt::Aborted),
+            () = tokio::time::sleep_until(self.deadline) => Err(Interrupt::Timeout),
+            () = cache::save(
+                self.ctx,
+                success,
+                &self.layout.project_dir,
+                &self.layout.tmp_dir,
+                out,
+            ) => Ok(()),
+        };
+        out.section_end(stage).await;
+        saved
     }
 
     /// The `upload_artifacts_on_*` stage. Skipped after a timeout, as in

@@ -254,7 +254,15 @@ impl LocalFleet {
             .command
             .split_first()
             .ok_or_else(|| FleetError::Spawn("fleet.local.agent_command is empty".into()))?;
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        // An instance holds no AWS credentials: what it needs (cache
+        // objects) comes as pre-signed URLs.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("AWS_") {
+                command.env_remove(name);
+            }
+        }
+        let child = command
             .args(args)
             .arg("--config")
             .arg(&config_path)

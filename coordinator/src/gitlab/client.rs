@@ -124,9 +124,10 @@ pub fn runner_features() -> Map<String, Value> {
         ("artifacts_exclude", true),
         ("upload_multiple_artifacts", true),
         ("upload_raw_artifacts", true),
+        // Caches: keys, fallbacks, policies, in S3 or a local directory.
+        ("cache", true),
+        ("fallback_cache_keys", true),
         ("services", false),
-        ("cache", false),
-        ("fallback_cache_keys", false),
         ("shared", false),
         ("session", false),
         ("terminal", false),
@@ -920,12 +921,12 @@ mod tests {
             "artifacts_exclude",
             "upload_multiple_artifacts",
             "upload_raw_artifacts",
+            "cache",
+            "fallback_cache_keys",
         ] {
             assert!(on.contains(&wanted), "{wanted} must be advertised");
         }
         for never in [
-            "cache",
-            "fallback_cache_keys",
             "services",
             "multi_build_steps",
             "session",
@@ -934,7 +935,7 @@ mod tests {
         ] {
             assert_eq!(features.get(never), Some(&Value::Bool(false)), "{never}");
         }
-        assert_eq!(on.len(), 15);
+        assert_eq!(on.len(), 17);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use servitor_proto::job::Artifact;
+use servitor_proto::job::{Artifact, Cache};
 use servitor_runtime::secret::Secret;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -161,6 +161,9 @@ pub struct JobSpec {
     pub token_mask_prefixes: Vec<String>,
     /// `artifacts[]` of the payload, as GitLab's presenter sends them.
     pub artifacts: Vec<Artifact>,
+    /// `cache[]` of the payload (keys as Rails sends them, suffixes and
+    /// all).
+    pub cache: Vec<Cache>,
     /// Names of earlier jobs whose artifacts this job downloads
     /// (`needs:`); the job is handed out only once they have finished.
     pub needs: Vec<String>,
@@ -181,8 +184,16 @@ impl JobSpec {
             git: None,
             token_mask_prefixes: Vec::new(),
             artifacts: Vec::new(),
+            cache: Vec::new(),
             needs: Vec::new(),
         }
+    }
+
+    /// Adds a `cache[]` entry.
+    #[must_use]
+    pub fn cache(mut self, cache: Cache) -> Self {
+        self.cache.push(cache);
+        self
     }
 
     /// Adds an `artifacts[]` entry.

@@ -227,7 +227,7 @@ pub(super) fn build(job: &Job, base_url: &str, dependencies: Value) -> Value {
         "image": image,
         "services": [],
         "artifacts": spec.artifacts,
-        "cache": [],
+        "cache": spec.cache,
         "credentials": [],
         "dependencies": dependencies,
         "features": features,
