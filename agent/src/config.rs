@@ -65,6 +65,11 @@ pub struct ExecutorConfig {
     /// `always`, `if-not-present` or `never`, for jobs that set none.
     #[serde(default = "default_pull_policy")]
     pub pull_policy: String,
+    /// Run job and service containers privileged (gitlab-runner's
+    /// `privileged`), as Docker-in-Docker needs. A privileged job controls
+    /// its whole instance: enable it only where every job may.
+    #[serde(default)]
+    pub privileged: bool,
     /// Where each attempt gets its build directory.
     #[serde(default = "default_work_dir")]
     pub work_dir: PathBuf,
@@ -76,6 +81,7 @@ impl Default for ExecutorConfig {
             kind: ExecutorKind::Auto,
             default_image: None,
             pull_policy: default_pull_policy(),
+            privileged: false,
             work_dir: default_work_dir(),
         }
     }

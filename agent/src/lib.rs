@@ -131,6 +131,7 @@ async fn pick_executor(config: &AgentConfig, owner: &str) -> Result<AnyExecutor,
     let docker_config = DockerConfig {
         default_image: config.executor.default_image.clone(),
         pull_policy,
+        privileged: config.executor.privileged,
     };
     let docker = match config.executor.kind {
         ExecutorKind::Shell => return Ok(AnyExecutor::from(ShellExecutor::new())),

@@ -283,6 +283,11 @@ pub struct LocalFleetConfig {
     /// Image for jobs that name none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_image: Option<String>,
+    /// Local agents run job and service containers privileged, as
+    /// Docker-in-Docker needs (gitlab-runner's `privileged`). Off by default:
+    /// a privileged job controls the machine.
+    #[serde(default)]
+    pub privileged: bool,
     /// Program and arguments that start an agent; by default the
     /// `servitor-agent` binary beside the coordinator's.
     #[serde(default)]

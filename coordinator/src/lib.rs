@@ -514,6 +514,7 @@ fn local_fleet(
         }
         .to_owned(),
         default_image: config.fleet.local.default_image.clone(),
+        privileged: config.fleet.local.privileged,
         capacity: config.fleet.capacity_per_instance,
         imds_endpoints: options.local_imds_endpoints.clone(),
     })))

@@ -30,7 +30,7 @@ pub struct JobPayload {
     pub hooks: Vec<Hook>,
     pub image: Option<Image>,
     #[serde(deserialize_with = "nullable")]
-    pub services: Vec<serde_json::Value>,
+    pub services: Vec<Service>,
     #[serde(deserialize_with = "nullable")]
     pub artifacts: Vec<Artifact>,
     #[serde(deserialize_with = "nullable")]
@@ -150,6 +150,49 @@ pub struct Image {
     /// `always`, `if-not-present`, `never`; the first is used.
     #[serde(deserialize_with = "nullable")]
     pub pull_policy: Vec<String>,
+}
+
+/// One `services[]` entry: a container started beside the job's.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Service {
+    /// The image, unexpanded.
+    #[serde(deserialize_with = "nullable")]
+    pub name: String,
+    #[serde(deserialize_with = "nullable")]
+    pub entrypoint: Vec<String>,
+    #[serde(deserialize_with = "nullable")]
+    pub command: Vec<String>,
+    /// Extra host names, separated by spaces or commas, unexpanded.
+    #[serde(deserialize_with = "nullable")]
+    pub alias: String,
+    #[serde(deserialize_with = "nullable")]
+    pub variables: Vec<ServiceVariable>,
+    #[serde(deserialize_with = "nullable")]
+    pub pull_policy: Vec<String>,
+}
+
+/// A service's own variable.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServiceVariable {
+    #[serde(deserialize_with = "nullable")]
+    pub key: String,
+    /// Rails sends strings; numbers and booleans are read as their text.
+    #[serde(deserialize_with = "stringly")]
+    pub value: String,
+}
+
+/// Reads a string, a number or a boolean as text, `null` as empty.
+fn stringly<'de, D>(deserializer: D) -> Result<String, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::String(s) => s,
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    })
 }
 
 /// When an artifact or cache entry applies (`artifacts:when`, `cache:when`).
@@ -467,5 +510,17 @@ mod tests {
         assert!(!job.dependencies[1].has_artifacts());
         assert_eq!(job.cache[0].fallback_keys, vec!["main"]);
         assert!(When::Always.applies(false) && !When::OnFailure.applies(true));
+        let job = JobPayload::from_json(
+            br#"{"id": 9, "token": "t",
+                 "services": [{"name": "postgres:16", "alias": "db, pg", "entrypoint": null,
+                               "command": ["postgres", "-c", "fsync=off"], "ports": [],
+                               "variables": [{"key": "POSTGRES_DB", "value": "ci"}, {"key": "N", "value": 3}],
+                               "pull_policy": null}]}"#,
+        )
+        .unwrap();
+        let service = &job.services[0];
+        assert_eq!(service.alias, "db, pg");
+        assert_eq!(service.command, vec!["postgres", "-c", "fsync=off"]);
+        assert_eq!(service.variables[1].value, "3");
     }
 }

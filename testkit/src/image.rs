@@ -106,6 +106,47 @@ pub enum ImageError {
 /// Fails when busybox is missing or not static (the message says to install
 /// Debian's busybox-static), or when the engine refuses the import.
 pub async fn ensure_local_image(docker: &Docker, tag: &str) -> Result<bool, ImageError> {
+    ensure_image(
+        docker,
+        tag,
+        vec![
+            "ENV PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
+            r#"CMD ["sh"]"#.to_owned(),
+        ],
+    )
+    .await
+}
+
+/// The port the service image serves HTTP on.
+pub const SERVICE_PORT: u16 = 8080;
+
+/// Makes sure a service image `tag` exists locally: the job image's root
+/// file system, exposing [`SERVICE_PORT`] and serving `service ready` over
+/// HTTP there (busybox's httpd), like a database or web service a job
+/// talks to.
+///
+/// # Errors
+/// As [`ensure_local_image`].
+pub async fn ensure_service_image(docker: &Docker, tag: &str) -> Result<bool, ImageError> {
+    ensure_image(
+        docker,
+        tag,
+        vec![
+            "ENV PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
+            format!("EXPOSE {SERVICE_PORT}/tcp"),
+            format!(
+                r#"CMD ["sh", "-c", "mkdir -p /www && echo service ready > /www/index.html && exec busybox httpd -f -p {SERVICE_PORT} -h /www"]"#
+            ),
+        ],
+    )
+    .await
+}
+
+async fn ensure_image(
+    docker: &Docker,
+    tag: &str,
+    changes: Vec<String>,
+) -> Result<bool, ImageError> {
     // Jobs starting together would each import the image, leaving all but
     // the last import behind as untagged images.
     static IMPORTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -148,10 +189,7 @@ pub async fn ensure_local_image(docker: &Docker, tag: &str) -> Result<bool, Imag
     let options = CreateImageOptionsBuilder::new()
         .from_src("-")
         .repo(tag)
-        .changes(vec![
-            "ENV PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
-            r#"CMD ["sh"]"#.to_owned(),
-        ])
+        .changes(changes)
         .build();
     let mut progress =
         docker.create_image(Some(options), Some(bollard::body_full(rootfs.into())), None);

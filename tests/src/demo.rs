@@ -20,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Image the demo builds from the host's static busybox.
 const DEMO_IMAGE: &str = "servitor-demo:latest";
+/// The service the package job talks to (with the Docker executor).
+const DEMO_SERVICE_IMAGE: &str = "servitor-demo-service:latest";
 /// The whole pipeline must be done by then.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(180);
 /// Most local instances in the demo; each gets its own instance metadata
@@ -33,16 +35,29 @@ const SECRET: &str = "s3cr3t-deploy-key-7d1f";
 async fn choose_executor() -> (ExecutorChoice, String) {
     match DockerExecutor::connect(DockerConfig::default()).await {
         Ok(docker) => match ensure_local_image(docker.client(), DEMO_IMAGE).await {
-            Ok(built) => (
-                ExecutorChoice::Docker,
-                format!(
-                    "docker (image {DEMO_IMAGE}{})",
-                    if built {
-                        ", just built from the host's static busybox"
-                    } else {
-                        ""
-                    }
-                ),
+            Ok(built)
+                if servitor_testkit::image::ensure_service_image(
+                    docker.client(),
+                    DEMO_SERVICE_IMAGE,
+                )
+                .await
+                .is_ok() =>
+            {
+                (
+                    ExecutorChoice::Docker,
+                    format!(
+                        "docker (image {DEMO_IMAGE}{})",
+                        if built {
+                            ", just built from the host's static busybox"
+                        } else {
+                            ""
+                        }
+                    ),
+                )
+            }
+            Ok(_) => (
+                ExecutorChoice::Shell,
+                "shell (Docker answers, but the service image could not be built)".to_owned(),
             ),
             Err(e) => (
                 ExecutorChoice::Shell,
@@ -77,7 +92,29 @@ fn demo_cache(policy: &str) -> servitor_proto::job::Cache {
     }
 }
 
-fn pipeline() -> Vec<(JobSpec, &'static str)> {
+fn pipeline(services: bool) -> Vec<(JobSpec, &'static str)> {
+    let mut package = JobSpec::new("package")
+        .needs("build")
+        .cache(demo_cache("pull"))
+        .script([
+            "cat vendor/dep.txt",
+            "cat dist/servitor.txt",
+            "echo packaged",
+        ]);
+    if services {
+        package = package
+            .service(servitor_proto::job::Service {
+                name: DEMO_SERVICE_IMAGE.to_owned(),
+                alias: "registry".to_owned(),
+                ..servitor_proto::job::Service::default()
+            })
+            .script([
+                "cat vendor/dep.txt",
+                "cat dist/servitor.txt",
+                "wget -q -O - http://registry:8080/",
+                "echo packaged",
+            ]);
+    }
     vec![
         (
             JobSpec::new("build")
@@ -95,15 +132,8 @@ fn pipeline() -> Vec<(JobSpec, &'static str)> {
             "passes; uploads dist/ as its artifacts, saves vendor/ as a cache",
         ),
         (
-            JobSpec::new("package")
-                .needs("build")
-                .cache(demo_cache("pull"))
-                .script([
-                    "cat vendor/dep.txt",
-                    "cat dist/servitor.txt",
-                    "echo packaged",
-                ]),
-            "needs build: starts after it, with its artifacts and the cache",
+            package,
+            "needs build: starts after it, with its artifacts, the cache (and a service with Docker)",
         ),
         (
             JobSpec::new("test").script([
@@ -219,7 +249,7 @@ async fn run_in(
 
     let mut jobs = Vec::new();
     println!("\nPipeline:");
-    for (spec, expect) in pipeline() {
+    for (spec, expect) in pipeline(executor == ExecutorChoice::Docker) {
         let name = spec.name.clone();
         let id = standin.push_job(spec).await?;
         println!("  #{id} {name:<14} {expect}");

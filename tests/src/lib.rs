@@ -29,6 +29,10 @@ pub use servitor_testkit::wait_until;
 /// The job image tests run in, built from the host's static busybox.
 pub const TEST_IMAGE: &str = "servitor-test-job:latest";
 
+/// The service image tests start beside jobs (HTTP on
+/// `servitor_testkit::image::SERVICE_PORT`).
+pub const SERVICE_IMAGE: &str = "servitor-test-service:latest";
+
 /// The `p`-th percentile (0.0 to 1.0) of sorted samples, nearest rank;
 /// for the bench binaries.
 ///
@@ -154,6 +158,22 @@ pub async fn ensure_test_image() -> anyhow::Result<()> {
         .await
         .context("these tests need the job image (Debian's busybox-static on the host)")?;
     Ok(())
+}
+
+/// Makes sure the service image exists, and returns a Docker client for
+/// looking at what jobs leave behind.
+///
+/// # Errors
+/// As [`ensure_test_image`].
+pub async fn ensure_service_image() -> anyhow::Result<servitor_agent::executor::DockerExecutor> {
+    use servitor_agent::executor::docker::{DockerConfig, DockerExecutor};
+    let docker = DockerExecutor::connect(DockerConfig::default())
+        .await
+        .context("these tests need the Docker engine")?;
+    servitor_testkit::image::ensure_service_image(docker.client(), SERVICE_IMAGE)
+        .await
+        .context("these tests need the service image (Debian's busybox-static on the host)")?;
+    Ok(docker)
 }
 
 /// Knobs of one harness.

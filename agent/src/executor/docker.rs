@@ -7,9 +7,10 @@
 //! It resolves the image and its pull policy, streams container output live,
 //! stops a container with SIGTERM and then SIGKILL after a grace period on
 //! timeout or graceful cancel, kills it at once on abort, and always removes
-//! its containers. Not responsible for services, caches, artifacts, registry
-//! credentials, removing the work directory (the caller does), or building
-//! the local job image tests use (the test kit does).
+//! its containers. A job's services run beside it on a network of the
+//! job's own (see `services`). Not responsible for caches, artifacts,
+//! registry credentials, removing the work directory (the caller does), or
+//! building the local job image tests use (the test kit does).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -31,6 +32,7 @@ use tokio::time::Instant;
 use super::attempt::{Attempt, ScriptRunner, StepRun, StopSignals, STOP_GRACE};
 use super::output::JobOutput;
 use super::script::Environment;
+use super::services::{self, ServiceSettings, Services};
 use super::{CancelSignals, Executor, JobContext, JobResult, OutputSink};
 
 /// Label with the GitLab job id on every container the executor starts.
@@ -92,7 +94,7 @@ pub enum DockerError {
 }
 
 impl DockerError {
-    fn api(what: &'static str) -> impl FnOnce(BollardError) -> DockerError {
+    pub(crate) fn api(what: &'static str) -> impl FnOnce(BollardError) -> DockerError {
         move |source| DockerError::Api { what, source }
     }
 
@@ -145,6 +147,10 @@ pub struct DockerConfig {
     pub default_image: Option<String>,
     /// The pull policy for jobs that give none.
     pub pull_policy: PullPolicy,
+    /// Run job and service containers privileged (gitlab-runner's
+    /// `privileged`), as Docker-in-Docker needs. Off by default: a
+    /// privileged job can do anything its instance can.
+    pub privileged: bool,
 }
 
 /// Runs jobs in Docker containers.
@@ -213,7 +219,8 @@ impl DockerExecutor {
                 .await
                 .map_err(DockerError::api("remove leftover container"))?;
         }
-        Ok(ids.len())
+        let networks = services::remove_leftover_networks(&self.docker, owner).await?;
+        Ok(ids.len() + networks)
     }
 
     async fn run_attempt(
@@ -229,17 +236,91 @@ impl DockerExecutor {
         let out = &attempt.out;
         out.section_start("prepare_executor", "Preparing the \"docker\" executor")
             .await;
-        let runner = self.prepare(&attempt).await;
+        let prepared = self.prepare(&attempt).await;
         out.section_end("prepare_executor").await;
-        match runner {
-            Ok(runner) => attempt.run_stages(&runner).await,
+        match prepared {
+            Ok((runner, services)) => {
+                let result = attempt.run_stages(&runner).await;
+                // However the attempt ended (a hand-back too), its services
+                // go with it.
+                if let Some(services) = services {
+                    services.remove().await;
+                }
+                result
+            }
             Err(result) => result,
         }
     }
 
-    /// Resolves the job's image and makes it present; returns the runner for
-    /// its steps or how the attempt ended.
-    async fn prepare(&self, attempt: &Attempt<'_>) -> Result<ContainerRunner<'_>, JobResult> {
+    /// Starts the job's services and waits for them; `None` without any.
+    async fn start_services(
+        &self,
+        attempt: &Attempt<'_>,
+        labels: &HashMap<String, String>,
+    ) -> Result<Option<Services>, JobResult> {
+        let job = &attempt.ctx.job;
+        if job.services.is_empty() {
+            return Ok(None);
+        }
+        let out = &attempt.out;
+        let work_dir = attempt.layout.work_dir.to_string_lossy().into_owned();
+        let settings = ServiceSettings {
+            labels,
+            work_dir: &work_dir,
+            privileged: self.config.privileged,
+        };
+        let pull = |image: String, policies: Vec<String>| async move {
+            let policy = match policies.first() {
+                Some(policy) => policy.parse::<PullPolicy>()?,
+                None => self.config.pull_policy,
+            };
+            self.ensure_image(&image, policy, out).await
+        };
+        let started = attempt
+            .bounded(Services::start(
+                &self.docker,
+                job,
+                attempt.ctx.attempt,
+                &settings,
+                out,
+                pull,
+            ))
+            .await;
+        let services = match started {
+            Ok(Ok(services)) => services,
+            Ok(Err(failed)) => {
+                let services::StartFailure {
+                    services,
+                    kind,
+                    message,
+                } = failed;
+                services.remove().await;
+                return Err(JobResult::Failed {
+                    kind,
+                    exit_code: None,
+                    message,
+                });
+            }
+            Err(interrupt) => return Err(attempt.interrupted(interrupt)),
+        };
+        match attempt
+            .bounded(services.wait(job, services::WAIT_TIMEOUT, out))
+            .await
+        {
+            Ok(()) => Ok(Some(services)),
+            Err(interrupt) => {
+                services.remove().await;
+                Err(attempt.interrupted(interrupt))
+            }
+        }
+    }
+
+    /// Resolves the job's image and makes it present, and starts its
+    /// services; returns the runner for its steps or how the attempt ended.
+    async fn prepare(
+        &self,
+        attempt: &Attempt<'_>,
+    ) -> Result<(ContainerRunner<'_>, Option<Services>), JobResult> {
         let job = &attempt.ctx.job;
         let out = &attempt.out;
         let spec = job.image.as_ref();
@@ -283,17 +364,20 @@ impl DockerExecutor {
             .map(|i| i.entrypoint.clone())
             .filter(|entrypoint| !entrypoint.is_empty());
         let ctx = attempt.ctx;
-        let labels = HashMap::from([
-            (LABEL_JOB_ID.to_owned(), ctx.job.id.to_string()),
-            (LABEL_ATTEMPT.to_owned(), ctx.attempt.to_string()),
-            (LABEL_AGENT.to_owned(), ctx.owner.clone()),
-        ]);
-        Ok(ContainerRunner {
+        let labels = services::attempt_labels(ctx.job.id, ctx.attempt, &ctx.owner);
+        let services = self.start_services(attempt, &labels).await?;
+        let runner = ContainerRunner {
             executor: self,
             image,
             entrypoint,
             labels,
-        })
+            network: services.as_ref().map(|s| s.network.clone()),
+            mounts: services
+                .as_ref()
+                .map(Services::shared_mounts)
+                .unwrap_or_default(),
+        };
+        Ok((runner, services))
     }
 
     /// Makes `image` present according to `policy`.
@@ -417,6 +501,10 @@ struct ContainerRunner<'a> {
     image: String,
     entrypoint: Option<Vec<String>>,
     labels: HashMap<String, String>,
+    /// The job's network, when it has services.
+    network: Option<String>,
+    /// Volumes shared with the services (`/certs/client`).
+    mounts: Vec<Mount>,
 }
 
 impl ScriptRunner for ContainerRunner<'_> {
@@ -458,12 +546,18 @@ impl ScriptRunner for ContainerRunner<'_> {
             attach_stderr: Some(true),
             host_config: Some(HostConfig {
                 // A mount rather than a `binds` string: a path may hold `:`.
-                mounts: Some(vec![Mount {
-                    target: Some(work_dir.clone()),
-                    source: Some(work_dir),
-                    typ: Some(MountType::BIND),
-                    ..Default::default()
-                }]),
+                mounts: Some(
+                    std::iter::once(Mount {
+                        target: Some(work_dir.clone()),
+                        source: Some(work_dir),
+                        typ: Some(MountType::BIND),
+                        ..Default::default()
+                    })
+                    .chain(self.mounts.iter().cloned())
+                    .collect(),
+                ),
+                network_mode: self.network.clone(),
+                privileged: Some(self.executor.config.privileged),
                 ..Default::default()
             }),
             ..Default::default()
@@ -644,7 +738,7 @@ impl Drop for ContainerGuard {
 }
 
 /// Force-removes a container and its anonymous volumes.
-async fn remove_container(docker: &Docker, id: &str) {
+pub(crate) async fn remove_container(docker: &Docker, id: &str) {
     let options = RemoveContainerOptionsBuilder::new()
         .force(true)
         .v(true)
@@ -674,6 +768,7 @@ mod tests {
         let config = DockerConfig {
             default_image: Some(TEST_IMAGE.to_owned()),
             pull_policy: PullPolicy::IfNotPresent,
+            privileged: false,
         };
         let executor = DockerExecutor::connect(config)
             .await

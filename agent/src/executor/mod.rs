@@ -26,6 +26,7 @@ pub mod docker;
 pub mod output;
 mod process;
 pub mod script;
+mod services;
 pub mod shell;
 pub mod sources;
 #[cfg(test)]

@@ -88,6 +88,10 @@ impl ShellExecutor {
             self.shell.display()
         ))
         .await;
+        if !ctx.job.services.is_empty() {
+            out.warning("The shell executor starts no services (they need the docker executor); the job runs without them")
+                .await;
+        }
         out.section_end("prepare_executor").await;
         attempt.run_stages(self).await
     }

@@ -31,6 +31,8 @@ pub struct LocalFleetSettings {
     /// `docker` or `shell`.
     pub executor: String,
     pub default_image: Option<String>,
+    /// Agents run containers privileged (Docker-in-Docker).
+    pub privileged: bool,
     pub capacity: u32,
     /// Instance metadata endpoints handed to local instances in launch
     /// order (`local-1` gets the first); instances past the list, or all
@@ -184,6 +186,9 @@ impl LocalFleet {
         );
         if let Some(image) = &s.default_image {
             text.push_str(&format!("default_image = {image:?}\n"));
+        }
+        if s.privileged {
+            text.push_str("privileged = true\n");
         }
         text.push_str(&format!(
             "\n[instance]\nid = {id:?}\ninstance_type = \"local\"\nmarket = \"local\"\n"

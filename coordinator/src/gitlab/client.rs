@@ -127,15 +127,16 @@ pub fn runner_features() -> Map<String, Value> {
         // Caches: keys, fallbacks, policies, in S3 or a local directory.
         ("cache", true),
         ("fallback_cache_keys", true),
-        ("services", false),
+        // Services on a network of the job's own, aliases and variables.
+        ("services", true),
+        ("service_variables", true),
+        ("service_multiple_aliases", true),
         ("shared", false),
         ("session", false),
         ("terminal", false),
         ("proxy", false),
         ("multi_build_steps", false),
         ("vault_secrets", false),
-        ("service_variables", false),
-        ("service_multiple_aliases", false),
         ("image_executor_opts", false),
         ("service_executor_opts", false),
         ("native_steps_integration", false),
@@ -923,11 +924,13 @@ mod tests {
             "upload_raw_artifacts",
             "cache",
             "fallback_cache_keys",
+            "services",
+            "service_variables",
+            "service_multiple_aliases",
         ] {
             assert!(on.contains(&wanted), "{wanted} must be advertised");
         }
         for never in [
-            "services",
             "multi_build_steps",
             "session",
             "terminal",
@@ -935,7 +938,7 @@ mod tests {
         ] {
             assert_eq!(features.get(never), Some(&Value::Bool(false)), "{never}");
         }
-        assert_eq!(on.len(), 17);
+        assert_eq!(on.len(), 20);
     }
 
     #[test]

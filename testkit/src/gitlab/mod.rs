@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use servitor_proto::job::{Artifact, Cache};
+use servitor_proto::job::{Artifact, Cache, Service};
 use servitor_runtime::secret::Secret;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -164,6 +164,8 @@ pub struct JobSpec {
     /// `cache[]` of the payload (keys as Rails sends them, suffixes and
     /// all).
     pub cache: Vec<Cache>,
+    /// `services[]` of the payload.
+    pub services: Vec<Service>,
     /// Names of earlier jobs whose artifacts this job downloads
     /// (`needs:`); the job is handed out only once they have finished.
     pub needs: Vec<String>,
@@ -185,8 +187,16 @@ impl JobSpec {
             token_mask_prefixes: Vec::new(),
             artifacts: Vec::new(),
             cache: Vec::new(),
+            services: Vec::new(),
             needs: Vec::new(),
         }
+    }
+
+    /// Adds a `services[]` entry.
+    #[must_use]
+    pub fn service(mut self, service: Service) -> Self {
+        self.services.push(service);
+        self
     }
 
     /// Adds a `cache[]` entry.

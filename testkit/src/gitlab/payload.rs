@@ -225,7 +225,7 @@ pub(super) fn build(job: &Job, base_url: &str, dependencies: Value) -> Value {
         "variables": variables,
         "steps": steps,
         "image": image,
-        "services": [],
+        "services": spec.services,
         "artifacts": spec.artifacts,
         "cache": spec.cache,
         "credentials": [],
