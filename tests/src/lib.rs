@@ -12,7 +12,7 @@ pub mod demo;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,6 +94,28 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
     Ok(agent)
 }
 
+/// Runs git in `dir` as a test author, failing with git's message.
+///
+/// # Errors
+/// When git cannot run or fails.
+pub fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .output()
+        .context("running git")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// A git repository holding `files` (path, contents) in one commit on
 /// `main`, for jobs to fetch.
 ///
@@ -101,30 +123,13 @@ pub fn agent_binary() -> anyhow::Result<PathBuf> {
 /// When a file cannot be written or git fails, with git's message.
 pub fn git_repository(files: &[(&str, &str)]) -> anyhow::Result<tempfile::TempDir> {
     let repo = tempfile::tempdir().context("creating a repository directory")?;
-    let git = |args: &[&str]| -> anyhow::Result<()> {
-        let out = std::process::Command::new("git")
-            .args(args)
-            .current_dir(repo.path())
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.com")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.com")
-            .output()
-            .context("running git")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    git(&["init", "-q", "-b", "main"])?;
+    git(repo.path(), &["init", "-q", "-b", "main"])?;
     for (path, contents) in files {
         std::fs::write(repo.path().join(path), contents)
             .with_context(|| format!("writing {path}"))?;
-        git(&["add", path])?;
+        git(repo.path(), &["add", path])?;
     }
-    git(&["commit", "-q", "-m", "first"])?;
+    git(repo.path(), &["commit", "-q", "-m", "first"])?;
     Ok(repo)
 }
 

@@ -33,6 +33,9 @@ const KILL_LIMIT: Duration = Duration::from_secs(30);
 /// The step GitLab runs after the others, whatever happened.
 const AFTER_SCRIPT: &str = "after_script";
 
+/// The step `release:` becomes (`release-cli create …`).
+const RELEASE: &str = "release";
+
 /// One script for a runner to run.
 #[derive(Debug)]
 pub(crate) struct StepRun<'a> {
@@ -163,6 +166,13 @@ impl<'a> Attempt<'a> {
         let out = &self.out;
         out.section_start("get_sources", "Getting source from Git repository")
             .await;
+        for hook in &self.ctx.job.hooks {
+            out.warning(&format!(
+                "hooks:{} is not run by this runner yet; the job goes on without it",
+                hook.name
+            ))
+            .await;
+        }
         let fetched = self
             .bounded(sources::fetch(&self.ctx.job, &self.layout.project_dir, out))
             .await;
@@ -247,8 +257,15 @@ impl<'a> Attempt<'a> {
                 &format!("Executing \"{stage}\" stage of the job script"),
             )
             .await;
+            // gitlab-runner expands job variables in the release step's
+            // lines itself (`release-cli create --tag-name $CI_COMMIT_TAG`).
+            let script: Vec<String> = if step.name == RELEASE {
+                step.script.iter().map(|l| self.ctx.job.expand(l)).collect()
+            } else {
+                step.script.clone()
+            };
             let end = self
-                .run_step(runner, &env, &stage, &step.script, JobStatus::Running, None)
+                .run_step(runner, &env, &stage, &script, JobStatus::Running, None)
                 .await;
             out.section_end(&stage).await;
             let interrupted = matches!(end, StepEnd::Interrupted(_));

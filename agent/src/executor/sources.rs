@@ -6,8 +6,10 @@
 //! The job token never reaches the remote's configuration, a command line or
 //! the job log: it travels as an HTTP `Authorization` header given to git
 //! through its environment. Git may not prompt for anything nor ask a
-//! credential helper of the host. Submodules, LFS, caches and the `clone`
-//! strategy's differences are not handled here.
+//! credential helper of the host. `GIT_STRATEGY` (clone, fetch, none,
+//! empty), `GIT_CHECKOUT`, `GIT_CLEAN_FLAGS`, `GIT_FETCH_EXTRA_FLAGS` and
+//! submodules (`GIT_SUBMODULE_*`) follow gitlab-runner; LFS is not
+//! handled here.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -168,9 +170,19 @@ pub async fn fetch(
                 source,
             })
     };
-    if job.variable("GIT_STRATEGY") == Some("none") {
-        out.info("Skipping Git repository setup").await;
-        return create_dir().await;
+    let strategy = Strategy::of(job, out).await;
+    match strategy {
+        Strategy::None => {
+            out.info("Skipping Git repository setup").await;
+            return create_dir().await;
+        }
+        Strategy::Empty => {
+            out.info("Skipping Git repository setup and creating an empty build directory")
+                .await;
+            remove_dir(project_dir).await?;
+            return create_dir().await;
+        }
+        Strategy::Clone | Strategy::Fetch => {}
     }
     let git_info = &job.git_info;
     if git_info.repo_url.is_empty() {
@@ -193,6 +205,9 @@ pub async fn fetch(
         .await;
     } else {
         out.info("Fetching changes...").await;
+    }
+    if strategy == Strategy::Clone {
+        remove_dir(project_dir).await?;
     }
     create_dir().await?;
     // A directory kept from an earlier run is fetched into, as
@@ -227,29 +242,192 @@ pub async fn fetch(
 
     let refspecs = refspecs(job);
     let depth = git_info.depth.to_string();
-    let mut args = vec!["fetch", "origin", "--prune"];
+    let mut args = vec!["fetch", "origin", "--no-recurse-submodules"];
     args.extend(refspecs.iter().map(String::as_str));
     if git_info.depth > 0 {
         args.extend(["--depth", depth.as_str()]);
     }
+    let extra = flags(job, "GIT_FETCH_EXTRA_FLAGS", "--prune --quiet");
+    args.extend(extra.iter().map(String::as_str));
     git.run("fetch", &args).await?;
 
-    let target = if git_info.sha.is_empty() {
-        "FETCH_HEAD"
+    if job.variable("GIT_CHECKOUT") == Some("false") {
+        out.info("Skipping Git checkout").await;
     } else {
-        git_info.sha.as_str()
-    };
-    let short: String = target.chars().take(SHORT_SHA_LEN).collect();
-    out.info(&format!(
-        "Checking out {short} as detached HEAD (ref is {})...",
-        git_info.git_ref
-    ))
-    .await;
-    git.run("checkout", &["checkout", "-f", "-q", target])
+        let target = if git_info.sha.is_empty() {
+            "FETCH_HEAD"
+        } else {
+            git_info.sha.as_str()
+        };
+        let short: String = target.chars().take(SHORT_SHA_LEN).collect();
+        out.info(&format!(
+            "Checking out {short} as detached HEAD (ref is {})...",
+            git_info.git_ref
+        ))
+        .await;
+        git.run(
+            "checkout",
+            &[
+                "-c",
+                "submodule.recurse=false",
+                "checkout",
+                "-f",
+                "-q",
+                target,
+            ],
+        )
         .await?;
+        let clean = flags(job, "GIT_CLEAN_FLAGS", "-ffdx");
+        if !clean.is_empty() {
+            let mut args = vec!["clean"];
+            args.extend(clean.iter().map(String::as_str));
+            git.run("clean", &args).await?;
+        }
+    }
     out.line("").await;
-    out.info("Skipping Git submodules setup").await;
+    submodules(job, &git).await
+}
+
+/// gitlab-runner's `GIT_STRATEGY`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Strategy {
+    Clone,
+    Fetch,
+    None,
+    Empty,
+}
+
+impl Strategy {
+    /// The job's strategy; an unknown value is warned about and the
+    /// default (fetch when GitLab allows it, else clone) used.
+    async fn of(job: &JobPayload, out: &JobOutput) -> Self {
+        let default = if job.allow_git_fetch {
+            (Strategy::Fetch, "fetch")
+        } else {
+            (Strategy::Clone, "clone")
+        };
+        match job.variable("GIT_STRATEGY").unwrap_or_default() {
+            "" => default.0,
+            "clone" => Strategy::Clone,
+            "fetch" => Strategy::Fetch,
+            "none" => Strategy::None,
+            "empty" => Strategy::Empty,
+            other => {
+                out.warning(&format!(
+                    "GIT_STRATEGY: expected either 'clone', 'fetch', 'none' or 'empty' got {other:?}, using default value {:?}",
+                    default.1
+                ))
+                .await;
+                default.0
+            }
+        }
+    }
+}
+
+/// A flags variable split into words: `default` when unset, nothing when
+/// `none`.
+fn flags(job: &JobPayload, key: &str, default: &str) -> Vec<String> {
+    match job.variable(key) {
+        Some("none") => Vec::new(),
+        Some(value) if !value.trim().is_empty() => {
+            value.split_whitespace().map(str::to_owned).collect()
+        }
+        _ => default.split_whitespace().map(str::to_owned).collect(),
+    }
+}
+
+async fn remove_dir(dir: &Path) -> Result<(), SourcesError> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(SourcesError::ProjectDir {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// `GIT_SUBMODULE_STRATEGY` (`none`, `normal`, `recursive`) with
+/// `GIT_SUBMODULE_DEPTH`, `GIT_SUBMODULE_UPDATE_FLAGS` and
+/// `GIT_SUBMODULE_PATHS`, in gitlab-runner's commands and words. Submodules
+/// on the same GitLab are fetched with the job token like the project.
+async fn submodules(job: &JobPayload, git: &Git<'_>) -> Result<(), SourcesError> {
+    let out = git.out;
+    let recursive = match job.variable("GIT_SUBMODULE_STRATEGY").unwrap_or("none") {
+        "" | "none" => {
+            out.info("Skipping Git submodules setup").await;
+            return Ok(());
+        }
+        "normal" => false,
+        "recursive" => true,
+        other => {
+            return Err(SourcesError::Git {
+                step: "submodules",
+                reason: format!(
+                "GIT_SUBMODULE_STRATEGY {other:?}: expected either 'normal', 'recursive' or 'none'"
+            ),
+            })
+        }
+    };
+    let depth = job
+        .variable("GIT_SUBMODULE_DEPTH")
+        .and_then(|d| d.trim().parse::<i64>().ok())
+        .unwrap_or(job.git_info.depth);
+    let mut heading = String::from("Updating/initializing submodules");
+    if recursive {
+        heading.push_str(" recursively");
+    }
+    if depth > 0 {
+        heading.push_str(&format!(" with git depth set to {depth}"));
+    }
+    out.info(&format!("{heading}...")).await;
+    let paths: Vec<String> = job
+        .variable("GIT_SUBMODULE_PATHS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let with_paths = |mut args: Vec<String>| {
+        if !paths.is_empty() {
+            args.push("--".to_owned());
+            args.extend(paths.iter().cloned());
+        }
+        args
+    };
+    let rec: &[&str] = if recursive { &["--recursive"] } else { &[] };
+    let run = |step: &'static str, args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        git.run(step, &args).await
+    };
+    run(
+        "submodule init",
+        with_paths(strings(&["submodule", "init"])),
+    )
+    .await?;
+    let mut sync = strings(&["submodule", "sync"]);
+    sync.extend(strings(rec));
+    run("submodule sync", with_paths(sync.clone())).await?;
+    let clean = flags(job, "GIT_CLEAN_FLAGS", "-ffdx");
+    if !clean.is_empty() {
+        let mut args = strings(&["submodule", "foreach"]);
+        args.extend(strings(rec));
+        args.push(format!("git clean {}", clean.join(" ")));
+        run("submodule clean", args).await?;
+    }
+    let mut update = strings(&["submodule", "update", "--init"]);
+    update.extend(strings(rec));
+    if depth > 0 {
+        update.push("--depth".to_owned());
+        update.push(depth.to_string());
+    }
+    update.extend(flags(job, "GIT_SUBMODULE_UPDATE_FLAGS", ""));
+    run("submodule update", with_paths(update)).await?;
+    out.info("Updated submodules").await;
     Ok(())
+}
+
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
 }
 
 /// The job's refspecs, or the ones GitLab would send for its ref.
@@ -464,6 +642,8 @@ mod tests {
         JobPayload {
             id: 1,
             token: "t".into(),
+            // GitLab's default: the fetch strategy.
+            allow_git_fetch: true,
             git_info: GitInfo {
                 repo_url: url.into(),
                 git_ref: "main".into(),
@@ -512,7 +692,9 @@ mod tests {
             )),
             "{log}"
         );
-        // A second run into the same directory fetches again and moves on.
+        // A second run into the same directory fetches again and moves on,
+        // cleaning what the first left behind.
+        std::fs::write(dir.join("left-behind.txt"), "x").unwrap();
         let (result, log) = fetch_collecting(&job(&url, &shas[1], 0), &dir).await;
         result.unwrap();
         assert!(
@@ -523,6 +705,13 @@ mod tests {
             std::fs::read_to_string(dir.join("file.txt")).unwrap(),
             "second"
         );
+        assert!(!dir.join("left-behind.txt").exists(), "git clean -ffdx ran");
+        // The clone strategy starts from nothing.
+        let mut clone = job(&url, &shas[1], 0);
+        clone.allow_git_fetch = false;
+        let (result, log) = fetch_collecting(&clone, &dir).await;
+        result.unwrap();
+        assert!(log.contains("Created fresh repository."), "{log}");
     }
 
     #[tokio::test]

@@ -127,6 +127,8 @@ pub fn runner_features() -> Map<String, Value> {
         // Caches: keys, fallbacks, policies, in S3 or a local directory.
         ("cache", true),
         ("fallback_cache_keys", true),
+        // `release:` runs as its own step after the script.
+        ("multi_build_steps", true),
         // Services on a network of the job's own, aliases and variables.
         ("services", true),
         ("service_variables", true),
@@ -135,7 +137,6 @@ pub fn runner_features() -> Map<String, Value> {
         ("session", false),
         ("terminal", false),
         ("proxy", false),
-        ("multi_build_steps", false),
         ("vault_secrets", false),
         ("image_executor_opts", false),
         ("service_executor_opts", false),
@@ -927,18 +928,14 @@ mod tests {
             "services",
             "service_variables",
             "service_multiple_aliases",
+            "multi_build_steps",
         ] {
             assert!(on.contains(&wanted), "{wanted} must be advertised");
         }
-        for never in [
-            "multi_build_steps",
-            "session",
-            "terminal",
-            "two_phase_job_commit",
-        ] {
+        for never in ["session", "terminal", "two_phase_job_commit"] {
             assert_eq!(features.get(never), Some(&Value::Bool(false)), "{never}");
         }
-        assert_eq!(on.len(), 20);
+        assert_eq!(on.len(), 21);
     }
 
     #[test]

@@ -90,7 +90,7 @@ async fn verify_ok_and_bad_token() {
     assert_eq!(log[0].info["features"]["cancel_gracefully"], true);
     assert_eq!(log[0].info["features"]["artifacts"], true);
     assert_eq!(log[0].info["features"]["services"], true);
-    assert_eq!(log[0].info["features"]["multi_build_steps"], false);
+    assert_eq!(log[0].info["features"]["session"], false);
     assert_eq!(
         log[0].user_agent.as_deref(),
         Some(concat!("servitor/", env!("CARGO_PKG_VERSION")))

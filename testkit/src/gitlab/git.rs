@@ -170,12 +170,23 @@ pub(super) async fn serve(
     // The token must be that of a running job of this project with a repository.
     let repo_dir = {
         let inner = state.lock();
-        inner.jobs.values().find_map(|job| {
+        let own = inner.jobs.values().find_map(|job| {
             let matches = job.record.state.is_executing()
                 && job.record.token.expose() == token
                 && job.spec.project_path.trim_matches('/') == project;
             matches
                 .then(|| job.spec.git.as_ref().map(|g| g.repo_dir.clone()))
+                .flatten()
+        });
+        // Another project of the instance (a submodule, say): any running
+        // job's token reads it, as with a job token allowlist that lets it.
+        own.or_else(|| {
+            let running = inner
+                .jobs
+                .values()
+                .any(|job| job.record.state.is_executing() && job.record.token.expose() == token);
+            running
+                .then(|| inner.repositories.get(project).cloned())
                 .flatten()
         })
     };

@@ -151,6 +151,8 @@ pub struct JobSpec {
     pub stage: String,
     pub script: Vec<String>,
     pub after_script: Vec<String>,
+    /// The `release` step's script, as Rails builds it from `release:`.
+    pub release: Vec<String>,
     pub variables: Vec<VariableSpec>,
     pub image: Option<ImageSpec>,
     pub timeout: Duration,
@@ -179,6 +181,7 @@ impl JobSpec {
             stage: "test".to_owned(),
             script: Vec::new(),
             after_script: Vec::new(),
+            release: Vec::new(),
             variables: Vec::new(),
             image: None,
             timeout: Duration::from_secs(3600),
@@ -236,6 +239,13 @@ impl JobSpec {
     #[must_use]
     pub fn script<I: IntoIterator<Item = S>, S: Into<String>>(mut self, lines: I) -> Self {
         self.script = lines.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// A `release` step (`release-cli create …` lines).
+    #[must_use]
+    pub fn release<I: IntoIterator<Item = S>, S: Into<String>>(mut self, lines: I) -> Self {
+        self.release = lines.into_iter().map(Into::into).collect();
         self
     }
 
@@ -548,6 +558,8 @@ struct Inner {
     object_storage: bool,
     objects: HashMap<String, Vec<u8>>,
     object_requests: Vec<ObjectRequest>,
+    /// Other projects' repositories by path (submodules).
+    repositories: HashMap<String, PathBuf>,
 }
 
 struct State {
@@ -630,6 +642,7 @@ impl StandIn {
                 object_storage: true,
                 objects: HashMap::new(),
                 object_requests: Vec::new(),
+                repositories: HashMap::new(),
             }),
             changed,
             requests_seen,
@@ -788,6 +801,15 @@ impl StandIn {
     /// Sets the maximum artifacts size; larger uploads get 413.
     pub fn set_max_artifacts_size(&self, bytes: u64) {
         self.state.lock().max_artifacts_size = bytes;
+    }
+
+    /// Serves `dir` as the repository of project `path` (`group/lib`), to
+    /// any running job's token: a submodule's project.
+    pub fn serve_repository(&self, path: &str, dir: impl Into<PathBuf>) {
+        self.state
+            .lock()
+            .repositories
+            .insert(path.trim_matches('/').to_owned(), dir.into());
     }
 
     /// Requests the object store behind direct downloads received.

@@ -169,6 +169,15 @@ pub(super) fn build(job: &Job, base_url: &str, dependencies: Value) -> Value {
         "when": "on_success",
         "allow_failure": false,
     })];
+    if !spec.release.is_empty() {
+        steps.push(json!({
+            "name": "release",
+            "script": spec.release,
+            "timeout": timeout,
+            "when": "on_success",
+            "allow_failure": false,
+        }));
+    }
     if !spec.after_script.is_empty() {
         steps.push(json!({
             "name": "after_script",
