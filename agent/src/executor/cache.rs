@@ -80,7 +80,7 @@ pub(crate) fn has_restore(ctx: &JobContext) -> bool {
 ///
 /// # Errors
 /// Only an unknown `policy`, which gitlab-runner also fails the job for.
-pub(crate) async fn restore(
+pub async fn restore(
     ctx: &JobContext,
     project_dir: &Path,
     tmp_dir: &Path,
@@ -142,7 +142,7 @@ pub(crate) fn has_save(ctx: &JobContext, success: bool) -> bool {
 }
 
 /// Saves each entry whose `when` matches and whose policy pushes.
-pub(crate) async fn save(
+pub async fn save(
     ctx: &JobContext,
     success: bool,
     project_dir: &Path,

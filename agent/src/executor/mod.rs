@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub mod archive;
 mod artifacts;
 mod attempt;
-mod cache;
+pub mod cache;
 pub mod docker;
 pub mod output;
 mod process;

@@ -1,14 +1,22 @@
-//! Artifact throughput and memory: archives a directory of incompressible
-//! files as the agent does (`select` + zip), uploads the archive with the
-//! agent's job-token client, downloads it back and extracts it, and
-//! reports each phase's throughput and the process's peak RSS while it
-//! ran. The far end is a minimal HTTP server that drains uploads and
-//! streams downloads from disk, so its memory is not counted.
+//! Artifact and cache throughput and memory: archives a directory of
+//! incompressible files as the agent does (`select` + zip), uploads the
+//! archive with the agent's job-token client, downloads it back and
+//! extracts it; then saves the same directory as a cache through moto's S3
+//! with URLs the coordinator signed, and restores it into an empty
+//! directory, through the agent's own cache stages. Reports each phase's
+//! throughput and the process's peak RSS while it ran. The far ends (a
+//! minimal HTTP server that drains uploads and streams downloads from
+//! disk, and moto) are other tasks or processes whose memory is not the
+//! agent's: the HTTP server's buffers are a few KiB, moto is its own
+//! process.
 //!
 //! ```text
 //! cargo build --workspace --all-targets
-//! target/debug/servitor-artifacts-bench --mb 100
+//! target/debug/servitor-artifacts-bench --mb 100 --cache-mb 200
 //! ```
+//!
+//! The cache phases need moto's server (`SERVITOR_MOTO_SERVER`, as
+//! `tests/run.sh` installs it); `--cache-mb 0` skips them.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,7 +29,7 @@ use servitor_agent::gitlab::{JobApi, UploadQuery};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
-const USAGE: &str = "usage: servitor-artifacts-bench [--mb 100] [--files 100]";
+const USAGE: &str = "usage: servitor-artifacts-bench [--mb 100] [--files 100] [--cache-mb 200]";
 
 /// What to measure.
 #[derive(Debug)]
@@ -30,6 +38,8 @@ struct Args {
     mb: u64,
     /// Files the data is split into.
     files: u64,
+    /// Megabytes to save and restore as a cache through moto's S3.
+    cache_mb: u64,
 }
 
 impl Args {
@@ -37,6 +47,7 @@ impl Args {
         let mut parsed = Self {
             mb: 100,
             files: 100,
+            cache_mb: 200,
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
@@ -52,6 +63,7 @@ impl Args {
             match flag.as_str() {
                 "--mb" => parsed.mb = value,
                 "--files" => parsed.files = value.max(1),
+                "--cache-mb" => parsed.cache_mb = value,
                 _ => bail!("unknown option {flag}; {USAGE}"),
             }
         }
@@ -244,5 +256,129 @@ async fn main() -> anyhow::Result<()> {
         "extracted {} bytes, archived {total}",
         extracted.bytes
     );
+    if args.cache_mb > 0 {
+        cache_phases(&args, work.path(), &rss).await?;
+    }
     Ok(())
+}
+
+/// Saves `--cache-mb` as a cache through moto's S3 and restores it, with
+/// the coordinator's signed URLs and the agent's cache stages.
+async fn cache_phases(args: &Args, work: &Path, rss: &RssSampler) -> anyhow::Result<()> {
+    use servitor_coordinator::cache::CacheStore;
+    use servitor_coordinator::config::{CacheConfig, CacheKind, S3CacheConfig};
+    use servitor_proto::job::{Cache, JobInfo, JobPayload};
+
+    const BUCKET: &str = "bench-cache";
+    servitor_tests::aws::aws_environment();
+    let moto = servitor_tests::aws::Moto::start().await?;
+    let created = reqwest::Client::new()
+        .put(format!("{}/{BUCKET}", moto.url()))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        created.status().is_success(),
+        "creating the bucket: {}",
+        created.status()
+    );
+    let store = CacheStore::new(
+        &CacheConfig {
+            kind: CacheKind::S3,
+            path: String::new(),
+            shared: false,
+            s3: Some(S3CacheConfig {
+                bucket: BUCKET.to_owned(),
+                region: Some(servitor_tests::aws::REGION.to_owned()),
+                endpoint_url: Some(moto.url().to_owned()),
+            }),
+            local: None,
+        },
+        "glrt-bench",
+    )
+    .await?;
+    let job = JobPayload {
+        id: 1,
+        token: "t".to_owned(),
+        job_info: JobInfo {
+            project_id: 1,
+            ..JobInfo::default()
+        },
+        cache: vec![Cache {
+            key: "bench".to_owned(),
+            paths: vec!["out/".to_owned()],
+            ..Cache::default()
+        }],
+        ..JobPayload::default()
+    };
+    let caches = store.access(&job).await;
+    let ctx = servitor_agent::executor::JobContext {
+        job,
+        gitlab_url: String::new(),
+        caches,
+        attempt: 1,
+        work_dir: work.to_path_buf(),
+        concurrent_id: 0,
+        agent_name: "bench".to_owned(),
+        owner: "bench".to_owned(),
+    };
+    let total = args.cache_mb * 1024 * 1024;
+    let source = work.join("cache-source");
+    write_files(&source, total, args.files)?;
+    let tmp = work.join("cache-tmp");
+    std::fs::create_dir_all(&tmp)?;
+    let (sink, mut log) = tokio::sync::mpsc::channel(64);
+    let out = servitor_agent::executor::output::JobOutput::new(sink, false);
+    let drain = tokio::spawn(async move {
+        let mut text = Vec::new();
+        while let Some(chunk) = log.recv().await {
+            text.extend_from_slice(&chunk);
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    });
+    rss.take_mib();
+    let started = Instant::now();
+    servitor_agent::executor::cache::save(&ctx, true, &source, &tmp, &out).await;
+    row(
+        "cache save (zip + S3)",
+        total,
+        started.elapsed(),
+        rss.take_mib(),
+    );
+
+    let restored = work.join("cache-restored");
+    std::fs::create_dir_all(&restored)?;
+    let started = Instant::now();
+    servitor_agent::executor::cache::restore(&ctx, &restored, &tmp, &out)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    row(
+        "cache restore (S3)",
+        total,
+        started.elapsed(),
+        rss.take_mib(),
+    );
+    let back: u64 = walkdir_size(&restored.join("out"))?;
+    anyhow::ensure!(back == total, "restored {back} bytes of {total}");
+    drop(out);
+    let log = drain.await?;
+    anyhow::ensure!(
+        log.contains("Created cache") && log.contains("Successfully extracted cache"),
+        "the cache did not go round:\n{log}"
+    );
+    Ok(())
+}
+
+/// Bytes of the regular files below `dir`.
+fn walkdir_size(dir: &Path) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        total += if meta.is_dir() {
+            walkdir_size(&entry.path())?
+        } else {
+            meta.len()
+        };
+    }
+    Ok(total)
 }
