@@ -61,6 +61,18 @@ async fn leftovers(docker: &bollard::Docker, h: &Harness, job_id: i64) -> (usize
     )
 }
 
+/// Waits a little for the removal that follows a job's end, then asserts
+/// nothing of the job is left.
+async fn assert_nothing_left(docker: &bollard::Docker, h: &Harness, job_id: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut left = leftovers(docker, h, job_id).await;
+    while left != (0, 0) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = leftovers(docker, h, job_id).await;
+    }
+    assert_eq!(left, (0, 0), "containers and networks left behind");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_answer_by_alias_with_their_command_and_variables_and_leave_nothing_behind() {
     let docker = ensure_service_image().await.unwrap();
@@ -111,16 +123,7 @@ async fn services_answer_by_alias_with_their_command_and_variables_and_leave_not
         "{text}"
     );
     assert!(!text.contains("probably didn't start properly"), "{text}");
-    let docker = docker.client();
-    let mut left = leftovers(docker, &h, id).await;
-    for _ in 0..50 {
-        if left == (0, 0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = leftovers(docker, &h, id).await;
-    }
-    assert_eq!(left, (0, 0), "containers and networks left behind");
+    assert_nothing_left(docker.client(), &h, id).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,14 +236,5 @@ async fn a_hand_back_stops_the_services_and_the_rerun_starts_its_own() {
         "each attempt starts its own: {text}"
     );
     assert_eq!(text.matches("service ready").count(), 2, "{text}");
-    let docker = docker.client();
-    let mut left = leftovers(docker, &h, id).await;
-    for _ in 0..50 {
-        if left == (0, 0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        left = leftovers(docker, &h, id).await;
-    }
-    assert_eq!(left, (0, 0), "containers and networks left behind");
+    assert_nothing_left(docker.client(), &h, id).await;
 }
