@@ -131,7 +131,7 @@ pub struct Step {
     pub allow_failure: bool,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Hook {
     #[serde(deserialize_with = "nullable")]

@@ -149,3 +149,49 @@ async fn the_release_step_runs_after_the_script_with_variables_expanded_by_the_r
     let release = text.find("release-cli create --tag-name v1.2.3").unwrap();
     assert!(script < release, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_get_sources_hooks_run_in_the_job_before_git_and_can_fail_it() {
+    let repo = git_repository(&[("VERSION", "1.2.3\n")]).unwrap();
+    let h = Harness::start(HarnessOptions::default()).await.unwrap();
+    let id = h
+        .standin
+        .push_job(
+            JobSpec::new("hooked")
+                .git(repo.path())
+                .pre_get_sources([
+                    "echo hook-$((6*7)) ran in a container: $(test -f /.dockerenv && echo yes)",
+                ])
+                .script(["cat VERSION"]),
+        )
+        .await
+        .unwrap();
+    let r = h.wait_final(id, JOB_TIMEOUT).await.unwrap();
+    let text = r.trace_text();
+    assert_eq!(r.state, JobState::Success, "{text}");
+    let hook = text.find("hook-42 ran in a container: yes").unwrap();
+    let fetch = text.find("Fetching changes").unwrap();
+    assert!(hook < fetch, "the hook runs before git: {text}");
+    assert!(text.contains("1.2.3"), "{text}");
+
+    let id = h
+        .standin
+        .push_job(
+            JobSpec::new("hook-fails")
+                .git(repo.path())
+                .pre_get_sources(["exit 3"])
+                .script(["echo script-$((1+1))"]),
+        )
+        .await
+        .unwrap();
+    let r = h.wait_final(id, JOB_TIMEOUT).await.unwrap();
+    let text = r.trace_text();
+    assert_eq!(r.state, JobState::Failed, "{text}");
+    assert_eq!(
+        r.final_update.as_ref().unwrap().exit_code,
+        Some(3),
+        "{text}"
+    );
+    assert!(!text.contains("Fetching changes"), "{text}");
+    assert!(!text.contains("script-2"), "{text}");
+}

@@ -36,6 +36,9 @@ const AFTER_SCRIPT: &str = "after_script";
 /// The step `release:` becomes (`release-cli create …`).
 const RELEASE: &str = "release";
 
+/// The one hook GitLab sends (`hooks:pre_get_sources_script`).
+const PRE_GET_SOURCES: &str = "pre_get_sources_script";
+
 /// One script for a runner to run.
 #[derive(Debug)]
 pub(crate) struct StepRun<'a> {
@@ -164,14 +167,22 @@ impl<'a> Attempt<'a> {
     /// Runs sources, steps and `after_script` with `runner`.
     pub(crate) async fn run_stages<R: ScriptRunner>(&self, runner: &R) -> JobResult {
         let out = &self.out;
-        out.section_start("get_sources", "Getting source from Git repository")
-            .await;
-        for hook in &self.ctx.job.hooks {
+        let env = match ScriptEnv::prepare(self.ctx, &self.layout, runner.environment()).await {
+            Ok(env) => env,
+            Err(e) => return system_failure(e.to_string()),
+        };
+        for key in &env.skipped {
             out.warning(&format!(
-                "hooks:{} is not run by this runner yet; the job goes on without it",
-                hook.name
+                "variable {key:?} is not a valid shell variable name; it is not exported"
             ))
             .await;
+        }
+
+        out.section_start("get_sources", "Getting source from Git repository")
+            .await;
+        if let Some(failed) = self.pre_get_sources(runner, &env).await {
+            out.section_end("get_sources").await;
+            return failed;
         }
         let fetched = self
             .bounded(sources::fetch(&self.ctx.job, &self.layout.project_dir, out))
@@ -226,17 +237,6 @@ impl<'a> Attempt<'a> {
             }
         }
 
-        let env = match ScriptEnv::prepare(self.ctx, &self.layout, runner.environment()).await {
-            Ok(env) => env,
-            Err(e) => return system_failure(e.to_string()),
-        };
-        for key in &env.skipped {
-            out.warning(&format!(
-                "variable {key:?} is not a valid shell variable name; it is not exported"
-            ))
-            .await;
-        }
-
         let mut result = JobResult::Success;
         for step in &self.ctx.job.steps {
             if step.name == AFTER_SCRIPT {
@@ -289,6 +289,58 @@ impl<'a> Attempt<'a> {
             return self.interrupted(interrupt);
         }
         self.upload_artifacts(result).await
+    }
+
+    /// The job's `pre_get_sources_script` hooks, run as a script of the job
+    /// (in its image with the docker executor, never on the instance
+    /// itself) before any git command, as gitlab-runner runs them inside
+    /// `get_sources`. Skipped with `GIT_STRATEGY` `none` or `empty`, as
+    /// gitlab-runner does. A failing hook fails the job.
+    async fn pre_get_sources<R: ScriptRunner>(
+        &self,
+        runner: &R,
+        env: &ScriptEnv,
+    ) -> Option<JobResult> {
+        let job = &self.ctx.job;
+        let mut lines = Vec::new();
+        for hook in &job.hooks {
+            if hook.name == PRE_GET_SOURCES {
+                lines.extend(hook.script.iter().cloned());
+            } else {
+                self.out
+                    .warning(&format!(
+                        "hooks:{} is not known to this runner; skipped",
+                        hook.name
+                    ))
+                    .await;
+            }
+        }
+        let git_skipped = matches!(job.variable("GIT_STRATEGY"), Some("none" | "empty"));
+        if lines.is_empty() || git_skipped {
+            return None;
+        }
+        // The hook's script starts in the project directory, as every
+        // script does.
+        if let Err(e) = tokio::fs::create_dir_all(&self.layout.project_dir).await {
+            return Some(system_failure(format!(
+                "cannot create {}: {e}",
+                self.layout.project_dir.display()
+            )));
+        }
+        let end = self
+            .run_step(
+                runner,
+                env,
+                PRE_GET_SOURCES,
+                &lines,
+                JobStatus::Running,
+                None,
+            )
+            .await;
+        match end {
+            StepEnd::Exited(0) => None,
+            other => Some(self.step_result(other)),
+        }
     }
 
     /// The `archive_cache` stage (`archive_cache_on_failure` for a failed

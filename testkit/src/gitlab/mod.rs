@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use servitor_proto::job::{Artifact, Cache, Service};
+use servitor_proto::job::{Artifact, Cache, Hook, Service};
 use servitor_runtime::secret::Secret;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -168,6 +168,8 @@ pub struct JobSpec {
     pub cache: Vec<Cache>,
     /// `services[]` of the payload.
     pub services: Vec<Service>,
+    /// `hooks[]` of the payload.
+    pub hooks: Vec<Hook>,
     /// Names of earlier jobs whose artifacts this job downloads
     /// (`needs:`); the job is handed out only once they have finished.
     pub needs: Vec<String>,
@@ -191,8 +193,19 @@ impl JobSpec {
             artifacts: Vec::new(),
             cache: Vec::new(),
             services: Vec::new(),
+            hooks: Vec::new(),
             needs: Vec::new(),
         }
+    }
+
+    /// `hooks:pre_get_sources_script`.
+    #[must_use]
+    pub fn pre_get_sources<I: IntoIterator<Item = S>, S: Into<String>>(mut self, lines: I) -> Self {
+        self.hooks.push(Hook {
+            name: "pre_get_sources_script".to_owned(),
+            script: lines.into_iter().map(Into::into).collect(),
+        });
+        self
     }
 
     /// Adds a `services[]` entry.

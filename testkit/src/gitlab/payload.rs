@@ -235,6 +235,7 @@ pub(super) fn build(job: &Job, base_url: &str, dependencies: Value) -> Value {
         "steps": steps,
         "image": image,
         "services": spec.services,
+        "hooks": spec.hooks,
         "artifacts": spec.artifacts,
         "cache": spec.cache,
         "credentials": [],
