@@ -70,6 +70,10 @@ pub struct ExecutorConfig {
     /// its whole instance: enable it only where every job may.
     #[serde(default)]
     pub privileged: bool,
+    /// Seconds a job waits for its services to answer (gitlab-runner's
+    /// `wait_for_services_timeout`): 0 for the default 30, -1 not to wait.
+    #[serde(default)]
+    pub wait_for_services_timeout: i64,
     /// Where each attempt gets its build directory.
     #[serde(default = "default_work_dir")]
     pub work_dir: PathBuf,
@@ -82,6 +86,7 @@ impl Default for ExecutorConfig {
             default_image: None,
             pull_policy: default_pull_policy(),
             privileged: false,
+            wait_for_services_timeout: 0,
             work_dir: default_work_dir(),
         }
     }

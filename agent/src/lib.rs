@@ -132,6 +132,7 @@ async fn pick_executor(config: &AgentConfig, owner: &str) -> Result<AnyExecutor,
         default_image: config.executor.default_image.clone(),
         pull_policy,
         privileged: config.executor.privileged,
+        wait_for_services_secs: config.executor.wait_for_services_timeout,
     };
     let docker = match config.executor.kind {
         ExecutorKind::Shell => return Ok(AnyExecutor::from(ShellExecutor::new())),

@@ -288,6 +288,10 @@ pub struct LocalFleetConfig {
     /// a privileged job controls the machine.
     #[serde(default)]
     pub privileged: bool,
+    /// Seconds jobs wait for their services (0: the agent's default, 30;
+    /// -1: no wait).
+    #[serde(default)]
+    pub wait_for_services_timeout: i64,
     /// Program and arguments that start an agent; by default the
     /// `servitor-agent` binary beside the coordinator's.
     #[serde(default)]

@@ -515,6 +515,7 @@ fn local_fleet(
         .to_owned(),
         default_image: config.fleet.local.default_image.clone(),
         privileged: config.fleet.local.privileged,
+        wait_for_services_timeout: config.fleet.local.wait_for_services_timeout,
         capacity: config.fleet.capacity_per_instance,
         imds_endpoints: options.local_imds_endpoints.clone(),
     })))

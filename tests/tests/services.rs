@@ -168,6 +168,49 @@ const MOUNT: &str =
     "mkdir -p /tmp/m && busybox mount -t tmpfs none /tmp/m && echo mounted-$((40+2))";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_never_answers_is_a_warning_with_its_logs_not_a_failure() {
+    ensure_service_image().await.unwrap();
+    let h = Harness::start(HarnessOptions {
+        configure: Tweak::new(|config| config.fleet.local.wait_for_services_timeout = 2),
+        ..HarnessOptions::default()
+    })
+    .await
+    .unwrap();
+    let silent = Service {
+        alias: "silent".to_owned(),
+        command: vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            "echo starting but never listening; sleep 300".to_owned(),
+        ],
+        ..service("")
+    };
+    let id = h
+        .standin
+        .push_job(
+            JobSpec::new("impatient")
+                .service(silent)
+                .script(["echo the job ran anyway"]),
+        )
+        .await
+        .unwrap();
+    let r = h.wait_final(id, JOB_TIMEOUT).await.unwrap();
+    let text = r.trace_text();
+    assert_eq!(r.state, JobState::Success, "{text}");
+    assert!(
+        text.contains("Waiting for services to be up and running (timeout 2 seconds)..."),
+        "{text}"
+    );
+    assert!(text.contains("probably didn't start properly"), "{text}");
+    assert!(text.contains("did not answer on"), "{text}");
+    assert!(
+        text.contains("starting but never listening"),
+        "the service's logs: {text}"
+    );
+    assert!(text.contains("the job ran anyway"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn privileged_is_asked_of_the_engine() {
     ensure_service_image().await.unwrap();
     let h = Harness::start(HarnessOptions {

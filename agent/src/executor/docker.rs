@@ -151,6 +151,20 @@ pub struct DockerConfig {
     /// `privileged`), as Docker-in-Docker needs. Off by default: a
     /// privileged job can do anything its instance can.
     pub privileged: bool,
+    /// Seconds a job waits for its services to answer: 0 for gitlab-runner's
+    /// default (30), negative not to wait.
+    pub wait_for_services_secs: i64,
+}
+
+impl DockerConfig {
+    /// How long a job waits for its services; `None` not to wait.
+    fn wait_for_services(&self) -> Option<Duration> {
+        match u64::try_from(self.wait_for_services_secs) {
+            Err(_) => None,
+            Ok(0) => Some(services::WAIT_TIMEOUT),
+            Ok(secs) => Some(Duration::from_secs(secs)),
+        }
+    }
 }
 
 /// Runs jobs in Docker containers.
@@ -303,10 +317,10 @@ impl DockerExecutor {
             }
             Err(interrupt) => return Err(attempt.interrupted(interrupt)),
         };
-        match attempt
-            .bounded(services.wait(job, services::WAIT_TIMEOUT, out))
-            .await
-        {
+        let Some(timeout) = self.config.wait_for_services() else {
+            return Ok(Some(services));
+        };
+        match attempt.bounded(services.wait(job, timeout, out)).await {
             Ok(()) => Ok(Some(services)),
             Err(interrupt) => {
                 services.remove().await;
@@ -769,6 +783,7 @@ mod tests {
             default_image: Some(TEST_IMAGE.to_owned()),
             pull_policy: PullPolicy::IfNotPresent,
             privileged: false,
+            wait_for_services_secs: 0,
         };
         let executor = DockerExecutor::connect(config)
             .await

@@ -33,6 +33,8 @@ pub struct LocalFleetSettings {
     pub default_image: Option<String>,
     /// Agents run containers privileged (Docker-in-Docker).
     pub privileged: bool,
+    /// Seconds jobs wait for their services; 0 leaves the agent's default.
+    pub wait_for_services_timeout: i64,
     pub capacity: u32,
     /// Instance metadata endpoints handed to local instances in launch
     /// order (`local-1` gets the first); instances past the list, or all
@@ -189,6 +191,12 @@ impl LocalFleet {
         }
         if s.privileged {
             text.push_str("privileged = true\n");
+        }
+        if s.wait_for_services_timeout != 0 {
+            text.push_str(&format!(
+                "wait_for_services_timeout = {}\n",
+                s.wait_for_services_timeout
+            ));
         }
         text.push_str(&format!(
             "\n[instance]\nid = {id:?}\ninstance_type = \"local\"\nmarket = \"local\"\n"
