@@ -350,19 +350,38 @@ impl JobApi {
                 })
             }
         }
-        let mut file = tokio::fs::File::create(dest)
-            .await
-            .map_err(JobApiError::io("create", dest))?;
-        let mut body = response.bytes_stream();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(JobApiError::transport("read the artifacts"))?;
-            file.write_all(&chunk)
-                .await
-                .map_err(JobApiError::io("write", dest))?;
-        }
-        file.flush().await.map_err(JobApiError::io("write", dest))?;
+        save_body(response, dest).await.map_err(|e| match e {
+            BodyError::Read(source) => JobApiError::Transport {
+                what: "read the artifacts",
+                source,
+            },
+            BodyError::Write(source) => JobApiError::io("write", dest)(source),
+        })?;
         Ok((status, redirected_to))
     }
+}
+
+/// Why a response body did not reach its file.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    /// The peer or the network failed; another try may work.
+    Read(reqwest::Error),
+    /// The file could not be written.
+    Write(std::io::Error),
+}
+
+/// Streams `response`'s body into `dest` (created or replaced).
+pub(crate) async fn save_body(response: reqwest::Response, dest: &Path) -> Result<(), BodyError> {
+    let mut file = tokio::fs::File::create(dest)
+        .await
+        .map_err(BodyError::Write)?;
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        file.write_all(&chunk.map_err(BodyError::Read)?)
+            .await
+            .map_err(BodyError::Write)?;
+    }
+    file.flush().await.map_err(BodyError::Write)
 }
 
 enum Upload {

@@ -298,7 +298,8 @@ pub(crate) async fn untracked_files(project_dir: &Path, out: &JobOutput) -> Vec<
     }
 }
 
-async fn remove_quietly(path: &Path) {
+/// Removes a temporary archive; one already gone is fine.
+pub(crate) async fn remove_quietly(path: &Path) {
     if let Err(e) = tokio::fs::remove_file(path).await {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::debug!(path = %path.display(), error = %e, "could not remove a temporary archive");

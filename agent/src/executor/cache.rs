@@ -12,15 +12,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use reqwest::StatusCode;
 use servitor_proto::agent::{CacheAccess, CacheObject};
 use servitor_proto::job::{Cache, JobPayload};
-use tokio::io::AsyncWriteExt;
 
 use super::archive::{self, Note};
+use super::artifacts::remove_quietly;
 use super::output::JobOutput;
 use super::JobContext;
+use crate::gitlab::{save_body, BodyError};
 
 /// Tries for a transfer that fails on the network or with a 5xx.
 const TRIES: u32 = 3;
@@ -324,19 +324,10 @@ async fn download_once(
         StatusCode::NOT_FOUND => return Err(("file does not exist".to_owned(), false)),
         status => return Err((format!("{status}"), status.is_server_error())),
     }
-    let mut file = tokio::fs::File::create(dest)
-        .await
-        .map_err(|e| (format!("{}: {e}", dest.display()), false))?;
-    let mut body = response.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| (e.to_string(), true))?;
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| (format!("{}: {e}", dest.display()), false))?;
-    }
-    file.flush()
-        .await
-        .map_err(|e| (format!("{}: {e}", dest.display()), false))
+    save_body(response, dest).await.map_err(|e| match e {
+        BodyError::Read(e) => (e.to_string(), true),
+        BodyError::Write(e) => (format!("{}: {e}", dest.display()), false),
+    })
 }
 
 /// Puts the archive at `file` where `target` says: an upload to its URL
@@ -404,10 +395,6 @@ async fn send(
 /// A URL without its query (the signature), for the log.
 fn without_query(url: &str) -> &str {
     url.split_once('?').map_or(url, |(base, _)| base)
-}
-
-async fn remove_quietly(path: &Path) {
-    let _ = tokio::fs::remove_file(path).await;
 }
 
 #[cfg(test)]

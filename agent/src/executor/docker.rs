@@ -580,10 +580,7 @@ impl ScriptRunner for ContainerRunner<'_> {
             .create_container(None::<CreateContainerOptions>, body)
             .await
             .map_err(DockerError::api("create container"))?;
-        let guard = ContainerGuard {
-            docker: docker.clone(),
-            id: Some(created.id.clone()),
-        };
+        let guard = ContainerGuard::new(docker.clone(), created.id.clone());
         let result = self.drive(&created.id, out, stop).await;
         guard.remove().await;
         result
@@ -723,12 +720,25 @@ fn exit_status(
 
 /// Removes a container when dropped, so a job future dropped half way leaves
 /// no container behind; [`ContainerGuard::remove`] does it in line.
-struct ContainerGuard {
+pub(crate) struct ContainerGuard {
     docker: Docker,
     id: Option<String>,
 }
 
 impl ContainerGuard {
+    /// Removes container `id` unless kept.
+    pub(crate) fn new(docker: Docker, id: String) -> Self {
+        Self {
+            docker,
+            id: Some(id),
+        }
+    }
+
+    /// Keeps the container (it started; someone else removes it later).
+    pub(crate) fn keep(mut self) -> String {
+        self.id.take().unwrap_or_default()
+    }
+
     async fn remove(mut self) {
         if let Some(id) = self.id.take() {
             remove_container(&self.docker, &id).await;

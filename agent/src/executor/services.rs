@@ -27,7 +27,8 @@ use servitor_proto::agent::FailureKind;
 use servitor_proto::job::{JobPayload, Service};
 
 use super::docker::{
-    remove_container, DockerError, LABEL_AGENT, LABEL_ATTEMPT, LABEL_JOB_ID, LABEL_STEP,
+    remove_container, ContainerGuard, DockerError, LABEL_AGENT, LABEL_ATTEMPT, LABEL_JOB_ID,
+    LABEL_STEP,
 };
 use super::output::{JobOutput, ANSI_RESET, ANSI_YELLOW};
 
@@ -481,35 +482,11 @@ async fn start_one(
             body,
         )
         .await?;
-    let guard = StartGuard {
-        docker: docker.clone(),
-        id: Some(created.id.clone()),
-    };
+    let guard = ContainerGuard::new(docker.clone(), created.id.clone());
     docker
         .start_container(&created.id, None::<StartContainerOptions>)
         .await?;
     Ok(guard.keep())
-}
-
-/// Removes a created service container whose start failed.
-struct StartGuard {
-    docker: Docker,
-    id: Option<String>,
-}
-
-impl StartGuard {
-    fn keep(mut self) -> String {
-        self.id.take().unwrap_or_default()
-    }
-}
-
-impl Drop for StartGuard {
-    fn drop(&mut self) {
-        if let (Some(id), Ok(runtime)) = (self.id.take(), tokio::runtime::Handle::try_current()) {
-            let docker = self.docker.clone();
-            runtime.spawn(async move { remove_container(&docker, &id).await });
-        }
-    }
 }
 
 /// The job variables services see: the public (and runner-added) ones, as
