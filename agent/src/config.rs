@@ -65,6 +65,10 @@ pub struct ExecutorConfig {
     /// `always`, `if-not-present` or `never`, for jobs that set none.
     #[serde(default = "default_pull_policy")]
     pub pull_policy: String,
+    /// The pull policies a job's `pull_policy` may ask for
+    /// (gitlab-runner's `allowed_pull_policies`); empty allows all three.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_pull_policies: Vec<String>,
     /// Run job and service containers privileged (gitlab-runner's
     /// `privileged`), as Docker-in-Docker needs. A privileged job controls
     /// its whole instance: enable it only where every job may.
@@ -85,6 +89,7 @@ impl Default for ExecutorConfig {
             kind: ExecutorKind::Auto,
             default_image: None,
             pull_policy: default_pull_policy(),
+            allowed_pull_policies: Vec::new(),
             privileged: false,
             wait_for_services_timeout: 0,
             work_dir: default_work_dir(),
@@ -207,6 +212,17 @@ impl AgentConfig {
             return fail(format!(
                 "executor.pull_policy {:?} must be one of {}",
                 config.executor.pull_policy,
+                PULL_POLICIES.join(", ")
+            ));
+        }
+        if let Some(bad) = config
+            .executor
+            .allowed_pull_policies
+            .iter()
+            .find(|p| !PULL_POLICIES.contains(&p.as_str()))
+        {
+            return fail(format!(
+                "executor.allowed_pull_policies has {bad:?}; each must be one of {}",
                 PULL_POLICIES.join(", ")
             ));
         }

@@ -128,9 +128,17 @@ async fn pick_executor(config: &AgentConfig, owner: &str) -> Result<AnyExecutor,
         .pull_policy
         .parse()
         .map_err(|e| ConfigError(format!("executor.pull_policy: {e}")))?;
+    let allowed_pull_policies = config
+        .executor
+        .allowed_pull_policies
+        .iter()
+        .map(|p| p.parse())
+        .collect::<Result<Vec<PullPolicy>, _>>()
+        .map_err(|e| ConfigError(format!("executor.allowed_pull_policies: {e}")))?;
     let docker_config = DockerConfig {
         default_image: config.executor.default_image.clone(),
         pull_policy,
+        allowed_pull_policies,
         privileged: config.executor.privileged,
         wait_for_services_secs: config.executor.wait_for_services_timeout,
     };

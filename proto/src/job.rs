@@ -36,7 +36,7 @@ pub struct JobPayload {
     #[serde(deserialize_with = "nullable")]
     pub cache: Vec<Cache>,
     #[serde(deserialize_with = "nullable")]
-    pub credentials: Vec<serde_json::Value>,
+    pub credentials: Vec<Credential>,
     #[serde(deserialize_with = "nullable")]
     pub dependencies: Vec<Dependency>,
     #[serde(deserialize_with = "nullable")]
@@ -147,9 +147,44 @@ pub struct Image {
     pub name: String,
     #[serde(deserialize_with = "nullable")]
     pub entrypoint: Vec<String>,
-    /// `always`, `if-not-present`, `never`; the first is used.
+    /// `always`, `if-not-present`, `never`, tried in order.
     #[serde(deserialize_with = "nullable")]
     pub pull_policy: Vec<String>,
+    /// Executor options: `{docker: {platform, user}}`. Kept as JSON so that
+    /// an option this runner does not know fails the job instead of being
+    /// dropped.
+    #[serde(deserialize_with = "nullable")]
+    pub executor_opts: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A registry login GitLab sends with a job (`credentials[]`): its own
+/// container registry or dependency proxy, with the job token.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Credential {
+    /// `registry` is the only kind a runner uses.
+    #[serde(rename = "type")]
+    #[serde(deserialize_with = "nullable")]
+    pub kind: String,
+    /// The registry's host and port.
+    #[serde(deserialize_with = "nullable")]
+    pub url: String,
+    #[serde(deserialize_with = "nullable")]
+    pub username: String,
+    /// Usually the job token. Never log it.
+    #[serde(deserialize_with = "nullable")]
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("kind", &self.kind)
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &"***")
+            .finish()
+    }
 }
 
 /// One `services[]` entry: a container started beside the job's.
@@ -170,6 +205,9 @@ pub struct Service {
     pub variables: Vec<ServiceVariable>,
     #[serde(deserialize_with = "nullable")]
     pub pull_policy: Vec<String>,
+    /// As [`Image::executor_opts`].
+    #[serde(deserialize_with = "nullable")]
+    pub executor_opts: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A service's own variable.

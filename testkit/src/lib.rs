@@ -1,6 +1,7 @@
 //! Servitor's test doubles, wire-faithful and local: a [`gitlab`] stand-in
 //! that speaks the runner API (and git's smart HTTP) over HTTP, an [`imds`]
-//! stand-in that speaks IMDSv2, and the job [`image`] built from the host's
+//! stand-in that speaks IMDSv2, a container [`registry`] behind Basic
+//! authentication, and the job [`image`] built from the host's
 //! busybox because no registry is reachable.
 //!
 //! Used by the unit tests of the production crates (as a dev-dependency),
@@ -12,6 +13,7 @@
 pub mod gitlab;
 pub mod image;
 pub mod imds;
+pub mod registry;
 
 use std::time::Duration;
 

@@ -16,6 +16,62 @@ use std::time::SystemTime;
 
 use flate2::{Compression, GzBuilder};
 
+/// How hard zip archives are compressed: gitlab-runner's
+/// `ARTIFACT_COMPRESSION_LEVEL` and `CACHE_COMPRESSION_LEVEL`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Level {
+    /// Stored, not compressed: for data that is already compressed, or
+    /// when the network is faster than deflate.
+    Fastest,
+    Fast,
+    #[default]
+    Default,
+    Slow,
+    Slowest,
+}
+
+impl Level {
+    /// Reads a level by name; `None` for a name that is none of
+    /// `fastest`, `fast`, `default`, `slow`, `slowest`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "fastest" => Some(Level::Fastest),
+            "fast" => Some(Level::Fast),
+            "" | "default" => Some(Level::Default),
+            "slow" => Some(Level::Slow),
+            "slowest" => Some(Level::Slowest),
+            _ => None,
+        }
+    }
+
+    /// The job's level from variable `key`, with the warning for a value
+    /// that names no level (the default level is used, as gitlab-runner
+    /// does).
+    pub fn from_variable(value: Option<&str>, key: &str) -> (Self, Option<String>) {
+        match value.map(|v| (v, Self::parse(v))) {
+            None => (Level::Default, None),
+            Some((_, Some(level))) => (level, None),
+            Some((value, None)) => (
+                Level::Default,
+                Some(format!(
+                    "{key} {value:?} is not a compression level; using default (choose fastest, fast, default, slow or slowest)"
+                )),
+            ),
+        }
+    }
+
+    fn options(self, options: zip::write::SimpleFileOptions) -> zip::write::SimpleFileOptions {
+        let deflated = options.compression_method(zip::CompressionMethod::Deflated);
+        match self {
+            Level::Fastest => options.compression_method(zip::CompressionMethod::Stored),
+            Level::Fast => deflated.compression_level(Some(1)),
+            Level::Default => deflated,
+            Level::Slow => deflated.compression_level(Some(7)),
+            Level::Slowest => deflated.compression_level(Some(9)),
+        }
+    }
+}
+
 /// What a chosen path is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -246,8 +302,8 @@ fn zip_time(modified: io::Result<SystemTime>) -> zip::DateTime {
 }
 
 /// Writes `selection` from `project_dir` as a zip at `dest`: directories
-/// end in `/`, files are deflated, links are stored with their target as
-/// content; modes and modification times are kept.
+/// end in `/`, files are deflated at `level`, links are stored with their
+/// target as content; modes and modification times are kept.
 ///
 /// # Errors
 /// Fails when a file cannot be read or the archive written.
@@ -255,6 +311,7 @@ pub fn write_zip(
     project_dir: &Path,
     selection: &Selection,
     dest: &Path,
+    level: Level,
 ) -> Result<u64, ArchiveError> {
     let zip_error = |source| ArchiveError::Zip {
         path: dest.display().to_string(),
@@ -283,8 +340,8 @@ pub fn write_zip(
                     .map_err(zip_error)?;
             }
             Kind::File => {
-                let options = options
-                    .compression_method(zip::CompressionMethod::Deflated)
+                let options = level
+                    .options(options)
                     .large_file(meta.len() >= u64::from(u32::MAX));
                 zip.start_file(rel.as_str(), options).map_err(zip_error)?;
                 let mut source = File::open(&path).map_err(io_error("read", &path))?;
@@ -552,7 +609,7 @@ mod tests {
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         let selection = select(dir.path(), &strings(&["out"]), &[], &[]).unwrap();
         let archive = dir.path().join("a.zip");
-        write_zip(dir.path(), &selection, &archive).unwrap();
+        write_zip(dir.path(), &selection, &archive, Level::Default).unwrap();
 
         let target = tempfile::tempdir().unwrap();
         std::fs::write(target.path().join("out"), "a file where a dir goes").ok();
@@ -567,6 +624,37 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o755);
+    }
+
+    #[test]
+    fn compression_levels_trade_size_for_speed_and_all_extract() {
+        let dir = tempfile::tempdir().unwrap();
+        let text: String = (0..20_000)
+            .map(|i| format!("line {} of a log\n", i % 97))
+            .collect();
+        std::fs::write(dir.path().join("log.txt"), &text).unwrap();
+        let selection = select(dir.path(), &strings(&["log.txt"]), &[], &[]).unwrap();
+        let mut sizes = Vec::new();
+        for level in [Level::Fastest, Level::Fast, Level::Slowest] {
+            let archive = dir.path().join(format!("{level:?}.zip"));
+            sizes.push(write_zip(dir.path(), &selection, &archive, level).unwrap());
+            let target = tempfile::tempdir().unwrap();
+            extract_zip(&archive, target.path()).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(target.path().join("log.txt")).unwrap(),
+                text
+            );
+        }
+        // Stored: at least the file itself; deflated: far smaller.
+        assert!(sizes[0] >= text.len() as u64, "{sizes:?}");
+        assert!(sizes[1] * 5 < sizes[0], "{sizes:?}");
+        assert!(sizes[2] <= sizes[1], "{sizes:?}");
+        assert_eq!(Level::parse(" Slowest "), Some(Level::Slowest));
+        let (level, warning) = Level::from_variable(Some("ultra"), "CACHE_COMPRESSION_LEVEL");
+        assert_eq!(level, Level::Default);
+        assert!(warning
+            .unwrap()
+            .contains("CACHE_COMPRESSION_LEVEL \"ultra\""));
     }
 
     #[test]

@@ -19,6 +19,9 @@ use super::output::JobOutput;
 use super::JobContext;
 use crate::gitlab::{JobApi, UploadQuery};
 
+/// The job variable that sets how hard artifact zips are compressed.
+const ARTIFACT_LEVEL_VARIABLE: &str = "ARTIFACT_COMPRESSION_LEVEL";
+
 /// How an archive is sent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Format {
@@ -148,8 +151,15 @@ pub(crate) async fn upload(
             continue;
         }
         let file_name = upload_name(&ctx.job.expand(&artifact.name), format);
+        let (level, warning) = archive::Level::from_variable(
+            ctx.job.variable(ARTIFACT_LEVEL_VARIABLE),
+            ARTIFACT_LEVEL_VARIABLE,
+        );
+        if let Some(warning) = warning {
+            out.warning(&warning).await;
+        }
         let (path, temporary) =
-            match archive_for(format, project_dir, tmp_dir, index, selection).await {
+            match archive_for(format, project_dir, tmp_dir, index, selection, level).await {
                 Ok(made) => made,
                 Err(e) => {
                     out.error(&e).await;
@@ -239,11 +249,12 @@ async fn archive_for(
     tmp_dir: &Path,
     index: usize,
     selection: Selection,
+    level: archive::Level,
 ) -> Result<(PathBuf, bool), String> {
     let dir = project_dir.to_path_buf();
     let dest = tmp_dir.join(format!("artifacts-{index}{}", format.extension()));
     let made = tokio::task::spawn_blocking(move || match format {
-        Format::Zip => archive::write_zip(&dir, &selection, &dest).map(|_| (dest, true)),
+        Format::Zip => archive::write_zip(&dir, &selection, &dest, level).map(|_| (dest, true)),
         Format::Gzip => archive::write_gzip(&dir, &selection, &dest).map(|_| (dest, true)),
         Format::Raw => archive::raw_file(&dir, &selection).map(|path| (path, false)),
     })

@@ -24,6 +24,11 @@ use crate::gitlab::{save_body, BodyError};
 
 /// Tries for a transfer that fails on the network or with a 5xx.
 const TRIES: u32 = 3;
+/// The job variable that sets how hard cache zips are compressed.
+const CACHE_LEVEL_VARIABLE: &str = "CACHE_COMPRESSION_LEVEL";
+/// The job variable that bounds each cache transfer, in minutes.
+const REQUEST_TIMEOUT_VARIABLE: &str = "CACHE_REQUEST_TIMEOUT";
+const DEFAULT_REQUEST_MINUTES: u64 = 10;
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 /// What a policy allows.
@@ -86,7 +91,7 @@ pub async fn restore(
     tmp_dir: &Path,
     out: &JobOutput,
 ) -> Result<(), String> {
-    let http = client();
+    let http = client(&ctx.job, out).await;
     for (index, (entry, access)) in entries(ctx).into_iter().enumerate() {
         let policy = policy_of(entry)?;
         let Some(access) = access else {
@@ -149,7 +154,7 @@ pub async fn save(
     tmp_dir: &Path,
     out: &JobOutput,
 ) {
-    let http = client();
+    let http = client(&ctx.job, out).await;
     for (index, (entry, access)) in entries(ctx).into_iter().enumerate() {
         if !entry.when.applies(success) {
             continue;
@@ -211,6 +216,11 @@ async fn archive_and_send(
     } else {
         Vec::new()
     };
+    let (level, warning) =
+        archive::Level::from_variable(job.variable(CACHE_LEVEL_VARIABLE), CACHE_LEVEL_VARIABLE);
+    if let Some(warning) = warning {
+        out.warning(&warning).await;
+    }
     let file = tmp_dir.join(format!("cache-{index}.zip"));
     let (dir, dest) = (project_dir.to_path_buf(), file.clone());
     let made = tokio::task::spawn_blocking(move || {
@@ -218,7 +228,7 @@ async fn archive_and_send(
         if selection.entries.is_empty() {
             return Ok((selection.notes, None));
         }
-        let size = archive::write_zip(&dir, &selection, &dest)?;
+        let size = archive::write_zip(&dir, &selection, &dest, level)?;
         Ok::<_, archive::ArchiveError>((selection.notes, Some(size)))
     })
     .await
@@ -263,11 +273,26 @@ async fn not_configured(job: &JobPayload, entry: &Cache, out: &JobOutput) {
     .await;
 }
 
-fn client() -> reqwest::Client {
+/// The client for the job's cache transfers: each may take the job's
+/// `CACHE_REQUEST_TIMEOUT` (minutes, gitlab-runner's default 10).
+async fn client(job: &JobPayload, out: &JobOutput) -> reqwest::Client {
+    let minutes = match job.variable(REQUEST_TIMEOUT_VARIABLE) {
+        None => DEFAULT_REQUEST_MINUTES,
+        Some(value) => match value.trim().parse::<u64>() {
+            Ok(minutes) if minutes > 0 => minutes,
+            _ => {
+                out.warning(&format!(
+                    "{REQUEST_TIMEOUT_VARIABLE} {value:?} is not a whole number of minutes; using {DEFAULT_REQUEST_MINUTES}"
+                ))
+                .await;
+                DEFAULT_REQUEST_MINUTES
+            }
+        },
+    };
     reqwest::Client::builder()
         .user_agent(concat!("servitor-agent/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(30))
-        .read_timeout(Duration::from_secs(600))
+        .timeout(Duration::from_secs(minutes.saturating_mul(60)))
         .build()
         .unwrap_or_default()
 }

@@ -8,9 +8,10 @@
 //! stops a container with SIGTERM and then SIGKILL after a grace period on
 //! timeout or graceful cancel, kills it at once on abort, and always removes
 //! its containers. A job's services run beside it on a network of the
-//! job's own (see `services`). Not responsible for caches, artifacts,
-//! registry credentials, removing the work directory (the caller does), or
-//! building the local job image tests use (the test kit does).
+//! job's own (see `services`). Pulls carry the registry login `auth`
+//! chooses. Not responsible for caches, artifacts, removing the work
+//! directory (the caller does), or building the local job image tests use
+//! (the test kit does).
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -20,7 +21,7 @@ use bollard::container::AttachContainerResults;
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerCreateBody, ContainerWaitResponse, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
-    AttachContainerOptionsBuilder, CreateContainerOptions, CreateImageOptionsBuilder,
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
     KillContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
     StartContainerOptions, WaitContainerOptions,
 };
@@ -30,6 +31,7 @@ use servitor_proto::agent::FailureKind;
 use tokio::time::Instant;
 
 use super::attempt::{Attempt, ScriptRunner, StepRun, StopSignals, STOP_GRACE};
+use super::auth::{self, RegistryAuth};
 use super::output::JobOutput;
 use super::script::Environment;
 use super::services::{self, ServiceSettings, Services};
@@ -83,14 +85,17 @@ pub enum DockerError {
     NoExitStatus,
     #[error("image {image:?} is not present on this host and its pull policy is \"never\"; load or build it on the host, or use pull policy \"if-not-present\" or \"always\"")]
     ImageNotPresent { image: String },
-    #[error("failed to pull image {image:?}: {source}; check the image name and that its registry is reachable from this host")]
+    #[error("failed to pull image {image:?}: {source}; {hint}")]
     Pull {
         image: String,
         #[source]
         source: BollardError,
+        hint: String,
     },
     #[error("pull policy {0:?} is not one of \"always\", \"if-not-present\", \"never\"")]
     UnknownPullPolicy(String),
+    #[error("pull_policy ([{requested}]) defined in GitLab pipeline config is not one of the allowed_pull_policies ([{allowed}]); use one of those in .gitlab-ci.yml, or add it to the agent's executor.allowed_pull_policies")]
+    PullPolicyNotAllowed { requested: String, allowed: String },
 }
 
 impl DockerError {
@@ -147,6 +152,8 @@ pub struct DockerConfig {
     pub default_image: Option<String>,
     /// The pull policy for jobs that give none.
     pub pull_policy: PullPolicy,
+    /// The pull policies a job may ask for; empty for any.
+    pub allowed_pull_policies: Vec<PullPolicy>,
     /// Run job and service containers privileged (gitlab-runner's
     /// `privileged`), as Docker-in-Docker needs. Off by default: a
     /// privileged job can do anything its instance can.
@@ -174,7 +181,8 @@ pub struct DockerExecutor {
     /// The same client with a request timeout as long as a job, for calls
     /// that last as long as a container runs.
     streaming: Docker,
-    config: DockerConfig,
+    /// Shared: executors are cloned per job.
+    config: std::sync::Arc<DockerConfig>,
 }
 
 impl DockerExecutor {
@@ -202,7 +210,7 @@ impl DockerExecutor {
         Self {
             docker,
             streaming,
-            config,
+            config: std::sync::Arc::new(config),
         }
     }
 
@@ -271,6 +279,7 @@ impl DockerExecutor {
         &self,
         attempt: &Attempt<'_>,
         labels: &HashMap<String, String>,
+        auth: &RegistryAuth,
     ) -> Result<Option<Services>, JobResult> {
         let job = &attempt.ctx.job;
         if job.services.is_empty() {
@@ -283,12 +292,9 @@ impl DockerExecutor {
             work_dir: &work_dir,
             privileged: self.config.privileged,
         };
-        let pull = |image: String, policies: Vec<String>| async move {
-            let policy = match policies.first() {
-                Some(policy) => policy.parse::<PullPolicy>()?,
-                None => self.config.pull_policy,
-            };
-            self.ensure_image(&image, policy, out).await
+        let pull = |image: String, policies: Vec<String>, platform: Option<String>| async move {
+            self.ensure_image(&image, &policies, platform.as_deref(), auth, out)
+                .await
         };
         let started = attempt
             .bounded(Services::start(
@@ -346,16 +352,20 @@ impl DockerExecutor {
                 "the job names no image and the agent has no default image; set image: in .gitlab-ci.yml or a default image in the agent's Docker settings".to_owned(),
             ))?
             .to_owned();
-        let policy = match spec.and_then(|i| i.pull_policy.first()) {
-            Some(policy) => policy
-                .parse()
-                .map_err(|e: DockerError| configuration_failure(e.to_string()))?,
-            None => self.config.pull_policy,
-        };
+        let options = ImageOptions::parse(
+            spec.map(|i| &i.executor_opts)
+                .unwrap_or(&serde_json::Map::new()),
+            "image",
+        )
+        .map_err(configuration_failure)?;
+        let auth = RegistryAuth::for_job(job, auth::host_config().await)
+            .await
+            .map_err(|e| configuration_failure(e.to_string()))?;
         out.info(&format!("Using Docker executor with image {image} ..."))
             .await;
+        let policies = spec.map(|i| i.pull_policy.as_slice()).unwrap_or_default();
         match attempt
-            .bounded(self.ensure_image(&image, policy, out))
+            .bounded(self.ensure_image(&image, policies, options.platform.as_deref(), &auth, out))
             .await
         {
             Ok(Ok(())) => {}
@@ -364,6 +374,8 @@ impl DockerExecutor {
                     DockerError::ImageNotPresent { .. } | DockerError::Pull { .. } => {
                         FailureKind::ImagePull
                     }
+                    DockerError::UnknownPullPolicy(_)
+                    | DockerError::PullPolicyNotAllowed { .. } => FailureKind::Configuration,
                     _ => FailureKind::RunnerSystem,
                 };
                 return Err(JobResult::Failed {
@@ -379,10 +391,11 @@ impl DockerExecutor {
             .filter(|entrypoint| !entrypoint.is_empty());
         let ctx = attempt.ctx;
         let labels = services::attempt_labels(ctx.job.id, ctx.attempt, &ctx.owner);
-        let services = self.start_services(attempt, &labels).await?;
+        let services = self.start_services(attempt, &labels, &auth).await?;
         let runner = ContainerRunner {
             executor: self,
             image,
+            options,
             entrypoint,
             labels,
             network: services.as_ref().map(|s| s.network.clone()),
@@ -394,11 +407,55 @@ impl DockerExecutor {
         Ok((runner, services))
     }
 
-    /// Makes `image` present according to `policy`.
+    /// Makes `image` present by the first of its pull `policies` that
+    /// works, as gitlab-runner does: `[always, if-not-present]` uses the
+    /// local image when the registry cannot be reached.
     async fn ensure_image(
         &self,
         image: &str,
+        policies: &[String],
+        platform: Option<&str>,
+        auth: &RegistryAuth,
+        out: &JobOutput,
+    ) -> Result<(), DockerError> {
+        let policies = choose_pull_policies(
+            policies,
+            self.config.pull_policy,
+            &self.config.allowed_pull_policies,
+        )?;
+        if policies.len() > 1 {
+            let names: Vec<_> = policies.iter().map(ToString::to_string).collect();
+            out.info(&format!(
+                "Using effective pull policy of [{}] for container {image}",
+                names.join(" ")
+            ))
+            .await;
+        }
+        let mut policies = policies.into_iter().peekable();
+        while let Some(policy) = policies.next() {
+            match self
+                .ensure_image_by(image, policy, platform, auth, out)
+                .await
+            {
+                Err(e) if policies.peek().is_some() => {
+                    out.warning(&format!(
+                        "Failed to pull image with policy \"{policy}\": {e}"
+                    ))
+                    .await;
+                }
+                result => return result,
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `image` present according to `policy`.
+    async fn ensure_image_by(
+        &self,
+        image: &str,
         policy: PullPolicy,
+        platform: Option<&str>,
+        auth: &RegistryAuth,
         out: &JobOutput,
     ) -> Result<(), DockerError> {
         let pull = match policy {
@@ -417,19 +474,40 @@ impl DockerExecutor {
                 image: image.to_owned(),
             });
         }
+        let login = auth.for_image(image).await;
+        if let Some(found) = &login {
+            out.info(&format!(
+                "Authenticating with credentials from {}",
+                found.origin
+            ))
+            .await;
+        }
         out.info(&format!("Pulling docker image {image} ...")).await;
         let (from_image, tag) = pull_reference(image);
         let mut options = CreateImageOptionsBuilder::new().from_image(from_image);
         if let Some(tag) = tag {
             options = options.tag(tag);
         }
-        let mut progress = self
-            .streaming
-            .create_image(Some(options.build()), None, None);
+        if let Some(platform) = platform {
+            options = options.platform(platform);
+        }
+        let hint = match &login {
+            Some(found) => format!(
+                "the pull used the login from {}: check that it is current and may read this image",
+                found.origin
+            ),
+            None => "check the image name and that its registry is reachable from this host; for a private registry, give its login in the DOCKER_AUTH_CONFIG variable".to_owned(),
+        };
+        let mut progress = self.streaming.create_image(
+            Some(options.build()),
+            None,
+            login.map(|found| found.credentials),
+        );
         while let Some(item) = progress.next().await {
             item.map_err(|source| DockerError::Pull {
                 image: image.to_owned(),
                 source,
+                hint: hint.clone(),
             })?;
         }
         if let Ok(inspect) = self.docker.inspect_image(image).await {
@@ -439,6 +517,102 @@ impl DockerExecutor {
             }
         }
         Ok(())
+    }
+}
+
+/// The pull policies to try for an image, in order: the job's
+/// (`requested`), else the agent's `default`, narrowed to the `allowed` ones
+/// (all when empty).
+fn choose_pull_policies(
+    requested: &[String],
+    default: PullPolicy,
+    allowed: &[PullPolicy],
+) -> Result<Vec<PullPolicy>, DockerError> {
+    if requested.is_empty() {
+        return Ok(vec![default]);
+    }
+    let requested = requested
+        .iter()
+        .map(|p| p.parse::<PullPolicy>())
+        .collect::<Result<Vec<_>, _>>()?;
+    if allowed.is_empty() {
+        return Ok(requested);
+    }
+    let chosen: Vec<_> = requested
+        .iter()
+        .copied()
+        .filter(|p| allowed.contains(p))
+        .collect();
+    if chosen.is_empty() {
+        let list = |policies: &[PullPolicy]| {
+            policies
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        return Err(DockerError::PullPolicyNotAllowed {
+            requested: list(&requested),
+            allowed: list(allowed),
+        });
+    }
+    Ok(chosen)
+}
+
+/// What a job's `executor_opts` may set for the Docker executor
+/// (gitlab-runner's `docker: {platform, user}`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ImageOptions {
+    /// The platform to pull and run, such as `linux/arm64`.
+    pub platform: Option<String>,
+    /// The user the container runs as.
+    pub user: Option<String>,
+}
+
+impl ImageOptions {
+    /// Reads `executor_opts` of `what` (`image`, `services[0]`). An option
+    /// this runner does not know is an error, as in gitlab-runner: a job
+    /// that asked for it must not run without it.
+    pub(crate) fn parse(
+        opts: &serde_json::Map<String, serde_json::Value>,
+        what: &str,
+    ) -> Result<Self, String> {
+        let mut options = Self::default();
+        let mut unknown = Vec::new();
+        for (executor, value) in opts {
+            if !matches!(executor.as_str(), "docker" | "kubernetes") {
+                unknown.push(executor.clone());
+                continue;
+            }
+            let Some(fields) = value.as_object() else {
+                if !value.is_null() {
+                    unknown.push(executor.clone());
+                }
+                continue;
+            };
+            for (field, value) in fields {
+                let text = value.as_str().map(str::to_owned);
+                match (executor.as_str(), field.as_str(), text) {
+                    ("docker", "platform", Some(text)) => {
+                        options.platform = Some(text).filter(|t| !t.is_empty());
+                    }
+                    ("docker", "user", Some(text)) => {
+                        options.user = Some(text).filter(|t| !t.is_empty());
+                    }
+                    // For the Kubernetes executor; not this one's concern.
+                    ("kubernetes", "user", Some(_)) => {}
+                    _ => unknown.push(format!("{executor}.{field}")),
+                }
+            }
+        }
+        if unknown.is_empty() {
+            Ok(options)
+        } else {
+            Err(format!(
+                "{what} executor_opts has options this runner does not support: {}; it supports docker.platform and docker.user (strings)",
+                unknown.join(", ")
+            ))
+        }
     }
 }
 
@@ -513,6 +687,8 @@ async fn containers_labelled(
 struct ContainerRunner<'a> {
     executor: &'a DockerExecutor,
     image: String,
+    /// The image's `executor_opts`.
+    options: ImageOptions,
     entrypoint: Option<Vec<String>>,
     labels: HashMap<String, String>,
     /// The job's network, when it has services.
@@ -554,6 +730,7 @@ impl ScriptRunner for ContainerRunner<'_> {
                 step.script.to_string_lossy().into_owned(),
             ]),
             working_dir: Some(working_dir.to_string_lossy().into_owned()),
+            user: self.options.user.clone(),
             labels: Some(labels),
             tty: Some(false),
             attach_stdout: Some(true),
@@ -576,8 +753,12 @@ impl ScriptRunner for ContainerRunner<'_> {
             }),
             ..Default::default()
         };
+        let mut options = CreateContainerOptionsBuilder::new();
+        if let Some(platform) = &self.options.platform {
+            options = options.platform(platform);
+        }
         let created = docker
-            .create_container(None::<CreateContainerOptions>, body)
+            .create_container(Some(options.build()), body)
             .await
             .map_err(DockerError::api("create container"))?;
         let guard = ContainerGuard::new(docker.clone(), created.id.clone());
@@ -792,6 +973,7 @@ mod tests {
         let config = DockerConfig {
             default_image: Some(TEST_IMAGE.to_owned()),
             pull_policy: PullPolicy::IfNotPresent,
+            allowed_pull_policies: Vec::new(),
             privileged: false,
             wait_for_services_secs: 0,
         };
@@ -1186,7 +1368,10 @@ mod tests {
         };
         executor
             .client()
-            .create_container(None::<CreateContainerOptions>, body)
+            .create_container(
+                None::<bollard::query_parameters::CreateContainerOptions>,
+                body,
+            )
             .await
             .unwrap();
         assert_eq!(executor.remove_leftovers(&agent).await.unwrap(), 1);
@@ -1194,6 +1379,66 @@ mod tests {
             .await
             .unwrap();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn pull_policies_are_tried_in_the_jobs_order_within_the_allowed_ones() {
+        use PullPolicy::{Always, IfNotPresent, Never};
+        let job = |p: &[&str]| p.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            choose_pull_policies(&[], IfNotPresent, &[Always]).unwrap(),
+            [IfNotPresent]
+        );
+        assert_eq!(
+            choose_pull_policies(&job(&["always", "if-not-present"]), Never, &[]).unwrap(),
+            [Always, IfNotPresent]
+        );
+        assert_eq!(
+            choose_pull_policies(
+                &job(&["always", "if-not-present"]),
+                Always,
+                &[IfNotPresent, Never]
+            )
+            .unwrap(),
+            [IfNotPresent]
+        );
+        let err = choose_pull_policies(&job(&["never"]), Always, &[Always]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "pull_policy ([never]) defined in GitLab pipeline config is not one of the allowed_pull_policies ([always]); use one of those in .gitlab-ci.yml, or add it to the agent's executor.allowed_pull_policies"
+        );
+        assert!(matches!(
+            choose_pull_policies(&job(&["sometimes"]), Always, &[]),
+            Err(DockerError::UnknownPullPolicy(_))
+        ));
+    }
+
+    #[test]
+    fn executor_opts_take_platform_and_user_and_refuse_the_rest() {
+        let opts = |v: serde_json::Value| v.as_object().cloned().unwrap();
+        assert_eq!(
+            ImageOptions::parse(
+                &opts(
+                    serde_json::json!({"docker": {"platform": "linux/arm64", "user": "1000"},
+                                         "kubernetes": {"user": "1000"}})
+                ),
+                "image"
+            )
+            .unwrap(),
+            ImageOptions {
+                platform: Some("linux/arm64".to_owned()),
+                user: Some("1000".to_owned()),
+            }
+        );
+        let err = ImageOptions::parse(
+            &opts(serde_json::json!({"docker": {"gpus": "all", "user": 5}, "podman": {}})),
+            "services[1]",
+        )
+        .unwrap_err();
+        assert!(err.starts_with("services[1] executor_opts"), "{err}");
+        assert!(err.contains("docker.gpus"), "{err}");
+        assert!(err.contains("docker.user"), "{err}");
+        assert!(err.contains("podman"), "{err}");
     }
 
     #[test]

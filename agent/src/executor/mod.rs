@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub mod archive;
 mod artifacts;
 mod attempt;
+pub mod auth;
 pub mod cache;
 pub mod docker;
 pub mod output;

@@ -27,8 +27,8 @@ use servitor_proto::agent::FailureKind;
 use servitor_proto::job::{JobPayload, Service};
 
 use super::docker::{
-    remove_container, ContainerGuard, DockerError, LABEL_AGENT, LABEL_ATTEMPT, LABEL_JOB_ID,
-    LABEL_STEP,
+    remove_container, ContainerGuard, DockerError, ImageOptions, LABEL_AGENT, LABEL_ATTEMPT,
+    LABEL_JOB_ID, LABEL_STEP,
 };
 use super::output::{JobOutput, ANSI_RESET, ANSI_YELLOW};
 
@@ -101,7 +101,7 @@ impl Services {
         pull: P,
     ) -> Result<Self, StartFailure>
     where
-        P: Fn(String, Vec<String>) -> F,
+        P: Fn(String, Vec<String>, Option<String>) -> F,
         F: std::future::Future<Output = Result<(), DockerError>>,
     {
         let suffix: String = (0..8)
@@ -147,12 +147,26 @@ impl Services {
                     format!("services[{index}] names no image"),
                 ));
             }
+            let options =
+                match ImageOptions::parse(&service.executor_opts, &format!("services[{index}]")) {
+                    Ok(options) => options,
+                    Err(message) => {
+                        return Err(fail(services, FailureKind::Configuration, message))
+                    }
+                };
             let (name, version) = split_name_and_version(&image);
             out.info(&format!("Starting service {name}:{version} ..."))
                 .await;
-            if let Err(e) = pull(image.clone(), service.pull_policy.clone()).await {
+            let pulled = pull(
+                image.clone(),
+                service.pull_policy.clone(),
+                options.platform.clone(),
+            )
+            .await;
+            if let Err(e) = pulled {
                 let kind = match e {
-                    DockerError::UnknownPullPolicy(_) => FailureKind::Configuration,
+                    DockerError::UnknownPullPolicy(_)
+                    | DockerError::PullPolicyNotAllowed { .. } => FailureKind::Configuration,
                     DockerError::ImageNotPresent { .. } | DockerError::Pull { .. } => {
                         FailureKind::ImagePull
                     }
@@ -182,6 +196,7 @@ impl Services {
             match start_one(
                 docker,
                 service,
+                &options,
                 &image,
                 &container_name,
                 &network,
@@ -436,6 +451,7 @@ pub(crate) async fn remove_leftover_networks(
 async fn start_one(
     docker: &Docker,
     service: &Service,
+    options: &ImageOptions,
     image: &str,
     name: &str,
     network: &str,
@@ -458,6 +474,7 @@ async fn start_one(
         entrypoint: (!service.entrypoint.is_empty()).then(|| service.entrypoint.clone()),
         cmd: (!service.command.is_empty()).then(|| service.command.clone()),
         env: Some(env),
+        user: options.user.clone(),
         labels: Some(labels),
         host_config: Some(HostConfig {
             network_mode: Some(network.to_owned()),
@@ -476,12 +493,11 @@ async fn start_one(
         }),
         ..Default::default()
     };
-    let created = docker
-        .create_container(
-            Some(CreateContainerOptionsBuilder::new().name(name).build()),
-            body,
-        )
-        .await?;
+    let mut create = CreateContainerOptionsBuilder::new().name(name);
+    if let Some(platform) = &options.platform {
+        create = create.platform(platform);
+    }
+    let created = docker.create_container(Some(create.build()), body).await?;
     let guard = ContainerGuard::new(docker.clone(), created.id.clone());
     docker
         .start_container(&created.id, None::<StartContainerOptions>)

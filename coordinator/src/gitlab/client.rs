@@ -133,13 +133,15 @@ pub fn runner_features() -> Map<String, Value> {
         ("services", true),
         ("service_variables", true),
         ("service_multiple_aliases", true),
+        // `executor_opts: {docker: {platform, user}}` for images and
+        // services; an unknown option fails the job.
+        ("image_executor_opts", true),
+        ("service_executor_opts", true),
         ("shared", false),
         ("session", false),
         ("terminal", false),
         ("proxy", false),
         ("vault_secrets", false),
-        ("image_executor_opts", false),
-        ("service_executor_opts", false),
         ("native_steps_integration", false),
         ("two_phase_job_commit", false),
         ("job_inputs", false),
@@ -929,13 +931,15 @@ mod tests {
             "service_variables",
             "service_multiple_aliases",
             "multi_build_steps",
+            "image_executor_opts",
+            "service_executor_opts",
         ] {
             assert!(on.contains(&wanted), "{wanted} must be advertised");
         }
         for never in ["session", "terminal", "two_phase_job_commit"] {
             assert_eq!(features.get(never), Some(&Value::Bool(false)), "{never}");
         }
-        assert_eq!(on.len(), 21);
+        assert_eq!(on.len(), 23);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use servitor_proto::job::{Artifact, Cache, Hook, Service};
+use servitor_proto::job::{Artifact, Cache, Credential, Hook, Service};
 use servitor_runtime::secret::Secret;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -129,8 +129,11 @@ pub struct VariableSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ImageSpec {
     pub name: String,
-    /// `always`, `if-not-present` or `never`; empty leaves it to the runner.
+    /// `always`, `if-not-present` or `never`, in order; empty leaves it to
+    /// the runner.
     pub pull_policy: Vec<String>,
+    /// `executor_opts`, as GitLab passes them; `null` when unset.
+    pub executor_opts: serde_json::Value,
 }
 
 /// A repository served to the job over git's smart HTTP.
@@ -173,6 +176,8 @@ pub struct JobSpec {
     /// Names of earlier jobs whose artifacts this job downloads
     /// (`needs:`); the job is handed out only once they have finished.
     pub needs: Vec<String>,
+    /// `credentials[]` of the payload: registry logins.
+    pub credentials: Vec<Credential>,
 }
 
 impl JobSpec {
@@ -195,7 +200,26 @@ impl JobSpec {
             services: Vec::new(),
             hooks: Vec::new(),
             needs: Vec::new(),
+            credentials: Vec::new(),
         }
+    }
+
+    /// Adds a `credentials[]` entry of type `registry`, as GitLab sends for
+    /// its container registry.
+    #[must_use]
+    pub fn registry_login(
+        mut self,
+        url: impl Into<String>,
+        username: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.credentials.push(Credential {
+            kind: "registry".to_owned(),
+            url: url.into(),
+            username: username.into(),
+            password: password.into(),
+        });
+        self
     }
 
     /// `hooks:pre_get_sources_script`.
@@ -304,16 +328,35 @@ impl JobSpec {
     pub fn image(mut self, name: impl Into<String>) -> Self {
         self.image = Some(ImageSpec {
             name: name.into(),
-            pull_policy: Vec::new(),
+            ..ImageSpec::default()
         });
         self
     }
 
     /// Sets the image's pull policy (after [`Self::image`]).
     #[must_use]
-    pub fn pull_policy(mut self, policy: impl Into<String>) -> Self {
+    pub fn pull_policy(self, policy: impl Into<String>) -> Self {
+        self.pull_policies([policy])
+    }
+
+    /// Sets the image's pull policies, tried in order (after
+    /// [`Self::image`]).
+    #[must_use]
+    pub fn pull_policies<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        policies: I,
+    ) -> Self {
         if let Some(image) = &mut self.image {
-            image.pull_policy = vec![policy.into()];
+            image.pull_policy = policies.into_iter().map(Into::into).collect();
+        }
+        self
+    }
+
+    /// Sets the image's `executor_opts` (after [`Self::image`]).
+    #[must_use]
+    pub fn image_executor_opts(mut self, opts: serde_json::Value) -> Self {
+        if let Some(image) = &mut self.image {
+            image.executor_opts = opts;
         }
         self
     }

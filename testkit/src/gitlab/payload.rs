@@ -194,6 +194,7 @@ pub(super) fn build(job: &Job, base_url: &str, dependencies: Value) -> Value {
             "entrypoint": null,
             "ports": [],
             "pull_policy": if image.pull_policy.is_empty() { Value::Null } else { json!(image.pull_policy) },
+            "executor_opts": image.executor_opts,
         })
     });
 
@@ -238,7 +239,7 @@ pub(super) fn build(job: &Job, base_url: &str, dependencies: Value) -> Value {
         "hooks": spec.hooks,
         "artifacts": spec.artifacts,
         "cache": spec.cache,
-        "credentials": [],
+        "credentials": spec.credentials,
         "dependencies": dependencies,
         "features": features,
     })

@@ -211,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
     let (dir, dest) = (project.clone(), zip_path.clone());
     let size = tokio::task::spawn_blocking(move || {
         let selection = archive::select(&dir, &["out/".to_owned()], &[], &[])?;
-        archive::write_zip(&dir, &selection, &dest)
+        archive::write_zip(&dir, &selection, &dest, archive::Level::Default)
     })
     .await??;
     row("archive (zip)", total, started.elapsed(), rss.take_mib());
