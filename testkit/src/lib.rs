@@ -1,6 +1,7 @@
 //! Servitor's test doubles, wire-faithful and local: a [`gitlab`] stand-in
 //! that speaks the runner API (and git's smart HTTP) over HTTP, an [`imds`]
-//! stand-in that speaks IMDSv2, a container [`registry`] behind Basic
+//! stand-in that speaks IMDSv2, [`iid`] identity documents signed by a test
+//! key, a container [`registry`] behind Basic
 //! authentication, and the job [`image`] built from the host's
 //! busybox because no registry is reachable.
 //!
@@ -11,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod gitlab;
+pub mod iid;
 pub mod image;
 pub mod imds;
 pub mod registry;

@@ -13,6 +13,7 @@
 //! control stream) nor for the certificates themselves (`pki`).
 
 mod enroll;
+pub mod iid;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
