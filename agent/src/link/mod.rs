@@ -85,6 +85,9 @@ pub struct LinkSettings {
     pub trust: CaTrust,
     /// Proof, at enrollment, that the operator sent this agent.
     pub join_token: Secret,
+    /// Proof, at enrollment, that this agent runs on an EC2 instance: its
+    /// signed identity document. Sent instead of the join token when set.
+    pub aws_identity: Option<servitor_proto::agent::AwsIdentity>,
     /// The name the agent asks to be known by; the coordinator derives the
     /// agent id from it.
     pub agent_name: String,
@@ -106,6 +109,7 @@ impl LinkSettings {
             server_name: DEFAULT_SERVER_NAME.to_owned(),
             trust,
             join_token,
+            aws_identity: None,
             agent_name: agent_name.into(),
             state_dir: None,
         }
@@ -364,7 +368,12 @@ impl Dialer {
     async fn enroll(&self, settings: &LinkSettings) -> Result<Credentials, LinkError> {
         let (key, csr_pem) = identity::key_and_csr(&settings.agent_name)?;
         let request = EnrollRequest {
-            join_token: settings.join_token.expose().to_owned(),
+            join_token: if settings.aws_identity.is_some() {
+                String::new()
+            } else {
+                settings.join_token.expose().to_owned()
+            },
+            aws_identity: settings.aws_identity.clone(),
             csr_pem,
             agent_name: settings.agent_name.clone(),
             protocol_version: servitor_proto::link::PROTOCOL_VERSION,

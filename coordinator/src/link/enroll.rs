@@ -22,6 +22,7 @@ use servitor_runtime::secret::Secret;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use super::iid::{IidVerifier, InstanceIdentity};
 use super::ENROLL_TIMEOUT;
 use crate::pki::Pki;
 
@@ -30,6 +31,9 @@ use crate::pki::Pki;
 pub const JOIN_TOKEN_REJECTED: &str = "join token rejected: the agent's join token does not match the coordinator's join_token_file; copy the current token to the agent";
 
 /// Why an unauthenticated connection that did something else was closed.
+/// The answer to an instance identity when aws-iid enrollment is off.
+pub const AWS_IID_OFF: &str = "this coordinator does not enroll agents by instance identity; enable agents.aws_iid in its configuration, or give the agent a join token";
+
 const ONLY_ENROLLMENT: &str = "a connection without a client certificate may only enroll: one bidirectional stream carrying one EnrollRequest";
 
 /// Largest enrollment request read. A P-256 signing request is well under
@@ -63,7 +67,100 @@ pub(super) struct Enroller {
     pki: Pki,
     /// SHA-256 of the join token; `None` (empty token) refuses everyone.
     join_token_digest: Option<[u8; 32]>,
+    /// Enrollment by EC2 instance identity, when enabled.
+    aws_iid: Option<AwsIidEnrollment>,
     cert_validity: Duration,
+}
+
+/// Whether an instance is a running member of the group the coordinator
+/// sizes.
+pub trait GroupMembership: Send + Sync {
+    /// `Ok(true)` for a pending or in-service member of the group.
+    ///
+    /// # Errors
+    /// When the answer cannot be had (the cloud API failed): the agent is
+    /// refused for now and tries again.
+    fn is_member<'a>(
+        &'a self,
+        instance_id: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>>;
+}
+
+/// Instances that have enrolled, so that a document is used once. Kept in
+/// a file in the state directory, so a restart does not forget them.
+#[derive(Debug)]
+pub struct EnrolledInstances {
+    path: Option<std::path::PathBuf>,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl EnrolledInstances {
+    /// The instances recorded in `path` (none when it does not exist yet);
+    /// `None` keeps them in memory only.
+    ///
+    /// # Errors
+    /// When the file exists but cannot be read.
+    pub fn open(path: Option<std::path::PathBuf>) -> std::io::Result<Self> {
+        let seen = match &path {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => text.lines().map(str::to_owned).collect(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+                Err(e) => return Err(e),
+            },
+            None => Default::default(),
+        };
+        Ok(Self {
+            path,
+            seen: std::sync::Mutex::new(seen),
+        })
+    }
+
+    /// Records `instance`; `Ok(false)` when it was recorded before.
+    fn claim(&self, instance: &str) -> std::io::Result<bool> {
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(instance) {
+            return Ok(false);
+        }
+        if let Some(path) = &self.path {
+            use std::io::Write as _;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            writeln!(file, "{instance}")?;
+            file.sync_all()?;
+        }
+        seen.insert(instance.to_owned());
+        Ok(true)
+    }
+}
+
+/// What enrollment by instance identity needs.
+pub struct AwsIidEnrollment {
+    pub verifier: IidVerifier,
+    pub membership: std::sync::Arc<dyn GroupMembership>,
+    pub enrolled: std::sync::Arc<EnrolledInstances>,
+}
+
+impl std::fmt::Debug for AwsIidEnrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsIidEnrollment")
+            .field("regions", &self.verifier.regions().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How agents may enroll.
+#[derive(Debug)]
+pub struct Enrollment {
+    /// Agents that present it get a certificate; empty refuses all.
+    pub join_token: Secret,
+    /// Agents on EC2 instances of the group may enroll with their
+    /// identity document instead.
+    pub aws_iid: Option<AwsIidEnrollment>,
 }
 
 /// How an enrollment connection ends.
@@ -87,11 +184,12 @@ impl Verdict {
 }
 
 impl Enroller {
-    pub fn new(pki: Pki, join_token: &Secret, cert_validity: Duration) -> Self {
-        let token = join_token.expose();
+    pub fn new(pki: Pki, enrollment: Enrollment, cert_validity: Duration) -> Self {
+        let token = enrollment.join_token.expose();
         Self {
             pki,
             join_token_digest: (!token.is_empty()).then(|| Sha256::digest(token).into()),
+            aws_iid: enrollment.aws_iid,
             cert_validity,
         }
     }
@@ -141,7 +239,7 @@ impl Enroller {
             Ok(request) => request,
             Err(what) => return Verdict::violation(remote, &what),
         };
-        let (response, verdict) = match self.decide(&request, remote) {
+        let (response, verdict) = match self.decide(&request, remote).await {
             Ok(certificate_pem) => (
                 EnrollResponse {
                     result: Some(enroll_response::Result::CertificatePem(certificate_pem)),
@@ -170,15 +268,8 @@ impl Enroller {
     }
 
     /// Checks the request and signs its certificate, or says why not.
-    fn decide(&self, request: &EnrollRequest, remote: SocketAddr) -> Result<String, String> {
-        let name = sanitize_agent_name(&request.agent_name);
-        let token_ok = self
-            .join_token_digest
-            .is_some_and(|want| digests_equal(&want, &Sha256::digest(&request.join_token).into()));
-        if !token_ok {
-            tracing::warn!(%remote, agent_name = %name, "refused enrollment: the agent's join token does not match join_token_file");
-            return Err(JOIN_TOKEN_REJECTED.to_owned());
-        }
+    async fn decide(&self, request: &EnrollRequest, remote: SocketAddr) -> Result<String, String> {
+        let mut name = sanitize_agent_name(&request.agent_name);
         if request.protocol_version != PROTOCOL_VERSION {
             tracing::warn!(%remote, agent_name = %name, agent_protocol = request.protocol_version, "refused enrollment: incompatible link protocol");
             return Err(format!(
@@ -186,7 +277,24 @@ impl Enroller {
                 request.protocol_version
             ));
         }
-        let agent_id = agent_id(&name);
+        let agent_id = match &request.aws_identity {
+            Some(identity) => {
+                let instance = self.admit_instance(identity, remote).await?;
+                name = sanitize_agent_name(&instance.instance_id);
+                // One certificate per instance: its id is the agent's.
+                name.clone()
+            }
+            None => {
+                let token_ok = self.join_token_digest.is_some_and(|want| {
+                    digests_equal(&want, &Sha256::digest(&request.join_token).into())
+                });
+                if !token_ok {
+                    tracing::warn!(%remote, agent_name = %name, "refused enrollment: the agent's join token does not match join_token_file");
+                    return Err(JOIN_TOKEN_REJECTED.to_owned());
+                }
+                agent_id(&name)
+            }
+        };
         match self
             .pki
             .issue_client_cert(&request.csr_pem, &agent_id, self.cert_validity)
@@ -199,6 +307,63 @@ impl Enroller {
                 tracing::warn!(%remote, agent_name = %name, error = %e, "refused enrollment: cannot issue a certificate");
                 Err(format!(
                     "the coordinator cannot sign this agent's request: {e}"
+                ))
+            }
+        }
+    }
+}
+
+impl Enroller {
+    /// Checks an instance identity: the document and its signature, the
+    /// group, and that the instance has not enrolled before.
+    async fn admit_instance(
+        &self,
+        identity: &servitor_proto::agent::AwsIdentity,
+        remote: SocketAddr,
+    ) -> Result<InstanceIdentity, String> {
+        let Some(iid) = &self.aws_iid else {
+            tracing::warn!(%remote, "refused enrollment: an instance identity came, but aws-iid enrollment is off");
+            return Err(AWS_IID_OFF.to_owned());
+        };
+        let instance = iid
+            .verifier
+            .verify(
+                identity.document.as_bytes(),
+                &identity.rsa2048,
+                std::time::SystemTime::now(),
+            )
+            .map_err(|e| {
+                tracing::warn!(%remote, error = %e, "refused enrollment: instance identity");
+                format!("instance identity refused: {e}")
+            })?;
+        let id = &instance.instance_id;
+        match iid.membership.is_member(id).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(%remote, instance = %id, "refused enrollment: not a running member of the group");
+                return Err(format!(
+                    "instance {id} is not a running member of the Auto Scaling group this coordinator sizes; only the group's instances may enroll"
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(%remote, instance = %id, error = %e, "refused enrollment: group membership unknown");
+                return Err(format!(
+                    "cannot check whether instance {id} belongs to the group ({e}); the agent tries again"
+                ));
+            }
+        }
+        match iid.enrolled.claim(id) {
+            Ok(true) => Ok(instance),
+            Ok(false) => {
+                tracing::warn!(%remote, instance = %id, "refused enrollment: the instance enrolled before (a replayed document?)");
+                Err(format!(
+                    "instance {id} has enrolled before; an instance enrolls once, and renews its certificate over its link"
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(%remote, instance = %id, error = %e, "refused enrollment: cannot record the instance");
+                Err(format!(
+                    "the coordinator cannot record the enrollment ({e})"
                 ))
             }
         }
@@ -308,6 +473,7 @@ fn agent_id(name: &str) -> String {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
+    use servitor_testkit::iid::{IidSigner, Tamper};
 
     #[test]
     fn agent_names_are_sanitized() {
@@ -348,21 +514,164 @@ mod tests {
         assert!(!digests_equal(&a, &c));
     }
 
-    #[test]
-    fn empty_join_token_refuses_everyone() {
+    #[tokio::test]
+    async fn empty_join_token_refuses_everyone() {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::load_or_create(dir.path(), &[]).unwrap();
-        let enroller = Enroller::new(pki, &Secret::new(""), Duration::from_secs(3600));
+        let enrollment = Enrollment {
+            join_token: Secret::new(""),
+            aws_iid: None,
+        };
+        let enroller = Enroller::new(pki, enrollment, Duration::from_secs(3600));
         let request = EnrollRequest {
             join_token: String::new(),
             csr_pem: "x".into(),
             agent_name: "box".into(),
             protocol_version: PROTOCOL_VERSION,
+            aws_identity: None,
         };
         let remote: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(
-            enroller.decide(&request, remote).unwrap_err(),
+            enroller.decide(&request, remote).await.unwrap_err(),
             JOIN_TOKEN_REJECTED
+        );
+    }
+
+    /// The group: a fixed set of instance ids.
+    struct Group(Vec<&'static str>);
+
+    impl GroupMembership for Group {
+        fn is_member<'a>(
+            &'a self,
+            instance_id: &'a str,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>>
+        {
+            Box::pin(async move { Ok(self.0.contains(&instance_id)) })
+        }
+    }
+
+    fn csr() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap()
+    }
+
+    fn iid_request(
+        signer: &IidSigner,
+        instance: &str,
+        pending: std::time::SystemTime,
+    ) -> EnrollRequest {
+        let document = servitor_testkit::iid::document(instance, "eu-west-1", pending);
+        EnrollRequest {
+            join_token: String::new(),
+            csr_pem: csr(),
+            agent_name: "ignored".into(),
+            protocol_version: PROTOCOL_VERSION,
+            aws_identity: Some(servitor_proto::agent::AwsIdentity {
+                rsa2048: signer.sign(document.as_bytes(), Tamper::None),
+                document,
+            }),
+        }
+    }
+
+    fn iid_enroller(
+        dir: &std::path::Path,
+        signer: &IidSigner,
+        state: &std::path::Path,
+    ) -> Enroller {
+        let pki = Pki::load_or_create(dir, &[]).unwrap();
+        let certificates = format!("region: eu-west-1\n{}", signer.certificate_pem());
+        let verifier =
+            IidVerifier::from_pem_set(&certificates, "test", Duration::from_secs(600)).unwrap();
+        let enrollment = Enrollment {
+            join_token: Secret::new("a-token-aws-agents-never-send"),
+            aws_iid: Some(AwsIidEnrollment {
+                verifier,
+                membership: std::sync::Arc::new(Group(vec!["i-0member", "i-0second"])),
+                enrolled: std::sync::Arc::new(
+                    EnrolledInstances::open(Some(state.join("enrolled-instances"))).unwrap(),
+                ),
+            }),
+        };
+        Enroller::new(pki, enrollment, Duration::from_secs(3600))
+    }
+
+    #[tokio::test]
+    async fn an_instance_of_the_group_enrolls_once_by_its_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = IidSigner::generate();
+        let enroller = iid_enroller(dir.path(), &signer, dir.path());
+        let remote: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let now = std::time::SystemTime::now();
+
+        let request = iid_request(&signer, "i-0member", now);
+        let pem = enroller.decide(&request, remote).await.unwrap();
+        let (_, cert) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = cert.parse_x509().unwrap();
+        let names: Vec<String> = cert
+            .subject()
+            .iter_common_name()
+            .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+            .collect();
+        assert_eq!(names, ["i-0member"], "the agent is named by its instance");
+
+        // The same document again, even after a restart: a replay.
+        let err = enroller.decide(&request, remote).await.unwrap_err();
+        assert!(err.contains("i-0member has enrolled before"), "{err}");
+        let restarted = iid_enroller(dir.path(), &signer, dir.path());
+        let again = iid_request(&signer, "i-0member", now);
+        let err = restarted.decide(&again, remote).await.unwrap_err();
+        assert!(err.contains("enrolled before"), "{err}");
+
+        // Outside the group.
+        let err = enroller
+            .decide(&iid_request(&signer, "i-0stranger", now), remote)
+            .await
+            .unwrap_err();
+        assert!(err.contains("i-0stranger is not a running member"), "{err}");
+
+        // Signed by someone else.
+        let forger = IidSigner::generate();
+        let err = enroller
+            .decide(&iid_request(&forger, "i-0second", now), remote)
+            .await
+            .unwrap_err();
+        assert!(err.starts_with("instance identity refused"), "{err}");
+        assert!(err.contains("does not verify"), "{err}");
+
+        // Stale.
+        let old = now - Duration::from_secs(7200);
+        let err = enroller
+            .decide(&iid_request(&signer, "i-0second", old), remote)
+            .await
+            .unwrap_err();
+        assert!(err.contains("s old"), "{err}");
+        // Refusals did not use up the instance's one enrollment.
+        enroller
+            .decide(&iid_request(&signer, "i-0second", now), remote)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_identity_is_refused_when_aws_iid_is_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path(), &[]).unwrap();
+        let enrollment = Enrollment {
+            join_token: Secret::new("t"),
+            aws_iid: None,
+        };
+        let enroller = Enroller::new(pki, enrollment, Duration::from_secs(3600));
+        let signer = IidSigner::generate();
+        let request = iid_request(&signer, "i-0member", std::time::SystemTime::now());
+        let remote: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(
+            enroller.decide(&request, remote).await.unwrap_err(),
+            AWS_IID_OFF
         );
     }
 }

@@ -32,7 +32,10 @@ use x509_parser::prelude::FromDer;
 
 use crate::pki::Pki;
 use enroll::Enroller;
-pub use enroll::JOIN_TOKEN_REJECTED;
+pub use enroll::{
+    AwsIidEnrollment, EnrolledInstances, Enrollment, GroupMembership, AWS_IID_OFF,
+    JOIN_TOKEN_REJECTED,
+};
 
 /// Longest a TLS handshake may take. Handshakes on a working network take a
 /// few round trips; this only stops a silent peer from keeping a task alive.
@@ -120,6 +123,23 @@ impl LinkServer {
         join_token: Secret,
         cert_validity: Duration,
     ) -> Result<Self, LinkError> {
+        let enrollment = Enrollment {
+            join_token,
+            aws_iid: None,
+        };
+        Self::bind_with(addr, pki, enrollment, cert_validity)
+    }
+
+    /// As [`Self::bind`], with every way of enrolling `enrollment` allows.
+    ///
+    /// # Errors
+    /// As [`Self::bind`].
+    pub fn bind_with(
+        addr: SocketAddr,
+        pki: &Pki,
+        enrollment: Enrollment,
+        cert_validity: Duration,
+    ) -> Result<Self, LinkError> {
         // Checked here rather than at the first enrollment, where the
         // operator would only see it in agents' refusals.
         if cert_validity.is_zero() || cert_validity > crate::pki::MAX_CLIENT_CERT_VALIDITY {
@@ -156,7 +176,7 @@ impl LinkServer {
         let (queue, accepted) = mpsc::channel(ACCEPT_QUEUE);
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let enroller = Arc::new(Enroller::new(pki.clone(), &join_token, cert_validity));
+        let enroller = Arc::new(Enroller::new(pki.clone(), enrollment, cert_validity));
         tasks.spawn(
             accept_loop(
                 endpoint.clone(),
