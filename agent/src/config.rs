@@ -26,8 +26,15 @@ pub struct AgentConfig {
     /// SHA-256 pin of the coordinator CA certificate, `sha256:<hex>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_sha256: Option<String>,
-    /// File holding the join token, used once to enroll.
+    /// File holding the join token, used once to enroll (with
+    /// `enroll = "join-token"`).
+    #[serde(default)]
     pub join_token_file: PathBuf,
+    /// How the agent proves itself when it enrolls: `join-token`, or
+    /// `aws-iid` (its EC2 instance identity document, signed by AWS; no
+    /// secret on the instance).
+    #[serde(default)]
+    pub enroll: EnrollMethod,
     /// Name to enroll under; defaults to the instance id, then the hostname.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -41,6 +48,17 @@ pub struct AgentConfig {
     pub executor: ExecutorConfig,
     #[serde(default)]
     pub instance: InstanceConfig,
+}
+
+/// How an agent proves itself when it enrolls.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EnrollMethod {
+    /// The join token in `join_token_file`.
+    #[default]
+    JoinToken,
+    /// The instance identity document from instance metadata.
+    AwsIid,
 }
 
 /// Which executor runs jobs.
@@ -163,6 +181,7 @@ impl AgentConfig {
             ca_file: Some(ca_file),
             ca_sha256: None,
             join_token_file,
+            enroll: EnrollMethod::JoinToken,
             name: None,
             state_dir: None,
             capacity: one(),
@@ -201,6 +220,15 @@ impl AgentConfig {
         }
         if config.capacity == 0 {
             return fail("capacity must be at least 1".into());
+        }
+        match config.enroll {
+            EnrollMethod::JoinToken if config.join_token_file.as_os_str().is_empty() => {
+                return fail("join_token_file is required to enroll with a join token; set it, or set enroll = \"aws-iid\" on an EC2 instance of the coordinator's group".into());
+            }
+            EnrollMethod::AwsIid if !config.instance.imds => {
+                return fail("enroll = \"aws-iid\" reads the identity document from instance metadata; set instance.imds = true".into());
+            }
+            _ => {}
         }
         if !config.coordinator.contains(':') {
             return fail(format!(

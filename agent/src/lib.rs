@@ -16,7 +16,7 @@ pub mod session;
 use servitor_proto::agent::InstanceFacts;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AgentConfig, ConfigError, ExecutorKind};
+use crate::config::{AgentConfig, ConfigError, EnrollMethod, ExecutorKind};
 use crate::executor::docker::{DockerConfig, DockerExecutor, PullPolicy};
 use crate::executor::shell::ShellExecutor;
 use crate::executor::AnyExecutor;
@@ -41,8 +41,12 @@ pub async fn settings_from_config(config: &AgentConfig) -> Result<AgentSettings,
         (None, Some(pin)) => CaTrust::Sha256Pin(pin.clone()),
         (None, None) => return Err(ConfigError("set ca_file or ca_sha256".into())),
     };
-    let join_token =
-        Secret::from_file(&config.join_token_file, "join_token_file").map_err(ConfigError)?;
+    let join_token = match config.enroll {
+        EnrollMethod::JoinToken => {
+            Secret::from_file(&config.join_token_file, "join_token_file").map_err(ConfigError)?
+        }
+        EnrollMethod::AwsIid => Secret::new(""),
+    };
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_else(|_| "agent".to_owned());
@@ -105,13 +109,21 @@ pub async fn settings_from_config(config: &AgentConfig) -> Result<AgentSettings,
         ))
     })?;
     let executor = pick_executor(config, &owner_key(&work_dir)).await?;
+    let aws_identity = match (config.enroll, &imds) {
+        (EnrollMethod::AwsIid, Some(client)) => Some(client.identity().await.map_err(|e| {
+            ConfigError(format!(
+                "enroll = \"aws-iid\" needs the instance identity document and its rsa2048 signature from instance metadata: {e}"
+            ))
+        })?),
+        _ => None,
+    };
     Ok(AgentSettings {
         link: LinkSettings {
             coordinator: config.coordinator.clone(),
             server_name: config.server_name.clone(),
             trust,
             join_token,
-            aws_identity: None,
+            aws_identity,
             agent_name,
             state_dir: config.state_dir.clone(),
         },

@@ -152,6 +152,37 @@ pub struct AgentsConfig {
     /// elsewhere.
     #[serde(default = "default_agent_grace", with = "humantime_serde_compat")]
     pub lost_grace: Duration,
+    /// Enrollment by EC2 instance identity (`[agents.aws_iid]`): agents of
+    /// the Auto Scaling group enroll with their signed identity document,
+    /// so no join token travels in user-data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_iid: Option<AwsIidConfig>,
+}
+
+/// `[agents.aws_iid]`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AwsIidConfig {
+    /// AWS's RSA-2048 certificates by Region, replacing the built-in set
+    /// (a `region: <name>` line before each PEM certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates_file: Option<PathBuf>,
+    /// How long after its launch an instance may enroll.
+    #[serde(default = "default_max_document_age", with = "humantime_serde_compat")]
+    pub max_document_age: Duration,
+}
+
+impl Default for AwsIidConfig {
+    fn default() -> Self {
+        Self {
+            certificates_file: None,
+            max_document_age: default_max_document_age(),
+        }
+    }
+}
+
+fn default_max_document_age() -> Duration {
+    Duration::from_secs(30 * 60)
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -386,6 +417,7 @@ impl AgentsConfig {
             server_names: Vec::new(),
             cert_validity: default_cert_validity(),
             lost_grace: default_agent_grace(),
+            aws_iid: None,
         }
     }
 }
@@ -512,6 +544,12 @@ impl Config {
         }
         if self.fleet.max_instances == 0 {
             return fail("fleet.max_instances", "must be at least 1");
+        }
+        if self.agents.aws_iid.is_some() && self.fleet.provider != FleetProvider::AwsAsg {
+            return fail(
+                "agents.aws_iid",
+                "needs fleet.provider = \"aws-asg\": instances prove they belong to the group it sizes; remove [agents.aws_iid] for other fleets, whose agents enroll with the join token",
+            );
         }
         match (self.fleet.provider, &self.fleet.aws) {
             (FleetProvider::AwsAsg, None) => {

@@ -220,10 +220,14 @@ pub async fn start(
         }
     };
 
-    let link = Arc::new(link::LinkServer::bind(
+    let enrollment = link::Enrollment {
+        join_token: secrets.join_token.clone(),
+        aws_iid: aws_iid_enrollment(&config).await?,
+    };
+    let link = Arc::new(link::LinkServer::bind_with(
         config.agents.listen,
         &pki,
-        secrets.join_token.clone(),
+        enrollment,
         config.agents.cert_validity,
     )?);
     let link_addr = link.local_addr();
@@ -482,6 +486,59 @@ pub async fn start(
         tracker,
         store,
     })
+}
+
+/// Enrollment by instance identity, when `[agents.aws_iid]` asks for it:
+/// the certificates (built in, or the configured file), the group's
+/// membership, and the record of instances that enrolled.
+async fn aws_iid_enrollment(
+    config: &Config,
+) -> Result<Option<link::AwsIidEnrollment>, CoordinatorError> {
+    let (Some(iid), Some(aws)) = (&config.agents.aws_iid, &config.fleet.aws) else {
+        return Ok(None);
+    };
+    let verifier = match &iid.certificates_file {
+        None => link::iid::IidVerifier::aws(iid.max_document_age),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!(
+                    "agents.aws_iid.certificates_file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            link::iid::IidVerifier::from_pem_set(
+                &text,
+                &path.display().to_string(),
+                iid.max_document_age,
+            )
+            .map_err(ConfigError)?
+        }
+    };
+    let membership = fleet::aws::AsgMembership::connect(&AwsFleetSettings {
+        group: aws.group.clone(),
+        region: aws.region.clone(),
+        endpoint_url: aws.endpoint_url.clone(),
+        lifecycle_hook: aws.lifecycle_hook.clone(),
+        max_instances: config.fleet.max_instances,
+    })
+    .await;
+    let record = config.state_dir.join("enrolled-instances");
+    let enrolled = link::EnrolledInstances::open(Some(record.clone())).map_err(|source| {
+        CoordinatorError::StateDir {
+            path: record,
+            source,
+        }
+    })?;
+    tracing::info!(
+        regions = verifier.regions().len(),
+        group = %aws.group,
+        "agents of the group may enroll by instance identity"
+    );
+    Ok(Some(link::AwsIidEnrollment {
+        verifier,
+        membership: Arc::new(membership),
+        enrolled: Arc::new(enrolled),
+    }))
 }
 
 /// The local fleet: agent processes of the `servitor-agent` binary installed

@@ -30,3 +30,6 @@ pub const REBALANCE: &str = "/latest/meta-data/events/recommendations/rebalance"
 pub const TARGET_LIFECYCLE_STATE: &str = "/latest/meta-data/autoscaling/target-lifecycle-state";
 /// The instance identity document (JSON).
 pub const IDENTITY_DOCUMENT: &str = "/latest/dynamic/instance-identity/document";
+/// The identity document's PKCS#7 signature with AWS's RSA-2048 key for the
+/// Region, base64 without PEM armour.
+pub const IDENTITY_RSA2048: &str = "/latest/dynamic/instance-identity/rsa2048";

@@ -89,6 +89,8 @@ struct Shared {
     disabled: AtomicBool,
     token_puts: AtomicU64,
     requests: AtomicU64,
+    /// Signs the identity document (`instance-identity/rsa2048`) when set.
+    signer: Mutex<Option<Arc<crate::iid::IidSigner>>>,
 }
 
 /// The notices as they appear on the wire.
@@ -129,6 +131,7 @@ impl ImdsStandIn {
             disabled: AtomicBool::new(false),
             token_puts: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            signer: Mutex::new(None),
         });
         let stop = CancellationToken::new();
         let app = Router::new().fallback(handle).with_state(shared.clone());
@@ -146,6 +149,16 @@ impl ImdsStandIn {
             shared,
             stop,
         })
+    }
+
+    /// Serves the identity document's signature, made with `signer`, as
+    /// AWS's key for the Region would.
+    pub fn sign_identity_with(&self, signer: Arc<crate::iid::IidSigner>) {
+        *self
+            .shared
+            .signer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(signer);
     }
 
     /// The base URL to give the client as its endpoint.
@@ -254,6 +267,18 @@ impl Shared {
                 .as_deref()
                 .and_then(text),
             paths::IDENTITY_DOCUMENT => Some((JSON, self.identity_document())),
+            paths::IDENTITY_RSA2048 => self
+                .signer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_ref()
+                .map(|signer| {
+                    let document = self.identity_document();
+                    (
+                        TEXT,
+                        signer.sign(document.as_bytes(), crate::iid::Tamper::None),
+                    )
+                }),
             _ => None,
         }
     }

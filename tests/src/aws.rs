@@ -298,6 +298,9 @@ pub struct BootSettings {
     pub market: &'static str,
     /// Instances that never boot (a broken image): the first `n` launched.
     pub broken: usize,
+    /// Agents enroll by instance identity, their documents signed by this
+    /// key (AWS's, in the test), with no join token on the instance.
+    pub identity_signer: Option<Arc<servitor_testkit::iid::IidSigner>>,
 }
 
 #[derive(Debug)]
@@ -471,6 +474,11 @@ async fn boot(id: &str, s: &BootSettings, base: &Path) -> anyhow::Result<Booted>
     }
     config.instance.imds = true;
     config.instance.imds_endpoint = Some(imds.url());
+    if let Some(signer) = &s.identity_signer {
+        imds.sign_identity_with(signer.clone());
+        config.enroll = servitor_agent::config::EnrollMethod::AwsIid;
+        config.join_token_file = PathBuf::new();
+    }
     let config_path = dir.join("agent.toml");
     std::fs::write(&config_path, config.to_toml()?)?;
     let log = std::fs::File::create(dir.join("agent.log"))?;
@@ -505,6 +513,12 @@ pub struct AwsOptions {
     pub market: &'static str,
     /// The first `n` instances never boot.
     pub broken: usize,
+    /// Agents enroll by instance identity (`[agents.aws_iid]`), with
+    /// documents signed by a test key instead of AWS's.
+    pub aws_iid: bool,
+    /// With `aws_iid`: the instances' documents are signed by a key other
+    /// than the one the coordinator trusts (forged).
+    pub aws_iid_forged: bool,
     /// Changes beyond these knobs (`max_use_count`, a lifecycle hook,
     /// `[[fleet.policy]]`, `[budget]`), on the typed configuration.
     pub configure: crate::config::Tweak,
@@ -524,6 +538,8 @@ impl Default for AwsOptions {
             group_max_size: 10,
             market: "spot",
             broken: 0,
+            aws_iid: false,
+            aws_iid_forged: false,
             configure: crate::config::Tweak::default(),
         }
     }
@@ -596,6 +612,25 @@ impl AwsHarness {
             endpoint_url: Some(moto.url().to_owned()),
             lifecycle_hook: None,
         });
+        let identity_signer = if options.aws_iid {
+            let signer = Arc::new(servitor_testkit::iid::IidSigner::generate());
+            let certificates = dir.path().join("iid-certificates.pem");
+            std::fs::write(
+                &certificates,
+                format!("region: {REGION}\n{}", signer.certificate_pem()),
+            )?;
+            config.agents.aws_iid = Some(servitor_coordinator::config::AwsIidConfig {
+                certificates_file: Some(certificates),
+                ..Default::default()
+            });
+            if options.aws_iid_forged {
+                Some(Arc::new(servitor_testkit::iid::IidSigner::generate()))
+            } else {
+                Some(signer)
+            }
+        } else {
+            None
+        };
         options.configure.apply(&mut config);
         let config_path = dir.path().join("coordinator.toml");
         crate::config::write(&config_path, &config)?;
@@ -611,6 +646,7 @@ impl AwsHarness {
                 capacity: options.capacity_per_instance,
                 market: options.market,
                 broken: options.broken,
+                identity_signer,
             },
             &dir.path().join("instances"),
         );

@@ -655,3 +655,79 @@ async fn an_adopted_instance_whose_agent_never_reconnects_is_replaced() {
         "{m}"
     );
 }
+
+/// No shared secret on the instances: agents enroll with their instance
+/// identity document, the coordinator checks AWS's signature and that the
+/// instance is in its group, and the job runs. Each instance is recorded,
+/// so the same document cannot enroll a second agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_enroll_by_their_identity_with_no_token_on_them() {
+    let h = AwsHarness::start(AwsOptions {
+        max_instances: 1,
+        aws_iid: true,
+        ..AwsOptions::default()
+    })
+    .await
+    .unwrap();
+    let id = h
+        .standin
+        .push_job(JobSpec::new("tokenless").script(["echo ran on an identified instance"]))
+        .await
+        .unwrap();
+    let r = h.wait_final(id, TIMEOUT).await.unwrap();
+    assert_eq!(r.state, JobState::Success, "{}", r.trace_text());
+    let seen = h.booter.seen.lock().unwrap().clone();
+    let (instance, booted) = seen.first().cloned().unwrap();
+    assert!(booted);
+    // The instance holds no join token: its agent's configuration names
+    // none, and it enrolled by identity.
+    let agent_config = std::fs::read_to_string(
+        h.dir
+            .path()
+            .join("instances")
+            .join(&instance)
+            .join("agent.toml"),
+    )
+    .unwrap();
+    assert!(
+        agent_config.contains("enroll = \"aws-iid\""),
+        "{agent_config}"
+    );
+    assert!(
+        agent_config.contains("join_token_file = \"\""),
+        "{agent_config}"
+    );
+    let enrolled =
+        std::fs::read_to_string(h.dir.path().join("state").join("enrolled-instances")).unwrap();
+    assert_eq!(enrolled.lines().collect::<Vec<_>>(), [instance.as_str()]);
+}
+
+/// An instance whose document AWS's key (the test's) did not sign is
+/// refused, and its agent's log says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_identity_is_refused_with_the_reason_on_the_instance() {
+    let h = AwsHarness::start(AwsOptions {
+        max_instances: 1,
+        aws_iid: true,
+        aws_iid_forged: true,
+        ..AwsOptions::default()
+    })
+    .await
+    .unwrap();
+    h.standin
+        .push_job(JobSpec::new("never-runs").script(["echo no"]))
+        .await
+        .unwrap();
+    servitor_tests::wait_until("the agent logs its refusal", TIMEOUT, || {
+        h.booter.agent_logs().contains("instance identity refused")
+    })
+    .await
+    .unwrap();
+    let logs = h.booter.agent_logs();
+    assert!(
+        logs.contains("does not verify with AWS's certificate"),
+        "{logs}"
+    );
+    let enrolled = h.dir.path().join("state").join("enrolled-instances");
+    assert!(!enrolled.exists() || std::fs::read_to_string(enrolled).unwrap().is_empty());
+}

@@ -137,6 +137,27 @@ impl Imds {
         }
     }
 
+    /// The instance identity document, byte for byte as served, and its
+    /// RSA-2048 PKCS#7 signature: the proof enrollment by instance
+    /// identity sends.
+    ///
+    /// # Errors
+    /// When either cannot be read.
+    pub async fn identity(&self) -> Result<servitor_proto::agent::AwsIdentity, ImdsError> {
+        let missing = |path| ImdsError::Missing {
+            endpoint: self.label.clone(),
+            path,
+        };
+        let (document, rsa2048) = tokio::try_join!(
+            self.read(paths::IDENTITY_DOCUMENT),
+            self.read(paths::IDENTITY_RSA2048),
+        )?;
+        Ok(servitor_proto::agent::AwsIdentity {
+            document: document.ok_or_else(|| missing(paths::IDENTITY_DOCUMENT))?,
+            rsa2048: rsa2048.ok_or_else(|| missing(paths::IDENTITY_RSA2048))?,
+        })
+    }
+
     /// Reads `path`, which every EC2 instance has.
     async fn read_required(&self, path: &'static str) -> Result<String, ImdsError> {
         match self.read(path).await? {

@@ -149,25 +149,74 @@ fn to_u32(n: Option<i32>) -> u32 {
     n.and_then(|n| u32::try_from(n).ok()).unwrap_or(0)
 }
 
+/// Answers whether an instance is a running member of the group, for
+/// enrollment by instance identity (`DescribeAutoScalingInstances`).
+#[derive(Debug, Clone)]
+pub struct AsgMembership {
+    asg: aws_sdk_autoscaling::Client,
+    group: String,
+}
+
+impl AsgMembership {
+    /// A client for `settings`' group, configured as the fleet's.
+    pub async fn connect(settings: &AwsFleetSettings) -> Self {
+        Self {
+            asg: aws_sdk_autoscaling::Client::new(&sdk_config(settings).await),
+            group: settings.group.clone(),
+        }
+    }
+}
+
+impl crate::link::GroupMembership for AsgMembership {
+    fn is_member<'a>(
+        &'a self,
+        instance_id: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let out = self
+                .asg
+                .describe_auto_scaling_instances()
+                .instance_ids(instance_id)
+                .send()
+                .await
+                .map_err(|e| {
+                    aws_error("DescribeAutoScalingInstances", &self.group, e).to_string()
+                })?;
+            Ok(out.auto_scaling_instances().iter().any(|i| {
+                i.instance_id() == Some(instance_id)
+                    && i.auto_scaling_group_name() == Some(self.group.as_str())
+                    && i.lifecycle_state()
+                        .is_some_and(|state| state.starts_with("Pending") || state == "InService")
+            }))
+        })
+    }
+}
+
+/// The SDK configuration for `settings`: region, endpoint, timeouts.
+async fn sdk_config(settings: &AwsFleetSettings) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(
+        aws_config::timeout::TimeoutConfig::builder()
+            .operation_timeout(OPERATION_TIMEOUT)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .build(),
+    );
+    if let Some(region) = &settings.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(url) = &settings.endpoint_url {
+        loader = loader.endpoint_url(url.clone());
+    }
+    loader.load().await
+}
+
 impl AwsFleet {
     /// Connects and checks that the group exists.
     ///
     /// # Errors
     /// The group cannot be read: named with the fix.
     pub async fn connect(settings: AwsFleetSettings) -> Result<Self, FleetError> {
-        let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(
-            aws_config::timeout::TimeoutConfig::builder()
-                .operation_timeout(OPERATION_TIMEOUT)
-                .connect_timeout(CONNECT_TIMEOUT)
-                .build(),
-        );
-        if let Some(region) = &settings.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        if let Some(url) = &settings.endpoint_url {
-            loader = loader.endpoint_url(url.clone());
-        }
-        let config = loader.load().await;
+        let config = sdk_config(&settings).await;
         let fleet = Self {
             asg: aws_sdk_autoscaling::Client::new(&config),
             ec2: aws_sdk_ec2::Client::new(&config),
