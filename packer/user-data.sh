@@ -3,8 +3,10 @@
 # image: writes the agent's configuration and starts the agent.
 #
 # Fill in the values below (or export them before running the script; the
-# environment wins). Instance metadata serves user-data to anything on the
-# instance that can reach it, the join token included: see packer/README.md.
+# environment wins). Nothing secret goes here: the agent enrolls with the
+# instance's identity document, which AWS signs (ENROLL=aws-iid, the
+# default). Instance metadata serves user-data to anything on the instance
+# that can reach it: see packer/README.md.
 set -euo pipefail
 
 # The coordinator's agent link, host:port (UDP).
@@ -13,7 +15,11 @@ COORDINATOR="${COORDINATOR:-coordinator.internal:7443}"
 # it at start (ca_pin on "agent link listening"), or compute it on the
 # coordinator: openssl x509 -in /var/lib/servitor/ca.pem -outform DER | sha256sum
 CA_SHA256="${CA_SHA256:-sha256:REPLACE-WITH-THE-PIN}"
-# The coordinator's agents.join_token_file content.
+# How the agent enrolls: aws-iid (its instance identity; the coordinator
+# needs [agents.aws_iid]) or join-token (then JOIN_TOKEN holds the content
+# of the coordinator's agents.join_token_file, readable by anything that
+# reads user-data).
+ENROLL="${ENROLL:-aws-iid}"
 JOIN_TOKEN="${JOIN_TOKEN:-}"
 # Jobs this instance runs at once (the coordinator's fleet.capacity_per_instance).
 CAPACITY="${CAPACITY:-1}"
@@ -51,9 +57,21 @@ fi
 if [[ ! $CA_SHA256 =~ ^sha256:[0-9a-fA-F]{64}$ ]]; then
     fail "CA_SHA256 \"$CA_SHA256\" must be \"sha256:\" followed by 64 hex digits; copy ca_pin from the coordinator's start-up log"
 fi
-if [[ -z ${JOIN_TOKEN//[[:space:]]/} ]]; then
-    fail "JOIN_TOKEN is empty; set it to the content of the coordinator's agents.join_token_file"
-fi
+case $ENROLL in
+aws-iid)
+    if [[ -n ${JOIN_TOKEN//[[:space:]]/} ]]; then
+        fail "JOIN_TOKEN is set but ENROLL is aws-iid; remove the token from user-data (it is readable there)"
+    fi
+    ;;
+join-token)
+    if [[ -z ${JOIN_TOKEN//[[:space:]]/} ]]; then
+        fail "JOIN_TOKEN is empty; set it to the content of the coordinator's agents.join_token_file, or use ENROLL=aws-iid"
+    fi
+    ;;
+*)
+    fail "ENROLL \"$ENROLL\" must be aws-iid or join-token"
+    ;;
+esac
 if [[ ! $CAPACITY =~ ^[1-9][0-9]*$ ]]; then
     fail "CAPACITY \"$CAPACITY\" must be a whole number of at least 1"
 fi
@@ -81,7 +99,12 @@ write_file() {
     mv -f "$tmp" "$path"
 }
 
-printf '%s\n' "$JOIN_TOKEN" | write_file "$SERVITOR_ETC/join-token" 0600 "$owner"
+if [[ $ENROLL == join-token ]]; then
+    printf '%s\n' "$JOIN_TOKEN" | write_file "$SERVITOR_ETC/join-token" 0600 "$owner"
+    enroll_line="join_token_file = \"$SERVITOR_ETC/join-token\""
+else
+    enroll_line='enroll = "aws-iid"'
+fi
 
 # Every key here must be one agent/src/config.rs accepts: unknown keys are
 # errors. tests/tests/packer.rs parses the result with the agent's loader.
@@ -89,7 +112,7 @@ write_file "$SERVITOR_ETC/agent.toml" 0644 "" <<EOF
 # Written by user-data at first boot.
 coordinator = "$COORDINATOR"
 ca_sha256 = "$CA_SHA256"
-join_token_file = "$SERVITOR_ETC/join-token"
+$enroll_line
 state_dir = "$STATE_DIR"
 capacity = $CAPACITY
 

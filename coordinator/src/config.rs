@@ -727,6 +727,14 @@ mod tests {
         let budget = config.budget.as_ref().unwrap();
         assert!(budget.monthly_usd > 0.0);
         assert!(config.metrics.listen.is_some());
+        let iid = config.agents.aws_iid.as_ref().unwrap();
+        assert_eq!(iid.max_document_age, Duration::from_secs(1800));
+        // Identity enrollment needs the group it checks membership of.
+        let local = text.replace("provider = \"aws-asg\"", "provider = \"local\"");
+        let err = Config::from_toml_str(&local, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agents.aws_iid needs fleet.provider"), "{err}");
         let no_table = text.replace("[fleet.aws]", "[fleet.awz]");
         let err = Config::from_toml_str(&no_table, "c.toml")
             .unwrap_err()

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use servitor_agent::config::{AgentConfig, ExecutorKind};
+use servitor_agent::config::{AgentConfig, EnrollMethod, ExecutorKind};
 
 const PIN: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const TOKEN: &str = "join-token-for-the-packer-test";
@@ -35,6 +35,7 @@ fn run_user_data(etc: &Path, vars: &[(&str, &str)]) -> Output {
     for name in [
         "COORDINATOR",
         "CA_SHA256",
+        "ENROLL",
         "JOIN_TOKEN",
         "CAPACITY",
         "DEFAULT_IMAGE",
@@ -71,6 +72,7 @@ fn user_data_writes_a_config_the_agent_loads() {
         &[
             ("COORDINATOR", "10.1.2.3:7443"),
             ("CA_SHA256", PIN),
+            ("ENROLL", "join-token"),
             ("JOIN_TOKEN", TOKEN),
             ("CAPACITY", "3"),
             ("DEFAULT_IMAGE", "alpine:3.20"),
@@ -106,13 +108,19 @@ fn user_data_writes_a_config_the_agent_loads() {
 }
 
 #[test]
-fn user_data_defaults_load_once_the_secrets_are_given() {
+fn user_data_by_default_enrolls_by_instance_identity_and_holds_no_secret() {
     let etc = tempfile::tempdir().expect("creating a temporary directory");
-    let output = run_user_data(etc.path(), &[("CA_SHA256", PIN), ("JOIN_TOKEN", TOKEN)]);
+    let output = run_user_data(etc.path(), &[("CA_SHA256", PIN)]);
     assert!(output.status.success(), "{}", describe(&output));
     let config = AgentConfig::load(&etc.path().join("agent.toml"))
         .unwrap_or_else(|e| panic!("user-data wrote a config the agent rejects: {e}"));
     assert_eq!(config.capacity, 1);
+    assert_eq!(config.enroll, EnrollMethod::AwsIid);
+    assert!(config.instance.imds);
+    assert!(
+        !etc.path().join("join-token").exists(),
+        "no token is written to the instance"
+    );
 }
 
 #[test]
@@ -132,11 +140,29 @@ fn user_data_rejects_a_bad_pin_or_an_empty_token_by_name() {
         ),
         // The template's own placeholder must not pass for a pin.
         (vec![("JOIN_TOKEN", TOKEN)], "CA_SHA256"),
-        (vec![("CA_SHA256", PIN), ("JOIN_TOKEN", "")], "JOIN_TOKEN"),
         (
-            vec![("CA_SHA256", PIN), ("JOIN_TOKEN", " \n")],
+            vec![
+                ("CA_SHA256", PIN),
+                ("ENROLL", "join-token"),
+                ("JOIN_TOKEN", ""),
+            ],
             "JOIN_TOKEN",
         ),
+        (
+            vec![
+                ("CA_SHA256", PIN),
+                ("ENROLL", "join-token"),
+                ("JOIN_TOKEN", " \n"),
+            ],
+            "JOIN_TOKEN",
+        ),
+        // A token in user-data with identity enrollment would be readable
+        // for nothing.
+        (
+            vec![("CA_SHA256", PIN), ("JOIN_TOKEN", TOKEN)],
+            "JOIN_TOKEN",
+        ),
+        (vec![("CA_SHA256", PIN), ("ENROLL", "password")], "ENROLL"),
     ] {
         let output = run_user_data(etc.path(), &vars);
         assert!(!output.status.success(), "{vars:?}: {}", describe(&output));
@@ -189,7 +215,7 @@ fn unit_reads_the_config_user_data_writes() {
 
     // The state directory systemd creates is the one the config names.
     let etc_dir = tempfile::tempdir().expect("creating a temporary directory");
-    let output = run_user_data(etc_dir.path(), &[("CA_SHA256", PIN), ("JOIN_TOKEN", TOKEN)]);
+    let output = run_user_data(etc_dir.path(), &[("CA_SHA256", PIN)]);
     assert!(output.status.success(), "{}", describe(&output));
     let config = AgentConfig::load(&etc_dir.path().join("agent.toml")).expect("loading the config");
     assert_eq!(
