@@ -124,6 +124,11 @@ pub struct InstanceConfig {
     /// read the instance's facts from it. Turn off off EC2.
     #[serde(default = "yes")]
     pub imds: bool,
+    /// Run jobs even when a job's container can get an instance metadata
+    /// token (checked at start with the Docker executor). Off: such an
+    /// agent refuses to start, naming the launch-template fix.
+    #[serde(default)]
+    pub allow_container_metadata: bool,
     /// Instance metadata endpoint; by default the AWS SDK's resolution
     /// (`AWS_EC2_METADATA_SERVICE_ENDPOINT`, then `http://169.254.169.254`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -168,6 +168,9 @@ async fn pick_executor(config: &AgentConfig, owner: &str) -> Result<AnyExecutor,
             }
         },
     };
+    if config.instance.imds && !config.instance.allow_container_metadata {
+        check_container_metadata(&docker, config).await?;
+    }
     // Containers a previous run of this agent left behind (killed mid-job).
     match docker.remove_leftovers(owner).await {
         Ok(0) => {}
@@ -176,6 +179,43 @@ async fn pick_executor(config: &AgentConfig, owner: &str) -> Result<AnyExecutor,
     }
     Ok(AnyExecutor::from(docker))
 }
+
+/// Refuses to run jobs whose containers could read instance metadata.
+async fn check_container_metadata(
+    docker: &DockerExecutor,
+    config: &AgentConfig,
+) -> Result<(), ConfigError> {
+    use executor::metadata_probe::{probe, MetadataReach};
+    let Some(image) = &config.executor.default_image else {
+        tracing::warn!("cannot check whether job containers reach instance metadata: no executor.default_image to probe with; make sure the launch template sets HttpPutResponseHopLimit = 1");
+        return Ok(());
+    };
+    let endpoint = config
+        .instance
+        .imds_endpoint
+        .clone()
+        .unwrap_or_else(|| DEFAULT_IMDS_ENDPOINT.to_owned());
+    match probe(docker.client(), image, &endpoint).await {
+        Ok(MetadataReach::Blocked) => {
+            tracing::info!("job containers cannot reach instance metadata");
+            Ok(())
+        }
+        Ok(MetadataReach::Reachable) => Err(ConfigError(format!(
+            "a job container on this instance got an instance metadata token from {endpoint}: any job could read the instance's user-data and role credentials. Set the launch template's metadata option HttpPutResponseHopLimit = 1 (the agent on the host still reaches it; containers behind Docker's bridge do not), or set instance.allow_container_metadata = true to accept the risk"
+        ))),
+        Ok(MetadataReach::Unknown(why)) => {
+            tracing::warn!(%why, "cannot tell whether job containers reach instance metadata; make sure the launch template sets HttpPutResponseHopLimit = 1");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell whether job containers reach instance metadata; make sure the launch template sets HttpPutResponseHopLimit = 1");
+            Ok(())
+        }
+    }
+}
+
+/// Where instance metadata is on EC2.
+const DEFAULT_IMDS_ENDPOINT: &str = "http://169.254.169.254";
 
 /// Runs the agent described by `config` until `shutdown`.
 ///

@@ -920,7 +920,7 @@ impl ContainerGuard {
         self.id.take().unwrap_or_default()
     }
 
-    async fn remove(mut self) {
+    pub(crate) async fn remove(mut self) {
         if let Some(id) = self.id.take() {
             remove_container(&self.docker, &id).await;
         }

@@ -24,6 +24,7 @@ mod attempt;
 pub mod auth;
 pub mod cache;
 pub mod docker;
+pub mod metadata_probe;
 pub mod output;
 mod process;
 pub mod script;
