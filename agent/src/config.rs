@@ -148,6 +148,7 @@ impl Default for InstanceConfig {
     fn default() -> Self {
         Self {
             imds: true,
+            allow_container_metadata: false,
             imds_endpoint: None,
             id: None,
             instance_type: None,

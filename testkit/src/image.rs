@@ -310,6 +310,32 @@ fn busybox_rootfs(busybox: &[u8]) -> std::io::Result<Vec<u8>> {
     tar.into_inner()
 }
 
+/// The host's address on Docker's default bridge: what a container
+/// reaches, as it reaches 169.254.169.254 on EC2 when the hop limit allows.
+/// A stand-in bound there is reachable from job containers.
+pub async fn bridge_gateway(docker: &Docker) -> Option<std::net::IpAddr> {
+    let bridge = docker
+        .inspect_network(
+            "bridge",
+            None::<bollard::query_parameters::InspectNetworkOptions>,
+        )
+        .await
+        .ok()?;
+    let config = bridge.ipam?.config?;
+    let gateway = config.iter().find_map(|c| c.gateway.clone());
+    match gateway {
+        Some(gateway) => gateway.parse().ok(),
+        // Engines that do not report it use the subnet's first address.
+        None => {
+            let subnet = config.iter().find_map(|c| c.subnet.clone())?;
+            let base: std::net::Ipv4Addr = subnet.split('/').next()?.parse().ok()?;
+            Some(std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+                u32::from(base) + 1,
+            )))
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a test fails loudly on anything unexpected
 mod tests {

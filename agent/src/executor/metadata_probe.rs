@@ -56,7 +56,11 @@ pub enum MetadataReach {
 ///
 /// # Errors
 /// When the engine cannot create or run the container.
-pub async fn probe(docker: &Docker, image: &str, endpoint: &str) -> Result<MetadataReach, DockerError> {
+pub async fn probe(
+    docker: &Docker,
+    image: &str,
+    endpoint: &str,
+) -> Result<MetadataReach, DockerError> {
     let Some((host, port)) = host_and_port(endpoint) else {
         return Ok(MetadataReach::Unknown(format!(
             "the metadata endpoint {endpoint:?} is not http://host[:port]"
@@ -70,7 +74,12 @@ pub async fn probe(docker: &Docker, image: &str, endpoint: &str) -> Result<Metad
     }
 }
 
-async fn run(docker: &Docker, image: &str, host: &str, port: u16) -> Result<MetadataReach, DockerError> {
+async fn run(
+    docker: &Docker,
+    image: &str,
+    host: &str,
+    port: u16,
+) -> Result<MetadataReach, DockerError> {
     if docker.inspect_image(image).await.is_err() {
         let mut pull = docker.create_image(
             Some(CreateImageOptionsBuilder::new().from_image(image).build()),
@@ -97,7 +106,10 @@ async fn run(docker: &Docker, image: &str, host: &str, port: u16) -> Result<Meta
         ..Default::default()
     };
     let created = docker
-        .create_container(None::<bollard::query_parameters::CreateContainerOptions>, body)
+        .create_container(
+            None::<bollard::query_parameters::CreateContainerOptions>,
+            body,
+        )
         .await
         .map_err(DockerError::api("create the metadata probe container"))?;
     let guard = ContainerGuard::new(docker.clone(), created.id.clone());
@@ -155,34 +167,13 @@ mod tests {
         docker
     }
 
-    /// The address of Docker's default bridge on this host: what a
-    /// container reaches, as it reaches 169.254.169.254 on EC2 when the hop
-    /// limit allows.
-    async fn bridge_gateway(docker: &Docker) -> Option<std::net::IpAddr> {
-        let bridge = docker
-            .inspect_network("bridge", None::<bollard::query_parameters::InspectNetworkOptions>)
-            .await
-            .ok()?;
-        let config = bridge.ipam?.config?;
-        let gateway = config.iter().find_map(|c| c.gateway.clone());
-        match gateway {
-            Some(gateway) => gateway.parse().ok(),
-            // Engines that do not report it use the subnet's first address.
-            None => {
-                let subnet = config.iter().find_map(|c| c.subnet.clone())?;
-                let base: std::net::Ipv4Addr = subnet.split('/').next()?.parse().ok()?;
-                Some(std::net::IpAddr::V4(std::net::Ipv4Addr::from(
-                    u32::from(base) + 1,
-                )))
-            }
-        }
-    }
-
     #[tokio::test]
     async fn a_container_that_gets_a_token_is_reported_and_one_that_cannot_is_not() {
         let docker = docker().await;
         // Where containers can reach it: a token is issued.
-        let gateway = bridge_gateway(&docker).await.unwrap();
+        let gateway = servitor_testkit::image::bridge_gateway(&docker)
+            .await
+            .unwrap();
         let reachable = ImdsStandIn::start_at(InstanceSpec::default(), (gateway, 0).into())
             .await
             .unwrap();
