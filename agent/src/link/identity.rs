@@ -94,6 +94,11 @@ impl Credentials {
     pub fn needs_renewal(&self, now: i64) -> bool {
         needs_renewal(self.not_before, self.not_after, now)
     }
+
+    /// Whether the certificate is outside its validity window.
+    pub fn expired(&self, now: i64) -> bool {
+        now < self.not_before || now >= self.not_after
+    }
 }
 
 /// The pure renewal rule: renew outside the validity window and once less

@@ -249,9 +249,17 @@ pub fn forget_credentials(settings: &LinkSettings) -> Result<(), LinkError> {
 pub async fn connect(settings: &LinkSettings) -> Result<Link, LinkError> {
     let dialer = Dialer::new(settings).await?;
     let store = settings.store();
-    let stored = store
-        .load()?
-        .filter(|creds| !creds.needs_renewal(identity::unix_now()));
+    let now = identity::unix_now();
+    // An instance enrolls by its identity once, soon after launch: it keeps
+    // its certificate to the end instead of enrolling early again.
+    let by_identity = settings.aws_identity.is_some();
+    let stored = store.load()?.filter(|creds| {
+        if by_identity {
+            !creds.expired(now)
+        } else {
+            !creds.needs_renewal(now)
+        }
+    });
     if let Some(creds) = stored {
         match dialer.dial(Some(&creds)).await {
             Ok(connection) => return Ok(link(connection, creds)),
