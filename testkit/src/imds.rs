@@ -135,15 +135,7 @@ impl ImdsStandIn {
         });
         let stop = CancellationToken::new();
         let app = Router::new().fallback(handle).with_state(shared.clone());
-        let stopped = stop.clone().cancelled_owned();
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(stopped)
-                .await
-            {
-                tracing::warn!(error = %e, "instance metadata stand-in stopped");
-            }
-        });
+        crate::serve(listener, app, &stop, "instance metadata stand-in");
         Ok(Self {
             address,
             shared,

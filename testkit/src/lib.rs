@@ -19,6 +19,25 @@ pub mod registry;
 
 use std::time::Duration;
 
+/// Serves `router` on `listener` in the background until `stop` is
+/// cancelled; `what` names the stand-in in the warning if serving fails.
+pub(crate) fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    stop: &tokio_util::sync::CancellationToken,
+    what: &'static str,
+) {
+    let stopped = stop.clone().cancelled_owned();
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::warn!(error = %e, "{what} stopped serving");
+        }
+    });
+}
+
 /// How often [`wait_until`] looks again.
 const WAIT_POLL: Duration = Duration::from_millis(50);
 

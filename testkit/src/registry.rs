@@ -98,15 +98,7 @@ impl RegistryStandIn {
         });
         let stop = CancellationToken::new();
         let app = Router::new().fallback(handle).with_state(shared.clone());
-        let stopped = stop.clone().cancelled_owned();
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(stopped)
-                .await
-            {
-                tracing::warn!(error = %e, "registry stand-in stopped");
-            }
-        });
+        crate::serve(listener, app, &stop, "registry stand-in");
         Ok(Self {
             address,
             shared,

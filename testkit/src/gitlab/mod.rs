@@ -705,15 +705,7 @@ impl StandIn {
         });
         let stop = CancellationToken::new();
         let router = api::router(Arc::clone(&state));
-        let shutdown = stop.clone().cancelled_owned();
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::warn!(error = %e, "gitlab stand-in stopped serving");
-            }
-        });
+        crate::serve(listener, router, &stop, "gitlab stand-in");
         Ok(Self { state, addr, stop })
     }
 
