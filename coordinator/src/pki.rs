@@ -61,7 +61,7 @@ const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(5 * 365 * 24 * 60 * 6
 const SERVER_CERT_RENEW_BEFORE: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 /// Certificates start this far in the past so a peer whose clock runs a
 /// little behind does not reject a certificate issued a moment ago.
-const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(5 * 60);
+const CLOCK_SKEW_ALLOWANCE: Duration = servitor_proto::link::CERTIFICATE_BACKDATE;
 /// Random serial numbers of 16 octets: RFC 5280 allows up to 20, and 64 bits
 /// of randomness is the common minimum.
 const SERIAL_BYTES: usize = 16;

@@ -92,12 +92,31 @@ impl Credentials {
     /// Whether the certificate is expired, not yet valid, or close enough to
     /// its end that it should be replaced now (`now` in Unix seconds).
     pub fn needs_renewal(&self, now: i64) -> bool {
-        needs_renewal(self.not_before, self.not_after, now)
+        if now < self.not_before {
+            return true;
+        }
+        let (issued, not_after) = self.validity();
+        needs_renewal(issued.min(now), not_after, now)
     }
 
     /// Whether the certificate is outside its validity window.
     pub fn expired(&self, now: i64) -> bool {
         now < self.not_before || now >= self.not_after
+    }
+
+    /// When the certificate was issued and when it runs out, Unix seconds.
+    /// The coordinator starts certificates
+    /// [`servitor_proto::link::CERTIFICATE_BACKDATE`] early; that margin is
+    /// not part of the life renewal counts with.
+    pub fn validity(&self) -> (i64, i64) {
+        let backdate =
+            i64::try_from(servitor_proto::link::CERTIFICATE_BACKDATE.as_secs()).unwrap_or(0);
+        let issued = if self.not_after - self.not_before > backdate {
+            self.not_before + backdate
+        } else {
+            self.not_before
+        };
+        (issued, self.not_after)
     }
 }
 
