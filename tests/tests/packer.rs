@@ -237,7 +237,10 @@ fn template_for_packer_1_6(template: &str) -> String {
         let start = text
             .find(opening)
             .unwrap_or_else(|| panic!("the template has no `{opening}`"));
-        let close = format!("\n{}}}\n", " ".repeat(opening.len() - opening.trim_start().len()));
+        let close = format!(
+            "\n{}}}\n",
+            " ".repeat(opening.len() - opening.trim_start().len())
+        );
         let end = start
             + text[start..]
                 .find(&close)

@@ -60,7 +60,11 @@ fn tracked_shell_scripts() -> Vec<PathBuf> {
             .current_dir(&root),
         "git",
     );
-    assert!(output.status.success(), "git ls-files: {}", describe(&output));
+    assert!(
+        output.status.success(),
+        "git ls-files: {}",
+        describe(&output)
+    );
     let mut scripts = Vec::new();
     for name in output.stdout.split(|b| *b == 0).filter(|n| !n.is_empty()) {
         let path = root.join(String::from_utf8_lossy(name).as_ref());
@@ -230,7 +234,12 @@ fn exposure(path: &str) -> f64 {
         .lines()
         .find_map(|line| {
             let rest = line.split_once("Overall exposure level for ")?.1;
-            rest.split_once(": ")?.1.split_whitespace().next()?.parse().ok()
+            rest.split_once(": ")?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
         })
         .unwrap_or_else(|| panic!("no exposure level for {path}: {}", describe(&output)))
 }
