@@ -21,6 +21,8 @@ const SUITE: &str = "bookworm";
 /// Debian's minimal base, plus systemd, which Debian's cloud images have and
 /// provision.sh uses (`systemctl enable`).
 const DEBOOTSTRAP_OPTIONS: &[&str] = &["--variant=minbase", "--include=systemd,systemd-sysv"];
+/// Where Debian's debootstrap package installs it.
+const DEBOOTSTRAP: &str = "/usr/sbin/debootstrap";
 const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
 /// Files provision.sh installs, and the directories it makes.
 const INSTALLED: &[&str] = &[
@@ -52,12 +54,12 @@ fn describe(output: &Output) -> String {
 fn run(command: &mut Command) -> Output {
     let program = command.get_program().to_string_lossy().into_owned();
     command.output().unwrap_or_else(|e| {
-        let package = if program == "docker" {
-            "the Docker engine"
-        } else {
-            "Debian's debootstrap (tests/run.sh installs it)"
+        let need = match program.rsplit('/').next() {
+            Some("docker") => "the Docker engine",
+            Some("debootstrap") => "Debian's debootstrap (tests/run.sh installs it)",
+            _ => "it",
         };
-        panic!("cannot run {program} ({e}); this test needs {package}")
+        panic!("cannot run {program} ({e}); this test needs {need}")
     })
 }
 
@@ -180,11 +182,16 @@ fn base_image() -> Option<String> {
         let mirror = debian_mirror();
         println!("making Debian {SUITE} from {mirror} with debootstrap (once)");
         succeed(
-            Command::new("debootstrap")
-                .args(DEBOOTSTRAP_OPTIONS)
-                .arg(SUITE)
-                .arg(&root)
-                .arg(&mirror),
+            // Root's PATH has sbin; a PATH that lacks it should not fail this.
+            Command::new(if Path::new(DEBOOTSTRAP).is_file() {
+                DEBOOTSTRAP
+            } else {
+                "debootstrap"
+            })
+            .args(DEBOOTSTRAP_OPTIONS)
+            .arg(SUITE)
+            .arg(&root)
+            .arg(&mirror),
         );
         let partial = work.path().join("root.tar");
         succeed(
