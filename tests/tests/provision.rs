@@ -400,8 +400,9 @@ fn provisioning_installs_what_an_instance_needs_and_a_second_run_changes_nothing
     let journald = stdout_of(&first, "systemd-analyze cat-config systemd/journald.conf");
     let cap = journald
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("SystemMaxUse="))
-        .last()
+        // The last setting read wins: a drop-in's over journald.conf's.
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("SystemMaxUse="))
         .unwrap_or_else(|| panic!("no SystemMaxUse in journald's configuration:\n{journald}"));
     assert!(
         cap.trim_end_matches(['K', 'M', 'G'])
