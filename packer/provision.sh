@@ -45,10 +45,38 @@ install -m 0755 -o root -g root "$UPLOAD_DIR/servitor-agent" /usr/local/bin/serv
 install -m 0644 -o root -g root "$UPLOAD_DIR/servitor-agent.service" \
     /etc/systemd/system/servitor-agent.service
 
+# Job containers' output reaches GitLab through the agent; what Docker keeps
+# of it on disk is only for debugging, so it is rotated instead of filling
+# the root volume on a long-lived instance.
+install -d -m 0755 -o root -g root /etc/docker
+install -m 0644 -o root -g root /dev/stdin /etc/docker/daemon.json <<'EOF'
+{
+  "log-driver": "json-file",
+  "log-opts": {
+    "max-size": "10m",
+    "max-file": "3"
+  }
+}
+EOF
+# The journal (the agent's log, and Docker's) gets a fixed share of the
+# disk; the rest is for job images and sources.
+install -d -m 0755 -o root -g root /etc/systemd/journald.conf.d
+install -m 0644 -o root -g root /dev/stdin \
+    /etc/systemd/journald.conf.d/60-servitor-agent.conf <<'EOF'
+[Journal]
+SystemMaxUse=500M
+RuntimeMaxUse=100M
+EOF
+
 # A binary built against a newer glibc than the image's fails here, at build
 # time, instead of on every instance.
 /usr/local/bin/servitor-agent --version
 
-# Not enabled: the image has no configuration yet. user-data writes it and
-# enables the unit.
-systemctl daemon-reload
+# Enabled, but the unit runs only once user-data has written its
+# configuration (ConditionPathExists): until then it is skipped at boot.
+systemctl enable servitor-agent.service
+# Only a running systemd reads unit files; building into a container or a
+# chroot, there is none to tell.
+if [[ -d /run/systemd/system ]]; then
+    systemctl daemon-reload
+fi

@@ -75,21 +75,26 @@ source "amazon-ebs" "servitor-agent" {
   # The build's temporary key must not open every instance made from the image.
   ssh_clear_authorized_keys = true
 
-  # IMDSv2 only, on the build instance and on every instance launched from
-  # the image. Hop limit 2 lets a container reach instance metadata through
-  # the Docker bridge.
+  # The build instance: IMDSv2 only, and hop limit 1, so nothing behind a
+  # bridge (a container started while provisioning) reaches metadata.
   metadata_options {
     http_endpoint               = "enabled"
     http_tokens                 = "required"
-    http_put_response_hop_limit = 2
+    http_put_response_hop_limit = 1
   }
+  # Instances launched from the image require IMDSv2 too; AWS gives them hop
+  # limit 2 unless the launch template says 1, as it should (packer/README.md).
   imds_support = "v2.0"
   ena_support  = true
 
+  # throughput and iops are gp3's baseline, which AWS applies anyway; they
+  # are stated because Packer's built-in builder (1.6) refuses gp3 without.
   launch_block_device_mappings {
     device_name           = "/dev/xvda"
     volume_size           = var.volume_size
     volume_type           = "gp3"
+    throughput            = 125
+    iops                  = 3000
     delete_on_termination = true
   }
 

@@ -2,13 +2,20 @@
 # Runs every Servitor test: unit, integration and end-to-end (real Docker,
 # real QUIC, GitLab stand-in over real HTTP). Installs what the tests need
 # when it is missing: git (sources are fetched over git's smart HTTP
-# protocol) and Debian's busybox-static (the job image is built from it with
-# `docker import`, since no registry is needed).
+# protocol), Debian's busybox-static (the job image is built from it with
+# `docker import`, since no registry is needed), and the tools that check
+# what ships: shellcheck, systemd's systemd-analyze, packer, and debootstrap
+# (the image provisioning runs in a Debian it makes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v git >/dev/null 2>&1 || need_apt+=(git)
+command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v packer >/dev/null 2>&1 || need_apt+=(packer)
+# debootstrap lives in sbin, which a user's PATH may lack.
+command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
 # A dynamically linked busybox cannot run in an empty image: ldd succeeds
 # only on dynamic executables.
 if ! [ -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then

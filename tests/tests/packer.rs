@@ -1,7 +1,9 @@
 //! The Spot instance image's files against the agent they serve: the
 //! configuration `packer/user-data.sh` writes must load with the agent's own
 //! loader (unknown keys are errors there), the systemd unit must read the file
-//! user-data writes, and the scripts must at least parse.
+//! user-data writes, and the scripts must at least parse. The template
+//! passes `packer validate` of Debian's Packer as far as that version reads
+//! it, and its build instance takes IMDSv2 tokens only, with hop limit 1.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -221,5 +223,132 @@ fn unit_reads_the_config_user_data_writes() {
     assert_eq!(
         config.state_dir,
         Some(Path::new("/var/lib").join(directive("StateDirectory")))
+    );
+}
+
+/// The template with what Debian's Packer (1.6.6, the newest any Debian
+/// release packages) cannot read taken out: the `packer { required_plugins }`
+/// block (1.7 and later), and the build instance's `metadata_options` and
+/// the AMI's `imds_support`, which its built-in amazon builder predates.
+/// Every one of them must be there to be taken out; what they say is
+/// checked by `template_requires_imdsv2_with_hop_limit_1` instead.
+fn template_for_packer_1_6(template: &str) -> String {
+    fn cut_block(text: &str, opening: &str) -> String {
+        let start = text
+            .find(opening)
+            .unwrap_or_else(|| panic!("the template has no `{opening}`"));
+        let close = format!(
+            "\n{}}}\n",
+            " ".repeat(opening.len() - opening.trim_start().len())
+        );
+        let end = start
+            + text[start..]
+                .find(&close)
+                .unwrap_or_else(|| panic!("`{opening}` is not closed"))
+            + close.len();
+        format!("{}{}", &text[..start], &text[end..])
+    }
+    let text = cut_block(template, "packer {");
+    let text = cut_block(&text, "  metadata_options {");
+    let line = "  imds_support = \"v2.0\"\n";
+    assert!(text.contains(line), "the template has no `{}`", line.trim());
+    text.replace(line, "")
+}
+
+fn packer(args: &[&str], dir: &Path) -> Output {
+    Command::new("packer")
+        .args(args)
+        .current_dir(dir)
+        // No check-point calls home from a test.
+        .env("CHECKPOINT_DISABLE", "1")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run packer ({e}); install Debian's packer (tests/run.sh does)")
+        })
+}
+
+#[test]
+fn template_validates_with_debians_packer() {
+    let template = read("servitor-agent.pkr.hcl");
+
+    // The whole template is formatted as packer fmt writes it.
+    let output = packer(
+        &["fmt", "-check", "-diff", "servitor-agent.pkr.hcl"],
+        &packer_dir(),
+    );
+    assert!(output.status.success(), "packer fmt: {}", describe(&output));
+
+    // The rest is validated in full: every builder and provisioner setting
+    // by name and value, variables, locals, and that the files it uploads
+    // and runs exist. It sits beside copies of packer/ since the template
+    // finds them through path.root; the agent binary is the one built.
+    let dir = tempfile::tempdir().expect("creating a temporary directory");
+    for entry in std::fs::read_dir(packer_dir()).expect("listing packer/") {
+        let entry = entry.expect("listing packer/");
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copying packer/");
+    }
+    let trimmed = template_for_packer_1_6(&template);
+    let agent = servitor_tests::agent_binary().expect("the built agent");
+    let agent_var = format!("agent_binary={}", agent.display());
+    let validate = |template: &str| {
+        std::fs::write(dir.path().join("check.pkr.hcl"), template).expect("writing the template");
+        packer(
+            &[
+                "validate",
+                "-var",
+                "region=eu-west-1",
+                "-var",
+                &agent_var,
+                "check.pkr.hcl",
+            ],
+            dir.path(),
+        )
+    };
+    let output = validate(&trimmed);
+    assert!(
+        output.status.success(),
+        "packer validate: {}",
+        describe(&output)
+    );
+
+    // It does find mistakes: a misspelt setting (reported on stdout), and
+    // an upload that is not there.
+    let output = validate(&trimmed.replace("ssh_username", "ssh_user_name"));
+    assert!(
+        !output.status.success() && describe(&output).contains("\"ssh_user_name\""),
+        "{}",
+        describe(&output)
+    );
+    std::fs::remove_file(dir.path().join("provision.sh")).expect("removing a copy");
+    let output = validate(&trimmed);
+    assert!(
+        !output.status.success() && describe(&output).contains("provision.sh"),
+        "{}",
+        describe(&output)
+    );
+}
+
+#[test]
+fn template_requires_imdsv2_with_hop_limit_1() {
+    let template = read("servitor-agent.pkr.hcl");
+    let start = template
+        .find("  metadata_options {")
+        .expect("the template sets metadata_options");
+    let block = &template[start..start + template[start..].find("\n  }").expect("closed")];
+    let setting = |key: &str| {
+        block
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == key).then(|| v.trim().to_owned())
+            })
+            .unwrap_or_else(|| panic!("metadata_options has no {key}"))
+    };
+    assert_eq!(setting("http_endpoint"), "\"enabled\"");
+    assert_eq!(setting("http_tokens"), "\"required\"");
+    assert_eq!(setting("http_put_response_hop_limit"), "1");
+    assert!(
+        template.contains("\n  imds_support = \"v2.0\"\n"),
+        "instances launched from the image require IMDSv2"
     );
 }
