@@ -192,6 +192,23 @@ impl Group {
         })
     }
 
+    /// Takes an instance out of the group (DetachInstances, lowering the
+    /// desired capacity); the instance itself keeps running.
+    ///
+    /// # Errors
+    /// The call fails.
+    pub async fn detach(&self, id: &str) -> anyhow::Result<()> {
+        self.asg
+            .detach_instances()
+            .auto_scaling_group_name(&self.name)
+            .instance_ids(id)
+            .should_decrement_desired_capacity(true)
+            .send()
+            .await
+            .context("DetachInstances")?;
+        Ok(())
+    }
+
     /// Desired capacity and instances now.
     ///
     /// # Errors
@@ -318,6 +335,8 @@ pub struct Booter {
     dial: Arc<Mutex<std::net::SocketAddr>>,
     /// Every instance id ever seen, in order, and whether it booted.
     pub seen: Arc<Mutex<Vec<(String, bool)>>>,
+    /// Instances detached from the group: their machines run on.
+    detached: Arc<Mutex<std::collections::HashSet<String>>>,
     stop: CancellationToken,
     base: PathBuf,
 }
@@ -328,11 +347,13 @@ impl Booter {
         let booted: Arc<Mutex<HashMap<String, Booted>>> = Arc::default();
         let seen: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
         let dial = Arc::new(Mutex::new(settings.coordinator));
+        let detached: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
         let stop = CancellationToken::new();
         let booter = Self {
             booted: booted.clone(),
             dial: dial.clone(),
             seen: seen.clone(),
+            detached: detached.clone(),
             stop: stop.clone(),
             base: base.to_owned(),
         };
@@ -346,11 +367,14 @@ impl Booter {
                             i.lifecycle == "InService" || i.lifecycle.starts_with("Pending")
                         })
                         .collect();
-                    // Instances that left the group: their machine is gone.
+                    // Instances that left the group: their machine is gone,
+                    // unless it was only detached.
                     let gone: Vec<String> = {
                         let map = lock(&booted);
+                        let detached = lock(&detached);
                         map.keys()
                             .filter(|id| !live.iter().any(|i| &&i.id == id))
+                            .filter(|id| !detached.contains(*id))
                             .cloned()
                             .collect()
                     };
@@ -393,6 +417,23 @@ impl Booter {
             }
         });
         booter
+    }
+
+    /// Takes an instance out of the group while its machine, agent and all,
+    /// keeps running (as DetachInstances does).
+    ///
+    /// # Errors
+    /// The API call fails.
+    pub async fn detach(&self, group: &Group, id: &str) -> anyhow::Result<()> {
+        lock(&self.detached).insert(id.to_owned());
+        group.detach(id).await
+    }
+
+    /// Whether an instance's agent process has exited, and how.
+    pub fn exit_status(&self, id: &str) -> Option<std::process::ExitStatus> {
+        lock(&self.booted)
+            .get_mut(id)
+            .and_then(|b| b.child.try_wait().ok().flatten())
     }
 
     /// Agents booted from now on dial `addr` (a coordinator that moved);

@@ -731,3 +731,67 @@ async fn a_forged_identity_is_refused_with_the_reason_on_the_instance() {
     let enrolled = h.dir.path().join("state").join("enrolled-instances");
     assert!(!enrolled.exists() || std::fs::read_to_string(enrolled).unwrap().is_empty());
 }
+
+/// An instance taken out of the group keeps running, but its agent's
+/// certificate is not renewed: the agent hears why, the link ends when the
+/// certificate runs out, and the agent stops for good (it cannot enroll a
+/// second time) with a line naming the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_left_the_group_cannot_renew_and_is_cut_off_at_expiry() {
+    let h = AwsHarness::start(AwsOptions {
+        max_instances: 1,
+        idle_count: 1,
+        aws_iid: true,
+        configure: Tweak::new(|c| c.agents.cert_validity = Duration::from_secs(30)),
+        ..AwsOptions::default()
+    })
+    .await
+    .unwrap();
+    servitor_tests::wait_until("an agent connects", TIMEOUT, || {
+        !h.coordinator().core.agents().is_empty()
+    })
+    .await
+    .unwrap();
+    let instance = h.coordinator().core.agents()[0].agent_id.clone();
+    h.booter.detach(&h.group, &instance).await.unwrap();
+
+    let log_path = h
+        .dir
+        .path()
+        .join("instances")
+        .join(&instance)
+        .join("agent.log");
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    servitor_tests::wait_until("the agent stops", TIMEOUT, || {
+        h.booter.exit_status(&instance).is_some()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", log()));
+    let log = log();
+    assert!(
+        log.contains("the coordinator refused to renew the agent's certificate"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("instance {instance} is no longer a running member")),
+        "{log}"
+    );
+    assert!(
+        log.contains("was not renewed over the link"),
+        "the coordinator said why it closed the link: {log}"
+    );
+    assert!(log.contains("replace the instance"), "{log}");
+    assert_eq!(
+        h.booter.exit_status(&instance).unwrap().code(),
+        Some(64),
+        "systemd does not restart it: {log}"
+    );
+    assert!(
+        h.coordinator()
+            .core
+            .agents()
+            .iter()
+            .all(|a| a.agent_id != instance),
+        "the detached instance's agent is gone"
+    );
+}

@@ -292,7 +292,8 @@ async fn run_agent(
                         coordinator_message::Msg::Ack(_)
                         | coordinator_message::Msg::Cancel(_)
                         | coordinator_message::Msg::Drain(_)
-                        | coordinator_message::Msg::Heartbeat(_),
+                        | coordinator_message::Msg::Heartbeat(_)
+                        | coordinator_message::Msg::Renewed(_),
                     )
                     | None => {}
                 }
