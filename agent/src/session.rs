@@ -17,7 +17,7 @@ use bytes::Bytes;
 use servitor_proto::agent::{
     agent_message, coordinator_message, AgentMessage, AttemptRef, CancelMode, CoordinatorMessage,
     Draining, FailureKind, Finished, Heartbeat, Hello, InstanceFacts, Interrupting, Outcome,
-    OutputHeader, Pull, Rejected, Renewed, Started,
+    OutputHeader, Pull, Rejected, Started,
 };
 use servitor_proto::frame::{write_frame, FrameReader};
 use servitor_proto::job::JobPayload;
@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::executor::{AnyExecutor, CancelSignals, Executor, JobContext, JobResult};
-use crate::link::{certificate_close, connect, CertificateClose, LinkError, LinkSettings, Renewal};
+use crate::link::{connect, LinkError, LinkSettings};
 use servitor_runtime::backoff::Backoff;
 
 /// Reconnect backoff bounds: quick first retry, at most a minute apart.
@@ -59,9 +59,6 @@ const GOODBYE_WAIT: Duration = Duration::from_secs(1);
 const OUTPUT_FLUSH_WAIT: Duration = Duration::from_secs(5);
 /// How long running jobs get to stop when the agent itself is stopped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
-/// How long the coordinator has to answer a renewal before it is asked
-/// again.
-const RENEW_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the agent stopped for good.
 #[derive(Debug, thiserror::Error)]
@@ -199,37 +196,14 @@ async fn serve(
         tracing::info!(agent_id = %link.agent_id, "connected to the coordinator");
         state.links.send_replace(Some(link.connection.clone()));
         let started = tokio::time::Instant::now();
-        let mut link = link;
-        let end = session(
-            settings,
-            &link.connection,
-            &mut link.renewal,
-            state,
-            done_rx,
-            signals,
-        )
-        .await;
+        let end = session(settings, &link.connection, state, done_rx, signals).await;
         if let SessionEnd::Exit = end {
             // The control stream is finished: give the coordinator a moment
             // to read its end and close, so it sees a clean goodbye.
             let _ = tokio::time::timeout(GOODBYE_WAIT, link.connection.closed()).await;
         }
         state.links.send_replace(None);
-        let closed_by_coordinator = link.connection.close_reason();
         link.connection.close(0u32.into(), b"bye");
-        match closed_by_coordinator.as_ref().and_then(certificate_close) {
-            Some(CertificateClose::Revoked(reason)) => {
-                tracing::error!(agent_id = %link.agent_id, %reason, "the coordinator revoked this agent's certificate; stopping");
-                crate::link::forget_credentials(&settings.link)?;
-                return Err(AgentError::Refused(
-                    LinkError::Revoked(format!(" ({reason})")).to_string(),
-                ));
-            }
-            Some(CertificateClose::Expired(reason)) => {
-                tracing::warn!(agent_id = %link.agent_id, %reason, "the coordinator closed the link: the agent's certificate ran out");
-            }
-            None => {}
-        }
         match end {
             SessionEnd::Exit => return Ok(()),
             SessionEnd::Lost => {
@@ -494,7 +468,6 @@ fn msg(m: agent_message::Msg) -> AgentMessage {
 async fn session(
     settings: &Arc<AgentSettings>,
     connection: &quinn::Connection,
-    renewal: &mut Renewal,
     state: &mut AgentState,
     done_rx: &mut mpsc::UnboundedReceiver<Done>,
     signals: &mut Signals<'_>,
@@ -569,11 +542,6 @@ async fn session(
     // protocol's.
     let mut heartbeat = heartbeat_timer(servitor_proto::link::HEARTBEAT_INTERVAL, false);
     let mut sequence = 0u64;
-    // The certificate is renewed over this link when its time comes; while
-    // a request is out, the timer waits for its answer instead.
-    let renew_timer = tokio::time::sleep(renewal.due_in());
-    tokio::pin!(renew_timer);
-    let mut renewing = false;
     loop {
         if state.exit_when_idle && state.running.is_empty() {
             tracing::info!("drained and idle; exiting");
@@ -593,24 +561,6 @@ async fn session(
                     }
                     if matches!(message.msg, Some(agent_message::Msg::Interrupting(_))) {
                         state.redial_now = false;
-                    }
-                }
-            }
-            () = &mut renew_timer => {
-                if renewing {
-                    tracing::warn!(waited = ?RENEW_TIMEOUT, "the coordinator did not answer the certificate renewal; asking again");
-                }
-                match renewal.request() {
-                    Ok(renew) => {
-                        if write_frame(&mut send, &msg(agent_message::Msg::Renew(renew))).await.is_err() {
-                            return SessionEnd::Lost;
-                        }
-                        renewing = true;
-                        renew_timer.as_mut().reset(tokio::time::Instant::now() + RENEW_TIMEOUT);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot ask for a new certificate");
-                        renew_timer.as_mut().reset(tokio::time::Instant::now() + renewal.retry_in());
                     }
                 }
             }
@@ -664,12 +614,6 @@ async fn session(
                     }
                     heartbeat = heartbeat_timer(pace, true);
                 }
-                if let Some(coordinator_message::Msg::Renewed(answer)) = message.msg {
-                    renewing = false;
-                    let next = renewed(renewal, answer);
-                    renew_timer.as_mut().reset(tokio::time::Instant::now() + next);
-                    continue;
-                }
                 let replies = handle(settings, state, message);
                 for reply in replies {
                     if write_frame(&mut send, &reply).await.is_err() {
@@ -677,29 +621,6 @@ async fn session(
                     }
                 }
             }
-        }
-    }
-}
-
-/// Takes the answer to a renewal; returns how long until the next request.
-fn renewed(renewal: &mut Renewal, answer: Renewed) -> Duration {
-    match renewal.accept(answer) {
-        Ok(valid_for) => {
-            tracing::info!(
-                valid_for = %humantime::format_duration(valid_for),
-                "renewed the agent's certificate over the link"
-            );
-            renewal.due_in()
-        }
-        Err(reason) => {
-            let retry_in = renewal.retry_in();
-            tracing::warn!(
-                %reason,
-                expires = %humantime::format_rfc3339_seconds(renewal.expires_at()),
-                retry_in = ?retry_in,
-                "the coordinator refused to renew the agent's certificate; the link ends when it expires unless a later request succeeds"
-            );
-            retry_in
         }
     }
 }
@@ -832,9 +753,7 @@ fn handle(
                     .retain(|r| r.finished.attempt != Some(attempt));
             }
         }
-        // Renewals are the session's; a stray answer means nothing here.
-        Some(coordinator_message::Msg::Heartbeat(_) | coordinator_message::Msg::Renewed(_))
-        | None => {}
+        Some(coordinator_message::Msg::Heartbeat(_)) | None => {}
     }
     replies
 }

@@ -1,5 +1,5 @@
-//! The operator API: tonic gRPC on a local Unix socket (status, drain,
-//! revoke). The CLI's subcommands are its client. The socket is private to the
+//! The operator API: tonic gRPC on a local Unix socket (status, drain). The
+//! CLI's `status` subcommand is its client. The socket is private to the
 //! service user (mode 0600), so no further authentication is needed.
 
 use std::path::{Path, PathBuf};
@@ -9,14 +9,13 @@ use servitor_proto::admin::admin_client::AdminClient;
 use servitor_proto::admin::admin_server::{Admin, AdminServer};
 use servitor_proto::admin::{
     AgentStatus, DrainRequest, DrainResponse, FleetStatus, InstanceStatus, JobStatus,
-    RevokeRequest, RevokeResponse, StatusRequest, StatusResponse,
+    StatusRequest, StatusResponse,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::core::Core;
 use crate::fleet::FleetView;
-use crate::link::Revocations;
 
 /// Admin API failures.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +44,6 @@ pub struct AdminState {
     pub concurrent: u32,
     /// Cancelled by the Drain call: stop taking GitLab jobs.
     pub stop_polling: CancellationToken,
-    /// Agents whose certificates are revoked.
-    pub revocations: Arc<Revocations>,
 }
 
 #[tonic::async_trait]
@@ -118,56 +115,6 @@ impl Admin for AdminState {
         tracing::info!("drain requested: no new GitLab jobs will be taken");
         self.stop_polling.cancel();
         Ok(Response::new(DrainResponse {}))
-    }
-
-    async fn revoke(
-        &self,
-        request: Request<RevokeRequest>,
-    ) -> Result<Response<RevokeResponse>, Status> {
-        let RevokeRequest { agent_id, reason } = request.into_inner();
-        let agent_id = agent_id.trim();
-        if agent_id.is_empty() {
-            return Err(Status::invalid_argument(
-                "no agent id given; `servitor-coordinator status` lists them",
-            ));
-        }
-        let was_connected = self.core.agents().iter().any(|a| a.agent_id == agent_id);
-        let (revoked, new) = self
-            .revocations
-            .revoke(agent_id, &reason)
-            .map_err(|e| {
-                Status::internal(format!(
-                    "cannot record the revocation in the state directory ({e}); nothing was revoked"
-                ))
-            })?;
-        if new {
-            tracing::warn!(agent = %agent_id, connected = was_connected, revocation = %revoked.describe(), "agent revoked: its certificate is refused from now on");
-        }
-        Ok(Response::new(RevokeResponse {
-            was_connected,
-            already_revoked: !new,
-            revocation: revoked.describe(),
-        }))
-    }
-}
-
-/// The CLI's answer to a revocation, one line.
-pub fn render_revocation(agent_id: &str, response: &RevokeResponse) -> String {
-    if response.already_revoked {
-        format!(
-            "agent {agent_id} was already {}; nothing changed\n",
-            response.revocation
-        )
-    } else if response.was_connected {
-        format!(
-            "agent {agent_id} {}; its link is closed and its jobs run again elsewhere\n",
-            response.revocation
-        )
-    } else {
-        format!(
-            "agent {agent_id} {} (it is not connected now; it cannot connect or renew again)\n",
-            response.revocation
-        )
     }
 }
 

@@ -6,17 +6,15 @@
 //! about jobs (`core`).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use servitor_proto::agent::{
-    agent_message, coordinator_message, renewed, AgentMessage, Assign, CoordinatorMessage, Hello,
-    OutputHeader, Renew, Renewed, Welcome,
+    agent_message, coordinator_message, AgentMessage, Assign, CoordinatorMessage, Hello,
+    OutputHeader, Welcome,
 };
 use servitor_proto::frame::{read_frame, write_frame, FrameReader};
-use servitor_proto::link::{
-    close_code, HEARTBEAT_INTERVAL, MISSED_HEARTBEATS, STALE_ATTEMPT_CODE,
-};
+use servitor_proto::link::{HEARTBEAT_INTERVAL, MISSED_HEARTBEATS, STALE_ATTEMPT_CODE};
 use servitor_runtime::link::code;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -37,10 +35,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const OUTPUT_GATHER: usize = 64;
 /// Why a session ended when the agent finished its control stream.
 const CLEAN_GOODBYE: &str = "agent closed its control stream";
-/// Why a session ended when the operator revoked the agent.
-const REVOKED: &str = "agent revoked";
-/// Why a session ended when the agent's certificate ran out.
-const CERTIFICATE_EXPIRED: &str = "certificate expired";
 
 /// Accepts authenticated agent connections until `stop`, one task each.
 /// What every agent session needs besides the core.
@@ -72,10 +66,9 @@ pub async fn serve_agents(
         let stop = stop.clone();
         let inner_tracker = tracker.clone();
         let serving = serving.clone();
-        let link = link.clone();
         tracker.spawn(
             async move {
-                serve_agent(core, link, conn, serving, stop, inner_tracker).await;
+                serve_agent(core, conn, serving, stop, inner_tracker).await;
             }
             .instrument(span),
         );
@@ -84,7 +77,6 @@ pub async fn serve_agents(
 
 async fn serve_agent(
     core: Arc<Core>,
-    link: Arc<LinkServer>,
     conn: AgentConnection,
     serving: Serving,
     stop: CancellationToken,
@@ -110,7 +102,7 @@ async fn serve_agent(
         ))) => (send, frames, h),
         Ok(Ok(_)) => {
             tracing::warn!("agent did not start with hello; closing");
-            connection.close(code(close_code::PROTOCOL_VIOLATION), b"expected hello");
+            connection.close(2u32.into(), b"expected hello");
             return;
         }
         Ok(Err(e)) => {
@@ -119,7 +111,7 @@ async fn serve_agent(
         }
         Err(_) => {
             tracing::warn!("agent sent no hello in time; closing");
-            connection.close(code(close_code::TIMEOUT), b"hello timeout");
+            connection.close(2u32.into(), b"hello timeout");
             return;
         }
     };
@@ -129,7 +121,7 @@ async fn serve_agent(
             ours = servitor_proto::link::PROTOCOL_VERSION,
             "agent speaks another protocol version; upgrade the agent image"
         );
-        connection.close(code(close_code::PROTOCOL_VIOLATION), b"protocol version mismatch");
+        connection.close(3u32.into(), b"protocol version mismatch");
         return;
     }
     let Hello {
@@ -142,7 +134,6 @@ async fn serve_agent(
         ..
     } = hello;
     let (tx, mut rx) = mpsc::unbounded_channel::<CoordinatorMessage>();
-    let replies = tx.clone();
     let (session, stale) = core
         .agent_connected(
             &agent_id,
@@ -204,62 +195,25 @@ async fn serve_agent(
         .in_current_span(),
     );
 
-    // The link lasts as long as the agent's certificate: renewals move the
-    // end, a revocation brings it forward to now.
-    let (renewed_tx, mut renewed_rx) = mpsc::unbounded_channel::<SystemTime>();
-    let mut expires = conn.cert_expires;
-    let mut expiry = deadline(expires);
-    let mut revocations = link.revocations().subscribe();
-    // Revoked between the handshake and now?
-    revocations.mark_changed();
-
     // Reader: the agent's messages into the core. Silence longer than a few
     // heartbeats means a frozen agent even if QUIC still answers.
     let silence_limit = HEARTBEAT_INTERVAL * MISSED_HEARTBEATS;
-    let (ended, close, detail) = loop {
+    let ended = loop {
         tokio::select! {
-            () = stop.cancelled() => break ("coordinator stopping", close_code::DONE, String::new()),
-            () = tokio::time::sleep_until(expiry) => break (
-                CERTIFICATE_EXPIRED,
-                close_code::CERTIFICATE_EXPIRED,
-                format!(
-                    "the agent's certificate expired at {} and was not renewed over the link",
-                    humantime::format_rfc3339_seconds(expires)
-                ),
-            ),
-            Ok(()) = revocations.changed() => {
-                if let Some(revoked) = link.revocations().get(&agent_id) {
-                    break (REVOKED, close_code::REVOKED, format!("agent {agent_id} was {}", revoked.describe()));
-                }
-            }
-            Some(renewed) = renewed_rx.recv() => {
-                expires = renewed;
-                expiry = deadline(expires);
-            }
+            () = stop.cancelled() => break "coordinator stopping",
             frame = tokio::time::timeout(silence_limit, frames.next::<AgentMessage>()) => match frame {
-                Ok(Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Renew(renew)) }))) => {
-                    tracker.spawn(
-                        renew_certificate(link.clone(), agent_id.clone(), renew, replies.clone(), renewed_tx.clone())
-                            .in_current_span(),
-                    );
-                }
                 Ok(Ok(Some(message))) => core.agent_message(&agent_id, session, message).await,
-                Ok(Ok(None)) => break (CLEAN_GOODBYE, close_code::DONE, String::new()),
+                Ok(Ok(None)) => break CLEAN_GOODBYE,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "agent control stream failed");
-                    break ("control stream failed", close_code::DONE, String::new());
+                    break "control stream failed";
                 }
-                Err(_) => break ("agent stopped sending heartbeats", close_code::DONE, String::new()),
+                Err(_) => break "agent stopped sending heartbeats",
             },
         }
     };
-    if detail.is_empty() {
-        tracing::info!(reason = ended, "agent disconnected");
-        connection.close(code(close), ended.as_bytes());
-    } else {
-        tracing::warn!(reason = %detail, "closed the agent's link");
-        connection.close(code(close), detail.as_bytes());
-    }
+    tracing::info!(reason = ended, "agent disconnected");
+    connection.close(0u32.into(), ended.as_bytes());
     writer.abort();
     outputs.abort();
     core.agent_disconnected(&agent_id, session);
@@ -274,12 +228,6 @@ async fn serve_agent(
             .await;
         return;
     }
-    if ended == REVOKED || ended == CERTIFICATE_EXPIRED {
-        // This agent id cannot connect again: an agent that may come back
-        // does so under a new id, after enrolling anew.
-        core.agent_lost(&agent_id, session, &detail).await;
-        return;
-    }
     tokio::select! {
         () = stop.cancelled() => {}
         () = tokio::time::sleep(lost_grace) => {
@@ -289,39 +237,6 @@ async fn serve_agent(
             }
         }
     }
-}
-
-/// The Tokio instant at a wall-clock time (now, if it has passed).
-fn deadline(at: SystemTime) -> tokio::time::Instant {
-    tokio::time::Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default()
-}
-
-/// Answers one renewal request, off the reader so heartbeats keep flowing
-/// while the group is asked about the instance.
-async fn renew_certificate(
-    link: Arc<LinkServer>,
-    agent_id: String,
-    renew: Renew,
-    replies: mpsc::UnboundedSender<CoordinatorMessage>,
-    renewed: mpsc::UnboundedSender<SystemTime>,
-) {
-    let answer = match link.renew(&agent_id, &renew.csr_pem).await {
-        Ok(renewal) => {
-            let _ = renewed.send(renewal.expires);
-            Renewed {
-                result: Some(renewed::Result::CertificatePem(renewal.certificate_pem)),
-                valid_for_secs: renewal.valid_for.as_secs(),
-            }
-        }
-        Err(reason) => Renewed {
-            result: Some(renewed::Result::Refused(reason)),
-            valid_for_secs: 0,
-        },
-    };
-    // The session may have ended meanwhile; then nobody waits for this.
-    let _ = replies.send(CoordinatorMessage {
-        msg: Some(coordinator_message::Msg::Renewed(answer)),
-    });
 }
 
 /// Reads one attempt's output stream into its job, or stops it if the

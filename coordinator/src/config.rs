@@ -338,9 +338,6 @@ fn default_max_attempts() -> u32 {
 fn one() -> u32 {
     1
 }
-/// Shortest client certificate life allowed (`agents.cert_validity`).
-pub const MIN_CERT_VALIDITY: Duration = Duration::from_secs(30);
-
 fn default_cert_validity() -> Duration {
     Duration::from_secs(24 * 3600)
 }
@@ -643,10 +640,10 @@ impl Config {
                 .to_block()
                 .map_err(|e| ConfigError(format!("{origin}: fleet.policy[{i}]: {e}")))?;
         }
-        if self.agents.cert_validity < MIN_CERT_VALIDITY {
+        if self.agents.cert_validity < Duration::from_secs(300) {
             return fail(
                 "agents.cert_validity",
-                "must be at least 30s: agents renew over their link when a third of it is left, and need that time to do so",
+                "must be at least 5m so agents can renew in time",
             );
         }
         Ok(())

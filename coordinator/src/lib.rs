@@ -220,17 +220,9 @@ pub async fn start(
         }
     };
 
-    let revoked_path = config.state_dir.join(link::REVOKED_FILE);
-    let revocations = Arc::new(link::Revocations::open(revoked_path.clone()).map_err(
-        |source| CoordinatorError::StateDir {
-            path: revoked_path,
-            source,
-        },
-    )?);
     let enrollment = link::Enrollment {
         join_token: secrets.join_token.clone(),
         aws_iid: aws_iid_enrollment(&config).await?,
-        revocations: revocations.clone(),
     };
     let link = Arc::new(link::LinkServer::bind_with(
         config.agents.listen,
@@ -328,7 +320,6 @@ pub async fn start(
         ca_pin: pki.ca_sha256_pin(),
         concurrent: config.concurrent,
         stop_polling: stop_polling.clone(),
-        revocations,
     };
     {
         let path = admin_socket.clone();

@@ -33,15 +33,6 @@ enum Command {
     Status,
     /// Stop taking new GitLab jobs; held jobs run to the end.
     Drain,
-    /// Revoke an agent's certificate: it cannot connect or renew again, its
-    /// link closes now and its jobs run again elsewhere.
-    Revoke {
-        /// The agent id, as `status` lists it.
-        agent_id: String,
-        /// Why, for the log and the agent.
-        #[arg(long, default_value = "")]
-        reason: String,
-    },
 }
 
 fn main() -> ExitCode {
@@ -70,8 +61,8 @@ fn main() -> ExitCode {
                     ExitCode::from(EXIT_CONFIG)
                 }
             },
-            Command::Status | Command::Drain | Command::Revoke { .. } => {
-                admin(&cli.config, &cli.command).await
+            Command::Status | Command::Drain => {
+                admin(&cli.config, matches!(cli.command, Command::Drain)).await
             }
         }
     })
@@ -107,7 +98,7 @@ async fn run(path: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn admin(path: &std::path::Path, command: &Command) -> ExitCode {
+async fn admin(path: &std::path::Path, drain: bool) -> ExitCode {
     let config = match servitor_coordinator::config::Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -118,31 +109,15 @@ async fn admin(path: &std::path::Path, command: &Command) -> ExitCode {
     let socket = config.admin_socket();
     let result = async {
         let mut client = servitor_coordinator::admin::connect(&socket).await?;
-        match command {
-            Command::Drain => {
-                client.drain(servitor_proto::admin::DrainRequest {}).await?;
-                println!("draining: no new GitLab jobs will be taken");
-            }
-            Command::Revoke { agent_id, reason } => {
-                let response = client
-                    .revoke(servitor_proto::admin::RevokeRequest {
-                        agent_id: agent_id.clone(),
-                        reason: reason.clone(),
-                    })
-                    .await?
-                    .into_inner();
-                print!(
-                    "{}",
-                    servitor_coordinator::admin::render_revocation(agent_id, &response)
-                );
-            }
-            _ => {
-                let status = client
-                    .status(servitor_proto::admin::StatusRequest {})
-                    .await?
-                    .into_inner();
-                print!("{}", servitor_coordinator::admin::render_status(&status));
-            }
+        if drain {
+            client.drain(servitor_proto::admin::DrainRequest {}).await?;
+            println!("draining: no new GitLab jobs will be taken");
+        } else {
+            let status = client
+                .status(servitor_proto::admin::StatusRequest {})
+                .await?
+                .into_inner();
+            print!("{}", servitor_coordinator::admin::render_status(&status));
         }
         Ok::<_, servitor_coordinator::admin::AdminError>(())
     }

@@ -65,13 +65,4 @@ pub mod close_code {
     pub const TIMEOUT: u32 = 3;
     /// The coordinator is shutting down.
     pub const SHUTTING_DOWN: u32 = 4;
-    /// The operator revoked the agent's certificate (the reason follows).
-    pub const REVOKED: u32 = 5;
-    /// The agent's certificate ran out without being renewed.
-    pub const CERTIFICATE_EXPIRED: u32 = 6;
 }
-
-/// An agent asks for a new certificate over its link once no more than this
-/// share of its current one's life is left: a third, so a renewal refused
-/// for a passing reason (the cloud API failing) has time to be tried again.
-pub const RENEW_WHEN_REMAINING_PERCENT: u32 = 34;

@@ -137,6 +137,17 @@ pub struct Group {
 }
 
 impl Group {
+    /// A group that already exists in moto (made by a CloudFormation stack,
+    /// say).
+    pub async fn existing(moto: &Moto, name: &str) -> Self {
+        let config = moto.sdk_config().await;
+        Self {
+            name: name.to_owned(),
+            asg: aws_sdk_autoscaling::Client::new(&config),
+            ec2: aws_sdk_ec2::Client::new(&config),
+        }
+    }
+
     /// Creates a launch template (`m5.large`, on-demand) and a group using
     /// it in one zone: MinSize 0, the given MaxSize, desired 0.
     ///
@@ -190,23 +201,6 @@ impl Group {
             asg,
             ec2,
         })
-    }
-
-    /// Takes an instance out of the group (DetachInstances, lowering the
-    /// desired capacity); the instance itself keeps running.
-    ///
-    /// # Errors
-    /// The call fails.
-    pub async fn detach(&self, id: &str) -> anyhow::Result<()> {
-        self.asg
-            .detach_instances()
-            .auto_scaling_group_name(&self.name)
-            .instance_ids(id)
-            .should_decrement_desired_capacity(true)
-            .send()
-            .await
-            .context("DetachInstances")?;
-        Ok(())
     }
 
     /// Desired capacity and instances now.
@@ -335,8 +329,6 @@ pub struct Booter {
     dial: Arc<Mutex<std::net::SocketAddr>>,
     /// Every instance id ever seen, in order, and whether it booted.
     pub seen: Arc<Mutex<Vec<(String, bool)>>>,
-    /// Instances detached from the group: their machines run on.
-    detached: Arc<Mutex<std::collections::HashSet<String>>>,
     stop: CancellationToken,
     base: PathBuf,
 }
@@ -347,13 +339,11 @@ impl Booter {
         let booted: Arc<Mutex<HashMap<String, Booted>>> = Arc::default();
         let seen: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
         let dial = Arc::new(Mutex::new(settings.coordinator));
-        let detached: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
         let stop = CancellationToken::new();
         let booter = Self {
             booted: booted.clone(),
             dial: dial.clone(),
             seen: seen.clone(),
-            detached: detached.clone(),
             stop: stop.clone(),
             base: base.to_owned(),
         };
@@ -367,14 +357,11 @@ impl Booter {
                             i.lifecycle == "InService" || i.lifecycle.starts_with("Pending")
                         })
                         .collect();
-                    // Instances that left the group: their machine is gone,
-                    // unless it was only detached.
+                    // Instances that left the group: their machine is gone.
                     let gone: Vec<String> = {
                         let map = lock(&booted);
-                        let detached = lock(&detached);
                         map.keys()
                             .filter(|id| !live.iter().any(|i| &&i.id == id))
-                            .filter(|id| !detached.contains(*id))
                             .cloned()
                             .collect()
                     };
@@ -417,23 +404,6 @@ impl Booter {
             }
         });
         booter
-    }
-
-    /// Takes an instance out of the group while its machine, agent and all,
-    /// keeps running (as DetachInstances does).
-    ///
-    /// # Errors
-    /// The API call fails.
-    pub async fn detach(&self, group: &Group, id: &str) -> anyhow::Result<()> {
-        lock(&self.detached).insert(id.to_owned());
-        group.detach(id).await
-    }
-
-    /// Whether an instance's agent process has exited, and how.
-    pub fn exit_status(&self, id: &str) -> Option<std::process::ExitStatus> {
-        lock(&self.booted)
-            .get_mut(id)
-            .and_then(|b| b.child.try_wait().ok().flatten())
     }
 
     /// Agents booted from now on dial `addr` (a coordinator that moved);
@@ -607,13 +577,22 @@ impl AwsHarness {
     /// # Errors
     /// Any prerequisite (moto, Docker, the agent binary) or start failure.
     pub async fn start(options: AwsOptions) -> anyhow::Result<Self> {
+        let moto = Moto::start().await?;
+        let group = Group::create(&moto, "servitor-test", options.group_max_size).await?;
+        Self::start_on(moto, group, options).await
+    }
+
+    /// Starts everything but moto and the group, which are given
+    /// (`group_max_size` does not apply).
+    ///
+    /// # Errors
+    /// Any prerequisite (Docker, the agent binary) or start failure.
+    pub async fn start_on(moto: Moto, group: Group, options: AwsOptions) -> anyhow::Result<Self> {
         crate::init_tracing();
         aws_environment();
         if options.executor == "docker" {
             crate::ensure_test_image().await?;
         }
-        let moto = Moto::start().await?;
-        let group = Group::create(&moto, "servitor-test", options.group_max_size).await?;
         let dir = tempfile::tempdir()?;
         let standin = servitor_testkit::gitlab::StandIn::start(Default::default())
             .await

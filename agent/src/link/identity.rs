@@ -99,11 +99,6 @@ impl Credentials {
     pub fn expired(&self, now: i64) -> bool {
         now < self.not_before || now >= self.not_after
     }
-
-    /// The certificate's validity window, Unix seconds.
-    pub fn validity(&self) -> (i64, i64) {
-        (self.not_before, self.not_after)
-    }
 }
 
 /// The pure renewal rule: renew outside the validity window and once less

@@ -3,8 +3,7 @@
 //! certificate in the first place.
 //!
 //! [`connect`] uses a stored client certificate while it has more than a
-//! tenth of its life left (an agent enrolled by its instance identity uses
-//! it to the end: it cannot enroll again). Otherwise it generates a key pair, connects
+//! tenth of its life left. Otherwise it generates a key pair, connects
 //! without a certificate, trades the join token and a certificate signing
 //! request for a short-lived certificate from the coordinator's CA, stores
 //! it, and connects again with it. It returns only once the coordinator has
@@ -12,10 +11,6 @@
 //! the coordinator rejects is discarded and the agent enrolls again. The
 //! coordinator is trusted only through the CA the operator configured
 //! ([`CaTrust`]), never the system's roots.
-//!
-//! A connected agent renews its certificate over the live link ([`Renewal`]:
-//! a new key, a `Renew` request, the `Renewed` answer stored for the next
-//! connection) once a third of its life is left.
 //!
 //! Not responsible for what travels on the connection (the control and
 //! output streams belong to the caller) nor for retrying: a [`LinkError`]
@@ -29,9 +24,9 @@ mod tls;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use servitor_proto::agent::{enroll_response, renewed, EnrollRequest, EnrollResponse, Renew, Renewed};
+use servitor_proto::agent::{enroll_response, EnrollRequest, EnrollResponse};
 use servitor_proto::frame::{read_frame, write_frame};
 
 use identity::{Credentials, Store};
@@ -65,14 +60,6 @@ const CERTIFICATE_ALERTS: &[u8] = &[42, 43, 44, 45, 46, 48, 51, 116];
 /// QUIC carries TLS alerts as transport error codes 0x100 + alert
 /// (RFC 9001 §4.8).
 const CRYPTO_ERROR_BASE: u64 = 0x100;
-
-/// The TLS alert a coordinator sends for a revoked agent's certificate.
-const ALERT_CERTIFICATE_REVOKED: u8 = 44;
-
-/// Shortest and longest wait before asking again after a refused or
-/// unanswered renewal.
-const RENEW_RETRY_MIN: Duration = Duration::from_secs(1);
-const RENEW_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// How the agent recognizes its coordinator.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -146,111 +133,6 @@ pub struct Link {
     /// The id the coordinator knows this agent by (the common name of the
     /// certificate it issued).
     pub agent_id: String,
-    /// The certificate's renewal over this connection.
-    pub renewal: Renewal,
-}
-
-/// Renewing the agent's certificate over a live link: when to ask, the
-/// request, and keeping the answer for the next connection.
-#[derive(Debug)]
-pub struct Renewal {
-    store: Store,
-    agent_id: String,
-    agent_name: String,
-    not_before: i64,
-    not_after: i64,
-    /// The key of the request in flight.
-    pending: Option<rcgen::KeyPair>,
-}
-
-impl Renewal {
-    fn new(store: Store, agent_name: &str, creds: &Credentials) -> Self {
-        let (not_before, not_after) = creds.validity();
-        Self {
-            store,
-            agent_id: creds.agent_id.clone(),
-            agent_name: agent_name.to_owned(),
-            not_before,
-            not_after,
-            pending: None,
-        }
-    }
-
-    /// How long until the certificate should be renewed: once no more than
-    /// [`servitor_proto::link::RENEW_WHEN_REMAINING_PERCENT`] of its life is
-    /// left (zero when that time has come).
-    pub fn due_in(&self) -> Duration {
-        let lifetime = (self.not_after - self.not_before).max(0);
-        let keep = lifetime
-            .saturating_mul(i64::from(servitor_proto::link::RENEW_WHEN_REMAINING_PERCENT))
-            / 100;
-        let due = self.not_after - keep;
-        secs_until(due)
-    }
-
-    /// How long to wait before asking again after a refusal or no answer:
-    /// a twentieth of the certificate's life, within a second and five
-    /// minutes, so a short-lived certificate gets several tries.
-    pub fn retry_in(&self) -> Duration {
-        let lifetime = u64::try_from((self.not_after - self.not_before).max(0)).unwrap_or(0);
-        Duration::from_secs(lifetime / 20).clamp(RENEW_RETRY_MIN, RENEW_RETRY_MAX)
-    }
-
-    /// When the current certificate runs out.
-    pub fn expires_at(&self) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(self.not_after).unwrap_or(0))
-    }
-
-    /// A request for a new certificate, for a new key.
-    ///
-    /// # Errors
-    /// Only if no key can be generated.
-    pub fn request(&mut self) -> Result<Renew, LinkError> {
-        let (key, csr_pem) = identity::key_and_csr(&self.agent_name)?;
-        self.pending = Some(key);
-        Ok(Renew { csr_pem })
-    }
-
-    /// Takes the coordinator's answer: a new certificate is stored for the
-    /// next connection and `Ok` says how long it lasts.
-    ///
-    /// # Errors
-    /// The coordinator's reason for refusing, or what is wrong with its
-    /// answer (no request in flight, a certificate for another key or
-    /// agent, a state directory that cannot be written).
-    pub fn accept(&mut self, answer: Renewed) -> Result<Duration, String> {
-        let pem = match answer.result {
-            Some(renewed::Result::CertificatePem(pem)) => pem,
-            Some(renewed::Result::Refused(reason)) => {
-                self.pending = None;
-                return Err(reason);
-            }
-            None => {
-                self.pending = None;
-                return Err("the coordinator's answer has neither a certificate nor a reason".into());
-            }
-        };
-        let key = self
-            .pending
-            .take()
-            .ok_or("the coordinator sent a certificate nobody asked for")?;
-        let creds = Credentials::new(&pem, &key)
-            .map_err(|e| format!("the coordinator sent an unusable certificate: {e}"))?;
-        if creds.agent_id != self.agent_id {
-            return Err(format!(
-                "the coordinator renewed the certificate for agent {} instead of {}",
-                creds.agent_id, self.agent_id
-            ));
-        }
-        self.store.save(&creds).map_err(|e| e.to_string())?;
-        (self.not_before, self.not_after) = creds.validity();
-        Ok(secs_until(self.not_after))
-    }
-}
-
-/// The time from now to `at` (Unix seconds); zero once it has passed.
-fn secs_until(at: i64) -> Duration {
-    Duration::from_secs(u64::try_from(at - identity::unix_now()).unwrap_or(0))
 }
 
 /// Why the agent could not get a link to its coordinator.
@@ -272,10 +154,6 @@ pub enum LinkError {
     /// The coordinator's certificate does not match the configured CA or pin.
     #[error("coordinator's certificate is not trusted ({0}); check ca_file / ca_sha256 against the coordinator's CA")]
     Untrusted(String),
-    /// The coordinator revoked this agent: its certificate is refused, and
-    /// has been discarded.
-    #[error("the coordinator revoked this agent's certificate{0}; the agent stops (started again, an agent with a join token enrolls anew under a new id)")]
-    Revoked(String),
     /// The coordinator rejected the agent's client certificate during the
     /// handshake. The stored certificate has been discarded, so the next
     /// attempt enrolls again.
@@ -315,7 +193,6 @@ impl LinkError {
         match self {
             Self::Settings(_)
             | Self::Refused(_)
-            | Self::Revoked(_)
             | Self::Untrusted(_)
             | Self::Tls(_)
             | Self::Storage { .. } => false,
@@ -336,40 +213,13 @@ impl LinkError {
 /// handles this itself; it is public for callers that want to tell it apart
 /// in logs.
 pub fn is_certificate_rejection(error: &quinn::ConnectionError) -> bool {
-    tls_alert(error).is_some_and(|alert| CERTIFICATE_ALERTS.contains(&alert))
-}
-
-/// The TLS alert a connection was closed with, if any.
-fn tls_alert(error: &quinn::ConnectionError) -> Option<u8> {
     let quinn::ConnectionError::ConnectionClosed(close) = error else {
-        return None;
+        return false;
     };
-    u64::from(close.error_code)
-        .checked_sub(CRYPTO_ERROR_BASE)
+    let code = u64::from(close.error_code);
+    code.checked_sub(CRYPTO_ERROR_BASE)
         .and_then(|alert| u8::try_from(alert).ok())
-}
-
-/// What a link closed by the coordinator about the agent's certificate
-/// means: `Some` for a revocation or an expiry, with the coordinator's words.
-pub fn certificate_close(error: &quinn::ConnectionError) -> Option<CertificateClose> {
-    let quinn::ConnectionError::ApplicationClosed(close) = error else {
-        return None;
-    };
-    let reason = String::from_utf8_lossy(&close.reason).into_owned();
-    match u32::try_from(u64::from(close.error_code)).ok()? {
-        close_code::REVOKED => Some(CertificateClose::Revoked(reason)),
-        close_code::CERTIFICATE_EXPIRED => Some(CertificateClose::Expired(reason)),
-        _ => None,
-    }
-}
-
-/// Why the coordinator ended a link because of the agent's certificate.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum CertificateClose {
-    /// The operator revoked the agent.
-    Revoked(String),
-    /// The certificate ran out without being renewed.
-    Expired(String),
+        .is_some_and(|alert| CERTIFICATE_ALERTS.contains(&alert))
 }
 
 /// Discards the agent's stored certificate and key, so the next [`connect`]
@@ -403,20 +253,7 @@ pub async fn connect(settings: &LinkSettings) -> Result<Link, LinkError> {
     // An instance enrolls by its identity once, soon after launch: it keeps
     // its certificate to the end instead of enrolling early again.
     let by_identity = settings.aws_identity.is_some();
-    let stored = store.load()?;
-    if by_identity {
-        if let Some(creds) = stored.as_ref().filter(|creds| creds.expired(now)) {
-            let (_, not_after) = creds.validity();
-            let at = SystemTime::UNIX_EPOCH
-                + Duration::from_secs(u64::try_from(not_after).unwrap_or(0));
-            return Err(LinkError::Refused(format!(
-                "agent {}'s certificate expired at {} without being renewed over the link (was the instance out of the group, or the coordinator out of reach?); an instance enrolls by its identity only once: replace the instance",
-                creds.agent_id,
-                humantime::format_rfc3339_seconds(at)
-            )));
-        }
-    }
-    let stored = stored.filter(|creds| {
+    let stored = store.load()?.filter(|creds| {
         if by_identity {
             !creds.expired(now)
         } else {
@@ -425,17 +262,7 @@ pub async fn connect(settings: &LinkSettings) -> Result<Link, LinkError> {
     });
     if let Some(creds) = stored {
         match dialer.dial(Some(&creds)).await {
-            Ok(connection) => return Ok(link(connection, store, settings, creds)),
-            Err(LinkError::Revoked(detail)) => {
-                store.forget()?;
-                return Err(LinkError::Revoked(format!(" ({}: {detail})", creds.agent_id)));
-            }
-            Err(LinkError::CertificateRejected(reason)) if by_identity => {
-                return Err(LinkError::Refused(format!(
-                    "the coordinator rejected agent {}'s certificate ({reason}); an instance enrolls by its identity only once: check the coordinator's CA and clock, or replace the instance",
-                    creds.agent_id
-                )));
-            }
+            Ok(connection) => return Ok(link(connection, creds)),
             Err(LinkError::CertificateRejected(reason)) => {
                 tracing::info!(
                     agent = %creds.agent_id,
@@ -450,7 +277,7 @@ pub async fn connect(settings: &LinkSettings) -> Result<Link, LinkError> {
     let creds = dialer.enroll(settings).await?;
     store.save(&creds)?;
     match dialer.dial(Some(&creds)).await {
-        Ok(connection) => Ok(link(connection, store, settings, creds)),
+        Ok(connection) => Ok(link(connection, creds)),
         Err(e) => {
             if matches!(e, LinkError::CertificateRejected(_)) {
                 store.forget()?;
@@ -460,15 +287,9 @@ pub async fn connect(settings: &LinkSettings) -> Result<Link, LinkError> {
     }
 }
 
-fn link(
-    connection: quinn::Connection,
-    store: Store,
-    settings: &LinkSettings,
-    creds: Credentials,
-) -> Link {
+fn link(connection: quinn::Connection, creds: Credentials) -> Link {
     Link {
         connection,
-        renewal: Renewal::new(store, &settings.agent_name, &creds),
         agent_id: creds.agent_id,
     }
 }
@@ -528,8 +349,6 @@ impl Dialer {
         let failed = |e: quinn::ConnectionError| {
             if let Some(detail) = verifier.failure() {
                 LinkError::Untrusted(detail)
-            } else if identity.is_some() && tls_alert(&e) == Some(ALERT_CERTIFICATE_REVOKED) {
-                LinkError::Revoked(e.to_string())
             } else if identity.is_some() && is_certificate_rejection(&e) {
                 LinkError::CertificateRejected(e.to_string())
             } else {
@@ -552,7 +371,7 @@ impl Dialer {
         Ok(connection)
     }
 
-    /// Trades the join token and a fresh key's signing request for a client
+    /// Trades the join token    /// Trades the join token and a fresh key's signing request for a client
     /// certificate.
     async fn enroll(&self, settings: &LinkSettings) -> Result<Credentials, LinkError> {
         let (key, csr_pem) = identity::key_and_csr(&settings.agent_name)?;
@@ -712,90 +531,5 @@ mod tests {
             assert!(err.to_string().contains(want), "{err}");
             assert!(!err.is_retryable());
         }
-    }
-
-    fn renewal(not_before: i64, not_after: i64) -> Renewal {
-        Renewal {
-            store: Store::new(None, "renewal test".into()),
-            agent_id: "box-0a1b2c".into(),
-            agent_name: "box".into(),
-            not_before,
-            not_after,
-            pending: None,
-        }
-    }
-
-    #[test]
-    fn renewal_is_due_with_a_third_of_the_life_left_and_retried_sooner() {
-        let now = identity::unix_now();
-        // Five minutes, issued now: due once 102 s (34 %) are left.
-        let fresh = renewal(now, now + 300);
-        assert!(
-            (197..=198).contains(&fresh.due_in().as_secs()),
-            "{:?}",
-            fresh.due_in()
-        );
-        assert_eq!(fresh.retry_in(), Duration::from_secs(15));
-        // Past that point: due now.
-        assert_eq!(renewal(now - 250, now + 50).due_in(), Duration::ZERO);
-        assert_eq!(renewal(now - 400, now - 100).due_in(), Duration::ZERO);
-        // A day's certificate is retried every five minutes at most, a
-        // short one every second at least.
-        assert_eq!(renewal(now, now + 86_400).retry_in(), RENEW_RETRY_MAX);
-        assert_eq!(renewal(now, now + 10).retry_in(), RENEW_RETRY_MIN);
-    }
-
-    #[test]
-    fn a_refused_or_unasked_renewal_changes_nothing() {
-        let now = identity::unix_now();
-        let mut r = renewal(now, now + 300);
-        r.request().unwrap();
-        let refused = Renewed {
-            result: Some(renewed::Result::Refused("instance left the group".into())),
-            valid_for_secs: 0,
-        };
-        assert_eq!(r.accept(refused).unwrap_err(), "instance left the group");
-        assert_eq!(r.not_after, now + 300);
-        let unasked = Renewed {
-            result: Some(renewed::Result::CertificatePem("x".into())),
-            valid_for_secs: 300,
-        };
-        let err = r.accept(unasked).unwrap_err();
-        assert!(err.contains("nobody asked"), "{err}");
-    }
-
-    #[tokio::test]
-    async fn an_identity_agent_with_an_expired_certificate_is_told_to_replace_the_instance() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = rcgen::CertificateParams::default();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "i-0abc");
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2020, 1, 2);
-        let cert = params.self_signed(&key).unwrap();
-        let creds = Credentials::new(&cert.pem(), &key).unwrap();
-        Store::new(Some(dir.path()), String::new())
-            .save(&creds)
-            .unwrap();
-
-        let mut settings = LinkSettings::new(
-            "127.0.0.1:9",
-            CaTrust::Sha256Pin(format!("sha256:{}", "00".repeat(32))),
-            Secret::new(""),
-            "i-0abc",
-        );
-        settings.state_dir = Some(dir.path().to_path_buf());
-        settings.aws_identity = Some(servitor_proto::agent::AwsIdentity {
-            document: "{}".into(),
-            rsa2048: String::new(),
-        });
-        let err = connect(&settings).await.unwrap_err();
-        assert!(matches!(err, LinkError::Refused(_)), "{err}");
-        assert!(!err.is_retryable());
-        let text = err.to_string();
-        assert!(text.contains("i-0abc's certificate expired at 2020-01-02"), "{text}");
-        assert!(text.contains("replace the instance"), "{text}");
     }
 }

@@ -781,8 +781,7 @@ impl LeaseBook {
             Some(Msg::Hello(_)) => {
                 tracing::warn!(agent = %agent_id, "second hello on a control stream ignored");
             }
-            // Renewal is the link's business, answered before the book sees it.
-            Some(Msg::Heartbeat(_) | Msg::Renew(_)) | None => {}
+            Some(Msg::Heartbeat(_)) | None => {}
         }
     }
 

@@ -5,10 +5,6 @@
 //! (a certificate or the reason for refusing) and closes the connection.
 //! Anything else on such a connection closes it.
 //!
-//! A connected agent renews its certificate with the same checks, minus
-//! the credential: it must not be revoked, and an agent that enrolled by
-//! its instance identity must still run in the group.
-//!
 //! Not responsible for authenticating agents that have a certificate (TLS
 //! does that) nor for signing (`pki`).
 
@@ -27,7 +23,6 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::iid::{IidVerifier, InstanceIdentity};
-use super::revoked::Revocations;
 use super::ENROLL_TIMEOUT;
 use crate::pki::Pki;
 
@@ -74,7 +69,6 @@ pub(super) struct Enroller {
     join_token_digest: Option<[u8; 32]>,
     /// Enrollment by EC2 instance identity, when enabled.
     aws_iid: Option<AwsIidEnrollment>,
-    revocations: std::sync::Arc<Revocations>,
     cert_validity: Duration,
 }
 
@@ -119,14 +113,6 @@ impl EnrolledInstances {
             path,
             seen: std::sync::Mutex::new(seen),
         })
-    }
-
-    /// Whether `instance` has enrolled.
-    pub fn contains(&self, instance: &str) -> bool {
-        self.seen
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(instance)
     }
 
     /// Records `instance`; `Ok(false)` when it was recorded before.
@@ -175,8 +161,6 @@ pub struct Enrollment {
     /// Agents on EC2 instances of the group may enroll with their
     /// identity document instead.
     pub aws_iid: Option<AwsIidEnrollment>,
-    /// Agents whose certificates are no longer accepted nor renewed.
-    pub revocations: std::sync::Arc<Revocations>,
 }
 
 /// How an enrollment connection ends.
@@ -206,59 +190,7 @@ impl Enroller {
             pki,
             join_token_digest: (!token.is_empty()).then(|| Sha256::digest(token).into()),
             aws_iid: enrollment.aws_iid,
-            revocations: enrollment.revocations,
             cert_validity,
-        }
-    }
-
-    /// The revoked agents.
-    pub fn revocations(&self) -> &std::sync::Arc<Revocations> {
-        &self.revocations
-    }
-
-    /// Signs a new certificate for a connected agent's new key, with the
-    /// agent's id and the configured validity; or says why not.
-    pub async fn renew(&self, agent_id: &str, csr_pem: &str) -> Result<(String, Duration), String> {
-        if let Some(revoked) = self.revocations.get(agent_id) {
-            tracing::warn!(agent = %agent_id, revocation = %revoked.describe(), "refused to renew a revoked agent's certificate");
-            return Err(format!("agent {agent_id} was {}", revoked.describe()));
-        }
-        if let Some(iid) = &self.aws_iid {
-            // An agent that enrolled by its instance identity is named by its
-            // instance; it keeps its certificate only while the instance is
-            // in the group.
-            if iid.enrolled.contains(agent_id) {
-                match iid.membership.is_member(agent_id).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(agent = %agent_id, "refused to renew: the instance is no longer a running member of the group");
-                        return Err(format!(
-                            "instance {agent_id} is no longer a running member of the Auto Scaling group this coordinator sizes; its certificate is not renewed"
-                        ));
-                    }
-                    Err(e) => {
-                        tracing::warn!(agent = %agent_id, error = %e, "could not renew: group membership unknown");
-                        return Err(format!(
-                            "cannot check whether instance {agent_id} is still in the group ({e}); the agent asks again"
-                        ));
-                    }
-                }
-            }
-        }
-        match self
-            .pki
-            .issue_client_cert(csr_pem, agent_id, self.cert_validity)
-        {
-            Ok(pem) => {
-                tracing::info!(agent = %agent_id, valid_for = ?self.cert_validity, "renewed an agent's certificate");
-                Ok((pem, self.cert_validity))
-            }
-            Err(e) => {
-                tracing::warn!(agent = %agent_id, error = %e, "refused to renew: cannot issue a certificate");
-                Err(format!(
-                    "the coordinator cannot sign this agent's request: {e}"
-                ))
-            }
         }
     }
 
@@ -589,7 +521,6 @@ mod tests {
         let enrollment = Enrollment {
             join_token: Secret::new(""),
             aws_iid: None,
-            revocations: std::sync::Arc::new(Revocations::in_memory()),
         };
         let enroller = Enroller::new(pki, enrollment, Duration::from_secs(3600));
         let request = EnrollRequest {
@@ -665,7 +596,6 @@ mod tests {
                     EnrolledInstances::open(Some(state.join("enrolled-instances"))).unwrap(),
                 ),
             }),
-            revocations: std::sync::Arc::new(Revocations::in_memory()),
         };
         Enroller::new(pki, enrollment, Duration::from_secs(3600))
     }
@@ -734,7 +664,6 @@ mod tests {
         let enrollment = Enrollment {
             join_token: Secret::new("t"),
             aws_iid: None,
-            revocations: std::sync::Arc::new(Revocations::in_memory()),
         };
         let enroller = Enroller::new(pki, enrollment, Duration::from_secs(3600));
         let signer = IidSigner::generate();
@@ -743,66 +672,6 @@ mod tests {
         assert_eq!(
             enroller.decide(&request, remote).await.unwrap_err(),
             AWS_IID_OFF
-        );
-    }
-
-    #[tokio::test]
-    async fn renewal_needs_the_instance_in_the_group_and_the_agent_unrevoked() {
-        let dir = tempfile::tempdir().unwrap();
-        let signer = IidSigner::generate();
-        let enroller = iid_enroller(dir.path(), &signer, dir.path());
-        let remote: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let now = std::time::SystemTime::now();
-        for instance in ["i-0member", "i-0second"] {
-            enroller
-                .decide(&iid_request(&signer, instance, now), remote)
-                .await
-                .unwrap();
-        }
-
-        let (pem, valid_for) = enroller.renew("i-0member", &csr()).await.unwrap();
-        assert_eq!(valid_for, Duration::from_secs(3600));
-        assert!(pem.contains("BEGIN CERTIFICATE"));
-
-        // A join-token agent is not named by an instance: no group check.
-        enroller.renew("build-box-0a1b2c", &csr()).await.unwrap();
-
-        enroller
-            .revocations()
-            .revoke("i-0member", "seen doing odd things")
-            .unwrap();
-        let err = enroller.renew("i-0member", &csr()).await.unwrap_err();
-        assert!(err.contains("i-0member was revoked at"), "{err}");
-        assert!(err.contains("seen doing odd things"), "{err}");
-
-        // Enrolled, then gone from the group (the group holds only the
-        // member and the second instance; a third enrolled earlier is not
-        // there any more).
-        let left = Enroller::new(
-            Pki::load_or_create(dir.path(), &[]).unwrap(),
-            Enrollment {
-                join_token: Secret::new("t"),
-                aws_iid: Some(AwsIidEnrollment {
-                    verifier: IidVerifier::from_pem_set(
-                        &format!("region: eu-west-1\n{}", signer.certificate_pem()),
-                        "test",
-                        Duration::from_secs(600),
-                    )
-                    .unwrap(),
-                    membership: std::sync::Arc::new(Group(vec!["i-0member"])),
-                    enrolled: std::sync::Arc::new(
-                        EnrolledInstances::open(Some(dir.path().join("enrolled-instances")))
-                            .unwrap(),
-                    ),
-                }),
-                revocations: std::sync::Arc::new(Revocations::in_memory()),
-            },
-            Duration::from_secs(3600),
-        );
-        let err = left.renew("i-0second", &csr()).await.unwrap_err();
-        assert!(
-            err.contains("i-0second is no longer a running member"),
-            "{err}"
         );
     }
 }

@@ -7,24 +7,19 @@
 //! client certificate chains to the coordinator's CA becomes an
 //! [`AgentConnection`] named by the certificate's common name. A connection
 //! without a certificate may do one thing, enroll (see `enroll`), and is
-//! then closed. A certificate from any other CA, an expired one, or one
-//! naming a revoked agent (`revoked`) fails the TLS handshake, with a line
-//! in the log naming the agent. A connected agent renews its certificate
-//! over its link ([`LinkServer::renew`]).
+//! then closed. A certificate from any other CA fails the TLS handshake.
 //!
 //! Not responsible for what agents say once connected (the caller runs the
 //! control stream) nor for the certificates themselves (`pki`).
 
 mod enroll;
 pub mod iid;
-mod revoked;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::pki_types::CertificateDer;
 use servitor_proto::link::close_code;
 use servitor_runtime::link::code;
 use servitor_runtime::secret::Secret;
@@ -41,7 +36,6 @@ pub use enroll::{
     AwsIidEnrollment, EnrolledInstances, Enrollment, GroupMembership, AWS_IID_OFF,
     JOIN_TOKEN_REJECTED,
 };
-pub use revoked::{Revocations, Revoked, REVOKED_FILE};
 
 /// Longest a TLS handshake may take. Handshakes on a working network take a
 /// few round trips; this only stops a silent peer from keeping a task alive.
@@ -91,22 +85,8 @@ pub struct AgentConnection {
     pub agent_id: String,
     /// Where the connection comes from.
     pub remote: SocketAddr,
-    /// When the certificate the agent connected with runs out: the link
-    /// ends then unless the agent renewed it.
-    pub cert_expires: SystemTime,
     /// The connection; the agent opens the control stream on it.
     pub connection: quinn::Connection,
-}
-
-/// A renewed agent certificate.
-#[derive(Debug)]
-pub struct Renewal {
-    /// PEM, for the agent.
-    pub certificate_pem: String,
-    /// Its life.
-    pub valid_for: Duration,
-    /// When it runs out: the link may last until then.
-    pub expires: SystemTime,
 }
 
 /// The agent link's QUIC endpoint.
@@ -116,7 +96,6 @@ pub struct LinkServer {
     accepted: tokio::sync::Mutex<mpsc::Receiver<AgentConnection>>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
-    enroller: Arc<Enroller>,
 }
 
 impl std::fmt::Debug for LinkServer {
@@ -147,7 +126,6 @@ impl LinkServer {
         let enrollment = Enrollment {
             join_token,
             aws_iid: None,
-            revocations: Arc::new(Revocations::in_memory()),
         };
         Self::bind_with(addr, pki, enrollment, cert_validity)
     }
@@ -167,7 +145,7 @@ impl LinkServer {
         if cert_validity.is_zero() || cert_validity > crate::pki::MAX_CLIENT_CERT_VALIDITY {
             return Err(LinkError::CertValidity(cert_validity));
         }
-        let server_config = server_config(pki, enrollment.revocations.clone())?;
+        let server_config = server_config(pki)?;
         let bound = servitor_runtime::link::bind_socket(addr)
             .map_err(|source| LinkError::Bind { addr, source })?;
         if bound.short_of_buffer() {
@@ -202,7 +180,7 @@ impl LinkServer {
         tasks.spawn(
             accept_loop(
                 endpoint.clone(),
-                enroller.clone(),
+                enroller,
                 queue,
                 shutdown.clone(),
                 tasks.clone(),
@@ -216,28 +194,7 @@ impl LinkServer {
             accepted: tokio::sync::Mutex::new(accepted),
             shutdown,
             tasks,
-            enroller,
         })
-    }
-
-    /// A new certificate for a connected agent's new key, for as long as
-    /// the first; or why not (revoked, or its instance left the group).
-    pub async fn renew(&self, agent_id: &str, csr_pem: &str) -> Result<Renewal, String> {
-        let (certificate_pem, valid_for) = self.enroller.renew(agent_id, csr_pem).await?;
-        let expires = rustls::pki_types::pem::PemObject::from_pem_slice(certificate_pem.as_bytes())
-            .ok()
-            .and_then(|der: CertificateDer<'_>| not_after(&der))
-            .unwrap_or_else(|| SystemTime::now() + valid_for);
-        Ok(Renewal {
-            certificate_pem,
-            valid_for,
-            expires,
-        })
-    }
-
-    /// The revoked agents.
-    pub fn revocations(&self) -> &Arc<Revocations> {
-        self.enroller.revocations()
     }
 
     /// The address the endpoint is bound to (with the real port when bound
@@ -287,14 +244,20 @@ impl Drop for LinkServer {
 
 /// TLS 1.3 with the link's ALPN, the server certificate and CA from `pki`,
 /// and client certificates optional but, when present, verified against the
-/// coordinator's CA and the revoked agents.
-fn server_config(
-    pki: &Pki,
-    revocations: Arc<Revocations>,
-) -> Result<quinn::ServerConfig, LinkError> {
+/// coordinator's CA.
+fn server_config(pki: &Pki) -> Result<quinn::ServerConfig, LinkError> {
     let tls = |e: &dyn std::fmt::Display| LinkError::Tls(e.to_string());
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let client_verifier = client_verifier(pki, provider.clone(), revocations)?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der().clone()).map_err(|e| tls(&e))?;
+    let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    // Agents without a certificate yet may connect, but only to enroll.
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| tls(&e))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| tls(&e))?
@@ -308,124 +271,6 @@ fn server_config(
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(Arc::new(servitor_runtime::link::transport_config()));
     Ok(server)
-}
-
-/// Verifies agents' certificates against the coordinator's CA, then refuses
-/// those naming a revoked agent.
-fn client_verifier(
-    pki: &Pki,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    revocations: Arc<Revocations>,
-) -> Result<Arc<AgentCertVerifier>, LinkError> {
-    let tls = |e: &dyn std::fmt::Display| LinkError::Tls(e.to_string());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der().clone()).map_err(|e| tls(&e))?;
-    let chain = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider,
-    )
-    // Agents without a certificate yet may connect, but only to enroll.
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| tls(&e))?;
-    Ok(Arc::new(AgentCertVerifier { chain, revocations }))
-}
-
-/// The coordinator CA's verifier, plus revocation, plus a log line naming
-/// the agent whose certificate was refused (the handshake failure alone
-/// names only an address).
-#[derive(Debug)]
-struct AgentCertVerifier {
-    chain: Arc<dyn ClientCertVerifier>,
-    revocations: Arc<Revocations>,
-}
-
-impl ClientCertVerifier for AgentCertVerifier {
-    fn offer_client_auth(&self) -> bool {
-        self.chain.offer_client_auth()
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        self.chain.client_auth_mandatory()
-    }
-
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        self.chain.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        use rustls::CertificateError;
-        match self.chain.verify_client_cert(end_entity, intermediates, now) {
-            Ok(verified) => {
-                let agent = common_name(end_entity).unwrap_or_default();
-                match self.revocations.get(&agent) {
-                    None => Ok(verified),
-                    Some(revoked) => {
-                        tracing::warn!(%agent, revocation = %revoked.describe(), "refused a revoked agent's certificate");
-                        Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
-                    }
-                }
-            }
-            Err(e) => {
-                if let rustls::Error::InvalidCertificate(
-                    CertificateError::Expired | CertificateError::ExpiredContext { .. },
-                ) = &e
-                {
-                    // Not verified yet, so "claims": a chain that does
-                    // not verify fails with another error.
-                    let agent = common_name(end_entity).unwrap_or_default();
-                    tracing::warn!(%agent, error = %e, "refused an expired agent certificate; an agent renews over its link before expiry, so this one was offline or could not renew");
-                }
-                Err(e)
-            }
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.chain.supported_verify_schemes()
-    }
-}
-
-/// The certificate's subject common name, if it has one.
-fn common_name(der: &CertificateDer<'_>) -> Option<String> {
-    let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let name = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned);
-    name
-}
-
-/// When the certificate runs out.
-fn not_after(der: &CertificateDer<'_>) -> Option<SystemTime> {
-    let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 async fn accept_loop(
@@ -490,12 +335,11 @@ async fn handle_incoming(
     };
     match peer_agent_id(&connection) {
         Peer::Anonymous => enroller.serve(connection, remote, &shutdown).await,
-        Peer::Agent(agent_id, cert_expires) => {
+        Peer::Agent(agent_id) => {
             tracing::info!(%remote, agent = %agent_id, "agent connected");
             let agent = AgentConnection {
                 agent_id,
                 remote,
-                cert_expires,
                 connection,
             };
             tokio::select! {
@@ -534,8 +378,8 @@ fn log_handshake_failure(remote: SocketAddr, error: &quinn::ConnectionError) {
 enum Peer {
     /// No client certificate: may only enroll.
     Anonymous,
-    /// A verified certificate naming this agent, and when it runs out.
-    Agent(String, SystemTime),
+    /// A verified certificate naming this agent.
+    Agent(String),
     /// A verified certificate we cannot use (no common name).
     Unusable(String),
 }
@@ -550,9 +394,15 @@ fn peer_agent_id(connection: &quinn::Connection) -> Peer {
     let Some(leaf) = chain.first() else {
         return Peer::Anonymous;
     };
-    match (common_name(leaf), not_after(leaf)) {
-        (Some(cn), Some(expires)) if !cn.is_empty() => Peer::Agent(cn, expires),
-        (_, None) => Peer::Unusable("client certificate has no usable expiry".into()),
+    let common_name = X509Certificate::from_der(leaf).ok().and_then(|(_, cert)| {
+        cert.subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned)
+    });
+    match common_name {
+        Some(cn) if !cn.is_empty() => Peer::Agent(cn),
         _ => Peer::Unusable("client certificate has no common name".into()),
     }
 }
@@ -585,83 +435,8 @@ fn restart_keys(pki: &Pki) -> (Arc<dyn quinn::crypto::HmacKey>, u64) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
-    use super::*;
-    use rustls::pki_types::pem::PemObject as _;
-    use rustls::CertificateError;
     use servitor_runtime::link::SOCKET_BUFFER_BYTES;
-
-    fn client_cert(pki: &Pki, agent_id: &str) -> CertificateDer<'static> {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
-            .unwrap()
-            .serialize_request(&key)
-            .unwrap()
-            .pem()
-            .unwrap();
-        let pem = pki
-            .issue_client_cert(&csr, agent_id, Duration::from_secs(60))
-            .unwrap();
-        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
-    }
-
-    #[test]
-    fn client_certificates_are_refused_when_expired_or_revoked() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::load_or_create(dir.path(), &[]).unwrap();
-        let revocations = Arc::new(Revocations::in_memory());
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let verifier = client_verifier(&pki, provider, revocations.clone()).unwrap();
-        let one = client_cert(&pki, "box-1");
-        let two = client_cert(&pki, "box-2");
-        let now = UnixTime::now();
-        assert!(verifier.verify_client_cert(&one, &[], now).is_ok());
-        let expires = not_after(&one)
-            .unwrap()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        assert!(
-            expires.abs_diff(now.as_secs() + 60) <= 1,
-            "the link knows when the certificate runs out"
-        );
-
-        let later = UnixTime::since_unix_epoch(Duration::from_secs(now.as_secs() + 3600));
-        let expired = verifier.verify_client_cert(&one, &[], later).unwrap_err();
-        assert!(
-            matches!(
-                expired,
-                rustls::Error::InvalidCertificate(
-                    CertificateError::Expired | CertificateError::ExpiredContext { .. }
-                )
-            ),
-            "{expired:?}"
-        );
-
-        revocations.revoke("box-1", "key leaked").unwrap();
-        let revoked = verifier.verify_client_cert(&one, &[], now).unwrap_err();
-        assert_eq!(
-            revoked,
-            rustls::Error::InvalidCertificate(CertificateError::Revoked)
-        );
-        assert!(
-            verifier.verify_client_cert(&two, &[], now).is_ok(),
-            "only the revoked agent is refused"
-        );
-
-        // A certificate from another CA naming the revoked agent is refused
-        // for its CA, not for the revocation.
-        let other_dir = tempfile::tempdir().unwrap();
-        let other = Pki::load_or_create(other_dir.path(), &[]).unwrap();
-        let forged = verifier
-            .verify_client_cert(&client_cert(&other, "box-1"), &[], now)
-            .unwrap_err();
-        assert_ne!(
-            forged,
-            rustls::Error::InvalidCertificate(CertificateError::Revoked)
-        );
-    }
 
     /// The shipped sysctl settings let the kernel grant what the link asks for.
     #[test]

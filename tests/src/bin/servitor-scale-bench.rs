@@ -292,8 +292,7 @@ async fn run_agent(
                         coordinator_message::Msg::Ack(_)
                         | coordinator_message::Msg::Cancel(_)
                         | coordinator_message::Msg::Drain(_)
-                        | coordinator_message::Msg::Heartbeat(_)
-                        | coordinator_message::Msg::Renewed(_),
+                        | coordinator_message::Msg::Heartbeat(_),
                     )
                     | None => {}
                 }
