@@ -3,9 +3,10 @@
 # real QUIC, GitLab stand-in over real HTTP). Installs what the tests need
 # when it is missing: git (sources are fetched over git's smart HTTP
 # protocol), Debian's busybox-static (the job image is built from it with
-# `docker import`, since no registry is needed), and the tools that check
-# what ships: shellcheck, systemd's systemd-analyze, packer, and debootstrap
-# (the image provisioning runs in a Debian it makes).
+# `docker import`, since no registry is needed), the tools that check what
+# ships: shellcheck, systemd's systemd-analyze, packer, and debootstrap (the
+# image provisioning runs in a Debian it makes), and moto, cfn-lint and
+# checkov from PyPI in virtual environments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,6 +51,23 @@ if ! [ -x "$MOTO_VENV/bin/moto_server" ]; then
   "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
 fi
 export SERVITOR_MOTO_SERVER="$MOTO_VENV/bin/moto_server"
+
+# The deployable stack (deploy/servitor.yaml) is checked by cfn-lint and
+# checkov, each pinned and in a virtual environment of its own beside
+# moto's (their dependencies differ).
+pip_tool() {
+  local name=$1 version=$2 venv="${XDG_CACHE_HOME:-$HOME/.cache}/servitor-$1-$2"
+  if ! [ -x "$venv/bin/$name" ]; then
+    echo "installing $name==$version into $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "$name==$version"
+  fi
+  echo "$venv/bin/$name"
+}
+SERVITOR_CFN_LINT="$(pip_tool cfn-lint 1.58.0)"
+SERVITOR_CHECKOV="$(pip_tool checkov 3.3.30)"
+export SERVITOR_CFN_LINT SERVITOR_CHECKOV
 
 # The end-to-end tests start the built binaries: build them first.
 # --all-targets, as the tests below: the same features, so nothing is built twice.

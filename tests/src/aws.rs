@@ -137,6 +137,17 @@ pub struct Group {
 }
 
 impl Group {
+    /// A group that already exists in moto (made by a CloudFormation stack,
+    /// say).
+    pub async fn existing(moto: &Moto, name: &str) -> Self {
+        let config = moto.sdk_config().await;
+        Self {
+            name: name.to_owned(),
+            asg: aws_sdk_autoscaling::Client::new(&config),
+            ec2: aws_sdk_ec2::Client::new(&config),
+        }
+    }
+
     /// Creates a launch template (`m5.large`, on-demand) and a group using
     /// it in one zone: MinSize 0, the given MaxSize, desired 0.
     ///
@@ -607,13 +618,22 @@ impl AwsHarness {
     /// # Errors
     /// Any prerequisite (moto, Docker, the agent binary) or start failure.
     pub async fn start(options: AwsOptions) -> anyhow::Result<Self> {
+        let moto = Moto::start().await?;
+        let group = Group::create(&moto, "servitor-test", options.group_max_size).await?;
+        Self::start_on(moto, group, options).await
+    }
+
+    /// Starts everything but moto and the group, which are given
+    /// (`group_max_size` does not apply).
+    ///
+    /// # Errors
+    /// Any prerequisite (Docker, the agent binary) or start failure.
+    pub async fn start_on(moto: Moto, group: Group, options: AwsOptions) -> anyhow::Result<Self> {
         crate::init_tracing();
         aws_environment();
         if options.executor == "docker" {
             crate::ensure_test_image().await?;
         }
-        let moto = Moto::start().await?;
-        let group = Group::create(&moto, "servitor-test", options.group_max_size).await?;
         let dir = tempfile::tempdir()?;
         let standin = servitor_testkit::gitlab::StandIn::start(Default::default())
             .await

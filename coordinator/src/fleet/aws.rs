@@ -116,7 +116,7 @@ where
     let mut detail = DisplayErrorContext(&e).to_string();
     if let Some(code) = code {
         if code.contains("AccessDenied") || code.contains("UnauthorizedOperation") {
-            detail.push_str("; the coordinator's IAM role needs autoscaling:DescribeAutoScalingGroups, SetDesiredCapacity, TerminateInstanceInAutoScalingGroup, SetInstanceProtection, CompleteLifecycleAction and ec2:DescribeInstances, DescribeSpotPriceHistory, DescribeLaunchTemplateVersions");
+            detail.push_str("; the coordinator's IAM role needs the policy in deploy/iam/coordinator-policy.json: autoscaling:DescribeAutoScalingGroups, DescribeAutoScalingInstances and ec2:DescribeInstances, DescribeLaunchTemplateVersions, DescribeSpotPriceHistory on any resource; autoscaling:SetDesiredCapacity, SetInstanceProtection, TerminateInstanceInAutoScalingGroup, CompleteLifecycleAction on the group");
         }
     }
     FleetError::Aws {
