@@ -718,3 +718,21 @@ pub fn process_running(pid: u32) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// The workspace's root directory (the tests crate sits one level below).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate has a parent directory")
+        .to_path_buf()
+}
+
+/// A finished command's exit code and output, for failure messages.
+pub fn describe_output(output: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}

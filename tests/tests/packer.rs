@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use servitor_agent::config::{AgentConfig, EnrollMethod, ExecutorKind};
+use servitor_tests::describe_output as describe;
 
 const PIN: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const TOKEN: &str = "join-token-for-the-packer-test";
@@ -48,15 +49,6 @@ fn run_user_data(etc: &Path, vars: &[(&str, &str)]) -> Output {
         command.env(name, value);
     }
     command.output().expect("running bash packer/user-data.sh")
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 /// The value of `--config` in a unit's command line.

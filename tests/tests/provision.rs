@@ -12,6 +12,7 @@
 //! root, and without a cached copy, the test says so and does nothing else.
 //! Packages come from the mirror apt on this machine uses.
 
+use servitor_tests::{describe_output as describe, workspace_root as workspace};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -33,23 +34,6 @@ const INSTALLED: &[&str] = &[
     "/var/lib/servitor-agent",
     "/etc/servitor-agent",
 ];
-
-fn workspace() -> PathBuf {
-    // The tests crate sits one level below the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate has a parent directory")
-        .to_path_buf()
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
 
 fn run(command: &mut Command) -> Output {
     let program = command.get_program().to_string_lossy().into_owned();

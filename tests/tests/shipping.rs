@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use servitor_coordinator::config::Config;
+use servitor_tests::{describe_output as describe, workspace_root as workspace};
 
 const COORDINATOR_UNIT: &str = "coordinator/systemd/servitor-coordinator.service";
 const AGENT_UNIT: &str = "packer/servitor-agent.service";
@@ -23,23 +24,6 @@ const AWS_EXAMPLE: &str = "coordinator/coordinator.aws.example.toml";
 /// keeps a static user for its docker group (see the unit).
 const COORDINATOR_MAX_EXPOSURE: f64 = 1.5;
 const AGENT_MAX_EXPOSURE: f64 = 2.0;
-
-fn workspace() -> PathBuf {
-    // The tests crate sits one level below the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate has a parent directory")
-        .to_path_buf()
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
 
 /// Runs a tool the test cannot do without, naming its Debian package when
 /// it is missing.
