@@ -27,7 +27,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::executor::{AnyExecutor, CancelSignals, Executor, JobContext, JobResult};
-use crate::link::{certificate_close, connect, CertificateClose, LinkError, LinkSettings, Renewal};
+use crate::link::{
+    certificate_close, connect, CertificateClose, LinkError, LinkSettings, NotRenewed, Renewal,
+};
 use servitor_runtime::backoff::Backoff;
 
 /// Reconnect backoff bounds: quick first retry, at most a minute apart.
@@ -691,14 +693,19 @@ fn renewed(renewal: &mut Renewal, answer: Renewed) -> Duration {
             );
             renewal.due_in()
         }
-        Err(reason) => {
+        Err(not_renewed) => {
             let retry_in = renewal.retry_in();
-            tracing::warn!(
-                %reason,
-                expires = %humantime::format_rfc3339_seconds(renewal.expires_at()),
-                retry_in = ?retry_in,
-                "the coordinator refused to renew the agent's certificate; the link ends when it expires unless a later request succeeds"
-            );
+            let expires = humantime::format_rfc3339_seconds(renewal.expires_at());
+            match not_renewed {
+                NotRenewed::Refused(reason) => tracing::warn!(
+                    %reason, %expires, ?retry_in,
+                    "the coordinator refused to renew the agent's certificate; the link ends when it expires unless a later request succeeds"
+                ),
+                NotRenewed::Unusable(reason) => tracing::warn!(
+                    %reason, %expires, ?retry_in,
+                    "could not take the renewed certificate; asking again"
+                ),
+            }
             retry_in
         }
     }

@@ -120,6 +120,25 @@ impl Drop for Moto {
     }
 }
 
+/// An image id moto knows (the first Amazon one it lists).
+///
+/// # Errors
+/// The call fails, or moto lists no image.
+pub async fn moto_image(ec2: &aws_sdk_ec2::Client) -> anyhow::Result<String> {
+    let images = ec2
+        .describe_images()
+        .owners("amazon")
+        .send()
+        .await
+        .context("DescribeImages")?;
+    Ok(images
+        .images()
+        .first()
+        .and_then(|i| i.image_id())
+        .context("moto lists no images")?
+        .to_owned())
+}
+
 /// One instance of the group as the test sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupInstance {
@@ -157,18 +176,7 @@ impl Group {
         let config = moto.sdk_config().await;
         let asg = aws_sdk_autoscaling::Client::new(&config);
         let ec2 = aws_sdk_ec2::Client::new(&config);
-        let images = ec2
-            .describe_images()
-            .owners("amazon")
-            .send()
-            .await
-            .context("DescribeImages")?;
-        let image = images
-            .images()
-            .first()
-            .and_then(|i| i.image_id())
-            .context("moto lists no images")?
-            .to_owned();
+        let image = moto_image(&ec2).await?;
         let template = format!("{name}-template");
         ec2.create_launch_template()
             .launch_template_name(&template)

@@ -736,3 +736,30 @@ pub fn describe_output(output: &std::process::Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     )
 }
+
+/// Runs a user-data script as a test may: writing under `etc`, without
+/// root or systemd, with only the variables given (none of the ones it
+/// reads inherited from whoever runs the tests).
+pub fn run_user_data(script: &Path, etc: &Path, vars: &[(&str, &str)]) -> std::process::Output {
+    let mut command = std::process::Command::new("bash");
+    command
+        .arg(script)
+        .env("SERVITOR_ETC", etc)
+        .env("SERVITOR_NO_SYSTEMCTL", "1");
+    for name in [
+        "COORDINATOR",
+        "CA_SHA256",
+        "ENROLL",
+        "JOIN_TOKEN",
+        "CAPACITY",
+        "DEFAULT_IMAGE",
+    ] {
+        command.env_remove(name);
+    }
+    for (name, value) in vars {
+        command.env(name, value);
+    }
+    command
+        .output()
+        .unwrap_or_else(|e| panic!("running bash {}: {e}", script.display()))
+}

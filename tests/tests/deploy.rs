@@ -21,11 +21,7 @@ const ACCOUNT_ID: &str = "123456789012";
 const PIN: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
 fn root() -> PathBuf {
-    // The tests crate sits one level below the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate has a parent directory")
-        .to_owned()
+    servitor_tests::workspace_root()
 }
 
 fn read(path: &str) -> String {
@@ -463,22 +459,7 @@ fn the_stack_user_data_is_packer_user_data_and_writes_a_config_the_agent_loads()
     let etc = tempfile::tempdir().expect("creating a temporary directory");
     let file = etc.path().join("user-data");
     std::fs::write(&file, &user_data).expect("writing user-data");
-    let mut command = Command::new("bash");
-    command
-        .arg(&file)
-        .env("SERVITOR_ETC", etc.path())
-        .env("SERVITOR_NO_SYSTEMCTL", "1");
-    for name in [
-        "COORDINATOR",
-        "CA_SHA256",
-        "ENROLL",
-        "JOIN_TOKEN",
-        "CAPACITY",
-        "DEFAULT_IMAGE",
-    ] {
-        command.env_remove(name);
-    }
-    let output = command.output().expect("running bash");
+    let output = servitor_tests::run_user_data(&file, etc.path(), &[]);
     assert!(
         output.status.success(),
         "user-data failed: {}{}",

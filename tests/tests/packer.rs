@@ -27,28 +27,9 @@ fn read(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
-/// Runs user-data as a test may: in `etc`, without root or systemd, with
-/// only the variables given (none inherited from whoever runs the tests).
+/// Runs `packer/user-data.sh` (see [`servitor_tests::run_user_data`]).
 fn run_user_data(etc: &Path, vars: &[(&str, &str)]) -> Output {
-    let mut command = Command::new("bash");
-    command
-        .arg(packer_dir().join("user-data.sh"))
-        .env("SERVITOR_ETC", etc)
-        .env("SERVITOR_NO_SYSTEMCTL", "1");
-    for name in [
-        "COORDINATOR",
-        "CA_SHA256",
-        "ENROLL",
-        "JOIN_TOKEN",
-        "CAPACITY",
-        "DEFAULT_IMAGE",
-    ] {
-        command.env_remove(name);
-    }
-    for (name, value) in vars {
-        command.env(name, value);
-    }
-    command.output().expect("running bash packer/user-data.sh")
+    servitor_tests::run_user_data(&packer_dir().join("user-data.sh"), etc, vars)
 }
 
 /// The value of `--config` in a unit's command line.

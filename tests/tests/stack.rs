@@ -80,21 +80,11 @@ async fn create_stack(moto: &Moto) -> anyhow::Result<Vec<(String, String)>> {
         .filter_map(|s| s.subnet_id())
         .take(2)
         .collect();
-    let images = ec2
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .context("DescribeImages")?;
-    let image = images
-        .images()
-        .first()
-        .and_then(|i| i.image_id())
-        .context("moto lists no images")?;
+    let image = servitor_tests::aws::moto_image(&ec2).await?;
     cfn.create_stack()
         .stack_name(STACK)
         .template_body(template_body()?)
-        .parameters(parameter("AgentImageId", image))
+        .parameters(parameter("AgentImageId", &image))
         .parameters(parameter("VpcId", &vpc))
         .parameters(parameter("SubnetIds", subnets.join(",")))
         .parameters(parameter("InstanceTypes", TYPES.join(",")))

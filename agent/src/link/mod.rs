@@ -217,28 +217,34 @@ impl Renewal {
     /// next connection and `Ok` says how long it lasts.
     ///
     /// # Errors
-    /// The coordinator's reason for refusing, or what is wrong with its
-    /// answer (no request in flight, a certificate for another key or
-    /// agent, a state directory that cannot be written).
-    pub fn accept(&mut self, answer: Renewed) -> Result<Duration, String> {
+    /// [`NotRenewed::Refused`] with the coordinator's reason, or
+    /// [`NotRenewed::Unusable`] with what is wrong with its answer (none,
+    /// no request in flight, a certificate for another key or agent) or
+    /// with keeping it (a state directory that cannot be written).
+    pub fn accept(&mut self, answer: Renewed) -> Result<Duration, NotRenewed> {
         let pem = match answer.result {
             Some(renewed::Result::CertificatePem(pem)) => pem,
             Some(renewed::Result::Refused(reason)) => {
                 self.pending = None;
-                return Err(reason);
+                return Err(NotRenewed::Refused(reason));
             }
             None => {
                 self.pending = None;
-                return Err(
+                return Err(NotRenewed::Unusable(
                     "the coordinator's answer has neither a certificate nor a reason".into(),
-                );
+                ));
             }
         };
+        self.keep(&pem).map_err(NotRenewed::Unusable)
+    }
+
+    /// Stores a renewed certificate for the key of the request in flight.
+    fn keep(&mut self, pem: &str) -> Result<Duration, String> {
         let key = self
             .pending
             .take()
             .ok_or("the coordinator sent a certificate nobody asked for")?;
-        let creds = Credentials::new(&pem, &key)
+        let creds = Credentials::new(pem, &key)
             .map_err(|e| format!("the coordinator sent an unusable certificate: {e}"))?;
         if creds.agent_id != self.agent_id {
             return Err(format!(
@@ -250,6 +256,15 @@ impl Renewal {
         (self.not_before, self.not_after) = creds.validity();
         Ok(secs_until(self.not_after))
     }
+}
+
+/// Why a renewal did not give the agent a new certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotRenewed {
+    /// The coordinator refused, for this reason.
+    Refused(String),
+    /// The answer could not be used or kept.
+    Unusable(String),
 }
 
 /// The time from now to `at` (Unix seconds); zero once it has passed.
@@ -761,14 +776,20 @@ mod tests {
             result: Some(renewed::Result::Refused("instance left the group".into())),
             valid_for_secs: 0,
         };
-        assert_eq!(r.accept(refused).unwrap_err(), "instance left the group");
+        assert_eq!(
+            r.accept(refused).unwrap_err(),
+            NotRenewed::Refused("instance left the group".into())
+        );
         assert_eq!(r.not_after, now + 300);
         let unasked = Renewed {
             result: Some(renewed::Result::CertificatePem("x".into())),
             valid_for_secs: 300,
         };
         let err = r.accept(unasked).unwrap_err();
-        assert!(err.contains("nobody asked"), "{err}");
+        assert!(
+            matches!(&err, NotRenewed::Unusable(what) if what.contains("nobody asked")),
+            "{err:?}"
+        );
     }
 
     #[tokio::test]
