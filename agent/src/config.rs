@@ -41,6 +41,10 @@ pub struct AgentConfig {
     /// Where the agent keeps its key and certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
+    /// The coordinator's runner (a `[[runners]]` name) whose jobs this
+    /// agent takes. Leave it out when the coordinator serves one runner.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub runner: String,
     /// Jobs run at once.
     #[serde(default = "one")]
     pub capacity: u32,
@@ -190,6 +194,7 @@ impl AgentConfig {
             enroll: EnrollMethod::JoinToken,
             name: None,
             state_dir: None,
+            runner: String::new(),
             capacity: one(),
             executor: ExecutorConfig::default(),
             instance: InstanceConfig::default(),

@@ -28,7 +28,8 @@ use tracing::Instrument;
 
 use crate::executor::{AnyExecutor, CancelSignals, Executor, JobContext, JobResult};
 use crate::link::{
-    certificate_close, connect, CertificateClose, LinkError, LinkSettings, NotRenewed, Renewal,
+    certificate_close, connect, runner_refusal, CertificateClose, LinkError, LinkSettings,
+    NotRenewed, Renewal,
 };
 use servitor_runtime::backoff::Backoff;
 
@@ -78,6 +79,9 @@ pub enum AgentError {
 #[derive(Debug)]
 pub struct AgentSettings {
     pub link: LinkSettings,
+    /// The coordinator's runner whose jobs this agent takes; empty for
+    /// its only one.
+    pub runner: String,
     pub capacity: u32,
     pub executor: AnyExecutor,
     pub work_dir: PathBuf,
@@ -231,6 +235,13 @@ async fn serve(
                 tracing::warn!(agent_id = %link.agent_id, %reason, "the coordinator closed the link: the agent's certificate ran out");
             }
             None => {}
+        }
+        if let Some(reason) = closed_by_coordinator.as_ref().and_then(runner_refusal) {
+            tracing::error!(agent_id = %link.agent_id, runner = %settings.runner, %reason, "the coordinator does not serve this agent's runner; stopping");
+            return Err(AgentError::Refused(format!(
+                "the coordinator refused runner = {:?}: {reason}; set runner in the agent's configuration (RUNNER= in user-data) to one of its runners",
+                settings.runner
+            )));
         }
         match end {
             SessionEnd::Exit => return Ok(()),
@@ -530,6 +541,7 @@ async fn session(
             .iter()
             .filter_map(|r| r.finished.attempt)
             .collect(),
+        runner: settings.runner.clone(),
     };
     if write_frame(&mut send, &msg(agent_message::Msg::Hello(hello)))
         .await
@@ -1269,6 +1281,7 @@ mod tests {
                 servitor_runtime::secret::Secret::new("unused"),
                 "exit-test",
             ),
+            runner: String::new(),
             capacity: 1,
             executor: AnyExecutor::from(crate::executor::ShellExecutor::new()),
             work_dir: work.path().to_path_buf(),

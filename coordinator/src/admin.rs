@@ -9,7 +9,7 @@ use servitor_proto::admin::admin_client::AdminClient;
 use servitor_proto::admin::admin_server::{Admin, AdminServer};
 use servitor_proto::admin::{
     AgentStatus, DrainRequest, DrainResponse, FleetStatus, InstanceStatus, JobStatus,
-    RevokeRequest, RevokeResponse, StatusRequest, StatusResponse,
+    RevokeRequest, RevokeResponse, RunnerStatus, StatusRequest, StatusResponse,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -34,12 +34,21 @@ pub enum AdminError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// A runner, as the admin service shows it.
+#[derive(Debug, Clone)]
+pub struct AdminRunner {
+    pub name: String,
+    pub system_id: String,
+    pub concurrent: u32,
+    pub fleet: Arc<FleetView>,
+}
+
 /// What the admin service reads.
 #[derive(Debug, Clone)]
 pub struct AdminState {
     pub core: Arc<Core>,
-    pub fleet: Arc<FleetView>,
-    pub system_id: String,
+    /// Every runner, in the configuration's order.
+    pub runners: Vec<AdminRunner>,
     /// The CA pin agents are configured with (`ca_sha256`).
     pub ca_pin: String,
     pub concurrent: u32,
@@ -47,6 +56,39 @@ pub struct AdminState {
     pub stop_polling: CancellationToken,
     /// Agents whose certificates are revoked.
     pub revocations: Arc<Revocations>,
+}
+
+/// One runner's part of the status: its fleet as of the last reconcile
+/// pass, and how many of the held jobs are its own.
+fn runner_status(runner: &AdminRunner, held: &[crate::core::JobSnapshot]) -> RunnerStatus {
+    let summary = runner.fleet.summary();
+    let instances = summary
+        .instances
+        .iter()
+        .map(|i| InstanceStatus {
+            instance_id: i.id.clone(),
+            state: i.state.to_owned(),
+            age_secs: i.age.as_secs(),
+            instance_type: i.instance_type.clone(),
+            market: i.market.clone(),
+            protected: i.protected,
+        })
+        .collect();
+    RunnerStatus {
+        name: runner.name.clone(),
+        system_id: runner.system_id.clone(),
+        concurrent: runner.concurrent,
+        held: u32::try_from(held.iter().filter(|j| j.runner == runner.name).count())
+            .unwrap_or(u32::MAX),
+        fleet: Some(FleetStatus {
+            provider: summary.provider.to_owned(),
+            desired: summary.desired,
+            spent_usd: summary.spent_usd,
+            budget_usd: summary.budget_usd,
+            budget_held: summary.budget_held,
+        }),
+        instances,
+    }
 }
 
 #[tonic::async_trait]
@@ -57,6 +99,7 @@ impl Admin for AdminState {
             .agents()
             .into_iter()
             .map(|a| AgentStatus {
+                runner: a.runner,
                 agent_id: a.agent_id,
                 instance_id: a.instance_id,
                 executor: a.executor,
@@ -67,11 +110,16 @@ impl Admin for AdminState {
                 remote_addr: a.remote.to_string(),
             })
             .collect();
-        let jobs = self
-            .core
-            .jobs()
+        let held = self.core.jobs();
+        let runners: Vec<RunnerStatus> = self
+            .runners
+            .iter()
+            .map(|r| runner_status(r, &held))
+            .collect();
+        let jobs = held
             .into_iter()
             .map(|j| JobStatus {
+                runner: j.runner,
                 job_id: j.job_id,
                 name: j.name,
                 attempt: j.attempt,
@@ -81,36 +129,18 @@ impl Admin for AdminState {
                 trace_bytes: j.output_bytes,
             })
             .collect();
-        let summary = self.fleet.summary();
-        let instances = summary
-            .instances
-            .iter()
-            .map(|i| InstanceStatus {
-                instance_id: i.id.clone(),
-                state: i.state.to_owned(),
-                age_secs: i.age.as_secs(),
-                instance_type: i.instance_type.clone(),
-                market: i.market.clone(),
-                protected: i.protected,
-            })
-            .collect();
-        let fleet = FleetStatus {
-            provider: summary.provider.to_owned(),
-            desired: summary.desired,
-            spent_usd: summary.spent_usd,
-            budget_usd: summary.budget_usd,
-            budget_held: summary.budget_held,
-        };
+        let first = runners.first().cloned().unwrap_or_default();
         Ok(Response::new(StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            system_id: self.system_id.clone(),
+            system_id: first.system_id,
             concurrent: self.concurrent,
             draining: self.stop_polling.is_cancelled(),
             agents,
             jobs,
-            instances,
-            fleet: Some(fleet),
+            instances: first.instances,
+            fleet: first.fleet,
             ca_pin: self.ca_pin.clone(),
+            runners,
         }))
     }
 
@@ -265,15 +295,90 @@ pub fn render_status(status: &StatusResponse) -> String {
     if !status.ca_pin.is_empty() {
         let _ = writeln!(out, "agents trust ca_sha256 = {:?}", status.ca_pin);
     }
-    let fleet = status.fleet.clone().unwrap_or_default();
-    let mut heading = format!(
-        "\nFLEET {}  instances {}",
+    let several = status.runners.len() > 1;
+    let runners: Vec<RunnerStatus> = if status.runners.is_empty() {
+        // A coordinator from before runners were listed.
+        vec![RunnerStatus {
+            system_id: status.system_id.clone(),
+            fleet: status.fleet.clone(),
+            instances: status.instances.clone(),
+            ..RunnerStatus::default()
+        }]
+    } else {
+        status.runners.clone()
+    };
+    for runner in &runners {
+        render_fleet(&mut out, runner, several);
+    }
+    let _ = writeln!(out, "\nAGENTS ({})", status.agents.len());
+    for a in &status.agents {
+        let _ = writeln!(
+            out,
+            "  {:<24} {}instance {:<14} {:<6} {}/{} busy{}  connected {}s from {}",
+            a.agent_id,
+            if several {
+                format!("runner {:<10} ", a.runner)
+            } else {
+                String::new()
+            },
+            a.instance_id,
+            a.executor,
+            a.running,
+            a.capacity,
+            if a.draining { " draining" } else { "" },
+            a.connected_secs,
+            a.remote_addr
+        );
+    }
+    let _ = writeln!(out, "\nJOBS ({})", status.jobs.len());
+    for j in &status.jobs {
+        let _ = writeln!(
+            out,
+            "  #{:<8} {:<24} {}attempt {}  {:<9} {}  held {}s, {} log bytes",
+            j.job_id,
+            j.name,
+            if several {
+                format!("runner {:<10} ", j.runner)
+            } else {
+                String::new()
+            },
+            j.attempt,
+            j.state,
+            if j.agent_id.is_empty() {
+                "-"
+            } else {
+                &j.agent_id
+            },
+            j.age_secs,
+            j.trace_bytes
+        );
+    }
+    out
+}
+
+/// One runner's fleet section of the status: a heading with its size and
+/// budget, then its instances. With several runners the heading names the
+/// runner, its system id and its jobs.
+fn render_fleet(out: &mut String, runner: &RunnerStatus, several: bool) {
+    use std::fmt::Write;
+    let fleet = runner.fleet.clone().unwrap_or_default();
+    let mut heading = String::from("\n");
+    if several {
+        let _ = writeln!(
+            heading,
+            "RUNNER {}  system_id {}  jobs {}/{}",
+            runner.name, runner.system_id, runner.held, runner.concurrent
+        );
+    }
+    let _ = write!(
+        heading,
+        "FLEET {}  instances {}",
         if fleet.provider.is_empty() {
             "?"
         } else {
             &fleet.provider
         },
-        status.instances.len()
+        runner.instances.len()
     );
     if let Some(desired) = fleet.desired {
         let _ = write!(heading, "  desired {desired}");
@@ -299,7 +404,7 @@ pub fn render_status(status: &StatusResponse) -> String {
         );
     }
     let _ = writeln!(out, "{heading}");
-    for i in &status.instances {
+    for i in &runner.instances {
         let kind = [i.instance_type.as_str(), i.market.as_str()]
             .into_iter()
             .filter(|s| !s.is_empty())
@@ -319,38 +424,4 @@ pub fn render_status(status: &StatusResponse) -> String {
             }
         );
     }
-    let _ = writeln!(out, "\nAGENTS ({})", status.agents.len());
-    for a in &status.agents {
-        let _ = writeln!(
-            out,
-            "  {:<24} instance {:<14} {:<6} {}/{} busy{}  connected {}s from {}",
-            a.agent_id,
-            a.instance_id,
-            a.executor,
-            a.running,
-            a.capacity,
-            if a.draining { " draining" } else { "" },
-            a.connected_secs,
-            a.remote_addr
-        );
-    }
-    let _ = writeln!(out, "\nJOBS ({})", status.jobs.len());
-    for j in &status.jobs {
-        let _ = writeln!(
-            out,
-            "  #{:<8} {:<24} attempt {}  {:<9} {}  held {}s, {} log bytes",
-            j.job_id,
-            j.name,
-            j.attempt,
-            j.state,
-            if j.agent_id.is_empty() {
-                "-"
-            } else {
-                &j.agent_id
-            },
-            j.age_secs,
-            j.trace_bytes
-        );
-    }
-    out
 }

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::cache::CacheStore;
-use crate::core::{Core, JobEvent};
+use crate::core::{AgentHello, Core, JobEvent};
 use crate::link::{AgentConnection, LinkServer};
 use servitor_proto::job::JobPayload;
 
@@ -40,16 +40,59 @@ const REVOKED: &str = "agent revoked";
 /// Why a session ended when the agent's certificate ran out.
 const CERTIFICATE_EXPIRED: &str = "certificate expired";
 
-/// Accepts authenticated agent connections until `stop`, one task each.
 /// What every agent session needs besides the core.
 #[derive(Clone, Debug)]
 pub struct Serving {
     /// How long a silent agent keeps its attempts.
     pub lost_grace: Duration,
-    /// Where jobs' caches live; each assignment carries access to its own.
+    /// The runners agents may take jobs for, in the configuration's order.
+    pub runners: Arc<[AgentRunner]>,
+}
+
+/// A runner, as its agents are served.
+#[derive(Clone, Debug)]
+pub struct AgentRunner {
+    pub name: String,
+    /// Where its agents reach GitLab with job tokens (artifacts,
+    /// dependencies).
+    pub gitlab_url: String,
+    /// Where its jobs' caches live; each assignment carries access to its
+    /// own.
     pub cache: Option<Arc<CacheStore>>,
 }
 
+/// The runner an agent's hello names: the only one when it names none.
+///
+/// # Errors
+/// The refusal the agent is told: the name is unknown, or missing where
+/// there are several; it lists the runners served.
+pub fn resolve_runner<'r>(
+    runners: &'r [AgentRunner],
+    asked: &str,
+) -> Result<&'r AgentRunner, String> {
+    let served = || {
+        runners
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (asked, runners) {
+        ("", [only]) => Ok(only),
+        ("", _) => Err(format!(
+            "this coordinator serves several runners ({}); set runner to one of them in the agent's configuration",
+            served()
+        )),
+        (name, _) => runners.iter().find(|r| r.name == name).ok_or_else(|| {
+            format!(
+                "this coordinator serves no runner {name:?}; it serves {}",
+                served()
+            )
+        }),
+    }
+}
+
+/// Accepts authenticated agent connections until `stop`, one task each.
 pub async fn serve_agents(
     core: Arc<Core>,
     link: Arc<LinkServer>,
@@ -88,7 +131,10 @@ async fn serve_agent(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let Serving { lost_grace, cache } = serving;
+    let Serving {
+        lost_grace,
+        runners,
+    } = serving;
     let agent_id = conn.agent_id.clone();
     let connection = conn.connection.clone();
     let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
@@ -140,24 +186,39 @@ async fn serve_agent(
         free_slots,
         running,
         reporting,
+        runner,
         ..
     } = hello;
+    let runner = match resolve_runner(&runners, &runner) {
+        Ok(r) => r.clone(),
+        Err(reason) => {
+            tracing::warn!(runner = %runner, %reason, "refused an agent: its runner is not served here");
+            connection.close(code(close_code::UNKNOWN_RUNNER), reason.as_bytes());
+            return;
+        }
+    };
+    let cache = runner.cache.clone();
+    let gitlab_url = runner.gitlab_url.clone();
     let (tx, mut rx) = mpsc::unbounded_channel::<CoordinatorMessage>();
     let replies = tx.clone();
+    let running_count = running.len();
     let (session, stale) = core
         .agent_connected(
-            &agent_id,
-            instance.unwrap_or_default(),
-            executor,
-            capacity,
-            free_slots,
-            &running,
-            &reporting,
-            conn.remote,
+            AgentHello {
+                agent: agent_id.clone(),
+                runner: runner.name.clone(),
+                instance: instance.unwrap_or_default(),
+                executor,
+                capacity,
+                free_slots,
+                running,
+                reporting,
+                remote: conn.remote,
+            },
             tx,
         )
         .await;
-    tracing::info!(capacity, running = running.len(), "agent connected");
+    tracing::info!(capacity, running = running_count, runner = %runner.name, "agent connected");
     let welcome = CoordinatorMessage {
         msg: Some(coordinator_message::Msg::Welcome(Welcome {
             agent_id: agent_id.clone(),
@@ -191,10 +252,12 @@ async fn serve_agent(
                 return;
             }
             while let Some(mut message) = rx.recv().await {
-                if let (Some(cache), Some(coordinator_message::Msg::Assign(assign))) =
-                    (&cache, &mut message.msg)
-                {
-                    grant_cache(cache, assign).await;
+                if let Some(coordinator_message::Msg::Assign(assign)) = &mut message.msg {
+                    // The agent's runner took the job: its GitLab and cache.
+                    assign.gitlab_url.clone_from(&gitlab_url);
+                    if let Some(cache) = &cache {
+                        grant_cache(cache, assign).await;
+                    }
                 }
                 if let Err(e) = write_frame(&mut send, &message).await {
                     tracing::debug!(error = %e, "control stream write failed");

@@ -32,11 +32,20 @@ pub struct Config {
     /// GitLab's own `retry:` rules apply.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
+    /// GitLab, and the one runner's token when there are no `[[runners]]`.
+    #[serde(default)]
     pub gitlab: GitLabConfig,
     pub agents: AgentsConfig,
     #[serde(default)]
     pub admin: AdminConfig,
-    pub fleet: FleetConfig,
+    /// The one runner's fleet, when there are no `[[runners]]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetConfig>,
+    /// Several GitLab runners served by this coordinator, each with its own
+    /// token, share of `concurrent` and fleet (gitlab-runner's
+    /// `[[runners]]`). Without them, `[gitlab]` and `[fleet]` describe one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runners: Vec<RunnerConfig>,
     /// A monthly spending cap; none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetConfig>,
@@ -125,13 +134,55 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GitLabConfig {
-    /// GitLab's URL, e.g. `https://gitlab.example.com`.
+    /// GitLab's URL, e.g. `https://gitlab.example.com`; every runner's
+    /// unless it names its own.
+    #[serde(default)]
     pub url: String,
-    /// File holding the runner authentication token (`glrt-…`).
+    /// File holding the runner authentication token (`glrt-…`) of the one
+    /// runner, when there are no `[[runners]]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// A `[[runners]]` block: one GitLab runner this coordinator serves.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerConfig {
+    /// A short name for status, metrics, logs and the agents of its fleet
+    /// (`runner = "<name>"` in their configuration).
+    pub name: String,
+    /// File holding this runner's authentication token (`glrt-…`).
     pub token_file: PathBuf,
+    /// GitLab's URL for this runner; `[gitlab] url` by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Most jobs this runner holds at once (gitlab-runner's `limit`); the
+    /// coordinator's `concurrent` caps all runners together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent: Option<u32>,
+    /// The capacity its jobs run on, and only its jobs.
+    pub fleet: FleetConfig,
+}
+
+/// The name of the one runner of a configuration without `[[runners]]`.
+pub const DEFAULT_RUNNER: &str = "default";
+
+/// A runner as the coordinator serves it, whichever way it was written.
+#[derive(Clone, Debug)]
+pub struct Runner {
+    pub name: String,
+    /// GitLab's URL, without a trailing slash.
+    pub url: String,
+    pub token_file: PathBuf,
+    /// Most jobs it holds at once.
+    pub concurrent: u32,
+    pub fleet: FleetConfig,
+    /// Where its settings are in the file (`fleet` or `runners[1].fleet`),
+    /// for messages.
+    pub fleet_key: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -463,7 +514,8 @@ impl Default for PolicyConfig {
 /// Secrets named by the configuration, read from their files.
 #[derive(Clone, Debug)]
 pub struct Secrets {
-    pub runner_token: Secret,
+    /// Each runner's token, in the order of [`Config::runners`].
+    pub runner_tokens: Vec<Secret>,
     pub join_token: Secret,
 }
 
@@ -482,7 +534,8 @@ impl Config {
             gitlab,
             agents,
             admin: AdminConfig::default(),
-            fleet,
+            fleet: Some(fleet),
+            runners: Vec::new(),
             budget: None,
             metrics: MetricsConfig::default(),
             cache: None,
@@ -533,54 +586,20 @@ impl Config {
         if self.max_attempts == 0 {
             return fail("max_attempts", "must be at least 1");
         }
-        if !(self.gitlab.url.starts_with("http://") || self.gitlab.url.starts_with("https://")) {
-            return fail(
-                "gitlab.url",
-                &format!(
-                    "{:?} must start with https:// (or http://)",
-                    self.gitlab.url
-                ),
-            );
-        }
-        if self.fleet.capacity_per_instance == 0 {
-            return fail("fleet.capacity_per_instance", "must be at least 1");
-        }
-        if self.fleet.max_instances == 0 {
-            return fail("fleet.max_instances", "must be at least 1");
-        }
-        if self.agents.aws_iid.is_some() && self.fleet.provider != FleetProvider::AwsAsg {
+        self.validate_runners(origin)?;
+        let runners = self.runners();
+        let any_asg = runners
+            .iter()
+            .any(|r| r.fleet.provider == FleetProvider::AwsAsg);
+        if self.agents.aws_iid.is_some() && !any_asg {
             return fail(
                 "agents.aws_iid",
                 "needs fleet.provider = \"aws-asg\": instances prove they belong to the group it sizes; remove [agents.aws_iid] for other fleets, whose agents enroll with the join token",
             );
         }
-        match (self.fleet.provider, &self.fleet.aws) {
-            (FleetProvider::AwsAsg, None) => {
-                return fail(
-                    "fleet.provider",
-                    "is \"aws-asg\" but there is no [fleet.aws] table; add one with group = \"<auto scaling group name>\"",
-                )
-            }
-            (FleetProvider::AwsAsg, Some(aws)) => {
-                if aws.group.trim().is_empty() {
-                    return fail("fleet.aws.group", "must name the auto scaling group");
-                }
-                if let Some(url) = &aws.endpoint_url {
-                    if !(url.starts_with("http://") || url.starts_with("https://")) {
-                        return fail(
-                            "fleet.aws.endpoint_url",
-                            &format!("{url:?} must start with https:// (or http://)"),
-                        );
-                    }
-                }
-            }
-            (FleetProvider::Local, Some(_)) => {
-                return fail(
-                    "fleet.aws",
-                    "is set but fleet.provider is \"local\"; set provider = \"aws-asg\" or remove [fleet.aws]",
-                )
-            }
-            (FleetProvider::Local, None) => {}
+        for runner in &runners {
+            validate_fleet(&runner.fleet, &runner.fleet_key)
+                .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
         }
         if let Some(budget) = &self.budget {
             if !budget.monthly_usd.is_finite() || budget.monthly_usd <= 0.0 {
@@ -611,7 +630,7 @@ impl Config {
                         return fail("cache.s3.bucket", "must name the bucket");
                     }
                     if let Some(url) = &s3.endpoint_url {
-                        if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        if !is_http_url(url) {
                             return fail(
                                 "cache.s3.endpoint_url",
                                 &format!("{url:?} must start with https:// (or http://)"),
@@ -626,22 +645,20 @@ impl Config {
                     )
                 }
                 (CacheKind::Local, _, Some(_)) => {
-                    if self.fleet.provider != FleetProvider::Local {
+                    if let Some(remote) = runners
+                        .iter()
+                        .find(|r| r.fleet.provider != FleetProvider::Local)
+                    {
                         return fail(
                             "cache.type",
-                            "is \"local\", which only agents on this machine can reach; use type = \"s3\" with an AWS fleet",
+                            &format!(
+                                "is \"local\", which only agents on this machine can reach, but {}.provider is not \"local\"; use type = \"s3\" with an AWS fleet",
+                                remote.fleet_key
+                            ),
                         );
                     }
                 }
             }
-        }
-        if !self.fleet.scale_factor.is_finite() || self.fleet.scale_factor < 0.0 {
-            return fail("fleet.scale_factor", "must be a number of at least 0");
-        }
-        for (i, block) in self.fleet.policy.iter().enumerate() {
-            block
-                .to_block()
-                .map_err(|e| ConfigError(format!("{origin}: fleet.policy[{i}]: {e}")))?;
         }
         if self.agents.cert_validity < MIN_CERT_VALIDITY {
             return fail(
@@ -650,6 +667,162 @@ impl Config {
             );
         }
         Ok(())
+    }
+
+    /// Checks how the runners are written: either `[gitlab] token_file` and
+    /// `[fleet]` for one, or `[[runners]]` blocks with distinct names,
+    /// tokens and groups.
+    fn validate_runners(&self, origin: &str) -> Result<(), ConfigError> {
+        let fail = |key: &str, why: &str| Err(ConfigError(format!("{origin}: {key} {why}")));
+        if self.runners.is_empty() {
+            if self.gitlab.token_file.is_none() {
+                return fail(
+                    "gitlab.token_file",
+                    "is missing; point it at the file holding the runner authentication token (glrt-…), or describe several runners with [[runners]] blocks",
+                );
+            }
+            if self.fleet.is_none() {
+                return fail(
+                    "[fleet]",
+                    "is missing; add one with provider = \"local\" or \"aws-asg\", or give each [[runners]] block its own [runners.fleet]",
+                );
+            }
+            if !is_http_url(&self.gitlab.url) {
+                return fail(
+                    "gitlab.url",
+                    &format!(
+                        "{:?} must start with https:// (or http://)",
+                        self.gitlab.url
+                    ),
+                );
+            }
+            return Ok(());
+        }
+        if self.fleet.is_some() {
+            return fail(
+                "[fleet]",
+                "is set beside [[runners]]; each runner has its own fleet: move it into the runners' [runners.fleet] tables",
+            );
+        }
+        if self.gitlab.token_file.is_some() {
+            return fail(
+                "gitlab.token_file",
+                "is set beside [[runners]]; each runner names its own token_file: remove it from [gitlab]",
+            );
+        }
+        for (i, runner) in self.runners.iter().enumerate() {
+            let key = |k: &str| format!("runners[{i}].{k}");
+            let name_ok = !runner.name.is_empty()
+                && runner.name.len() <= 40
+                && runner
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            if !name_ok {
+                return fail(
+                    &key("name"),
+                    &format!(
+                        "{:?} must be 1 to 40 letters, digits, '-', '_' or '.' (it names the runner in status, metrics and its agents' configuration)",
+                        runner.name
+                    ),
+                );
+            }
+            if let Some(j) = self.runners[..i].iter().position(|r| r.name == runner.name) {
+                return fail(
+                    &key("name"),
+                    &format!(
+                        "{:?} is also runners[{j}]'s; give each runner its own name",
+                        runner.name
+                    ),
+                );
+            }
+            if let Some(j) = self.runners[..i]
+                .iter()
+                .position(|r| r.token_file == runner.token_file)
+            {
+                return fail(
+                    &key("token_file"),
+                    &format!(
+                        "{} is also runners[{j}]'s; each runner is registered in GitLab with a token of its own",
+                        runner.token_file.display()
+                    ),
+                );
+            }
+            let url = runner.url.as_deref().unwrap_or(&self.gitlab.url);
+            if url.is_empty() {
+                return fail(
+                    &key("url"),
+                    "is missing; set url in [gitlab] for every runner, or in this block",
+                );
+            }
+            if !is_http_url(url) {
+                return fail(
+                    &key("url"),
+                    &format!("{url:?} must start with https:// (or http://)"),
+                );
+            }
+            if runner.concurrent == Some(0) {
+                return fail(&key("concurrent"), "must be at least 1");
+            }
+            if let Some(group) = runner.fleet.aws.as_ref().map(|a| &a.group) {
+                let shared = self.runners[..i]
+                    .iter()
+                    .position(|r| r.fleet.aws.as_ref().is_some_and(|a| a.group == *group));
+                if let Some(j) = shared {
+                    return fail(
+                        &key("fleet.aws.group"),
+                        &format!("{group:?} is also runners[{j}]'s; each runner sizes a group of its own"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The runners this coordinator serves, in the file's order: the
+    /// `[[runners]]` blocks, or the one `[gitlab]` and `[fleet]` describe.
+    pub fn runners(&self) -> Vec<Runner> {
+        if self.runners.is_empty() {
+            let (Some(token_file), Some(fleet)) = (&self.gitlab.token_file, &self.fleet) else {
+                return Vec::new();
+            };
+            return vec![Runner {
+                name: DEFAULT_RUNNER.to_owned(),
+                url: self.gitlab.url.trim_end_matches('/').to_owned(),
+                token_file: token_file.clone(),
+                concurrent: self.concurrent,
+                fleet: fleet.clone(),
+                fleet_key: "fleet".to_owned(),
+            }];
+        }
+        self.runners
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Runner {
+                name: r.name.clone(),
+                url: r
+                    .url
+                    .as_deref()
+                    .unwrap_or(&self.gitlab.url)
+                    .trim_end_matches('/')
+                    .to_owned(),
+                token_file: r.token_file.clone(),
+                concurrent: r.concurrent.unwrap_or(self.concurrent).min(self.concurrent),
+                fleet: r.fleet.clone(),
+                fleet_key: format!("runners[{i}].fleet"),
+            })
+            .collect()
+    }
+
+    /// The one runner's fleet, for callers that build a configuration
+    /// without `[[runners]]` (tests, the demo).
+    ///
+    /// # Panics
+    /// When the configuration has `[[runners]]` instead.
+    pub fn fleet_mut(&mut self) -> &mut FleetConfig {
+        self.fleet
+            .as_mut()
+            .expect("a configuration with one runner has a [fleet]")
     }
 
     /// The admin socket path, resolved against the state directory.
@@ -666,15 +839,81 @@ impl Config {
     /// # Errors
     /// Names the unreadable file and the setting that points at it.
     pub fn load_secrets(&self) -> Result<Secrets, ConfigError> {
-        let runner_token =
-            Secret::from_file(&self.gitlab.token_file, "gitlab.token_file").map_err(ConfigError)?;
+        let runner_tokens = if self.runners.is_empty() {
+            self.gitlab
+                .token_file
+                .iter()
+                .map(|file| Secret::from_file(file, "gitlab.token_file").map_err(ConfigError))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            self.runners
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    Secret::from_file(&r.token_file, &format!("runners[{i}].token_file"))
+                        .map_err(ConfigError)
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
         let join_token = Secret::from_file(&self.agents.join_token_file, "agents.join_token_file")
             .map_err(ConfigError)?;
         Ok(Secrets {
-            runner_token,
+            runner_tokens,
             join_token,
         })
     }
+}
+
+fn is_http_url(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
+/// Checks one runner's fleet; `key` is where it is in the file.
+fn validate_fleet(fleet: &FleetConfig, key: &str) -> Result<(), String> {
+    let fail = |k: &str, why: &str| Err(format!("{key}.{k} {why}"));
+    if fleet.capacity_per_instance == 0 {
+        return fail("capacity_per_instance", "must be at least 1");
+    }
+    if fleet.max_instances == 0 {
+        return fail("max_instances", "must be at least 1");
+    }
+    match (fleet.provider, &fleet.aws) {
+        (FleetProvider::AwsAsg, None) => {
+            return fail(
+                "provider",
+                &format!("is \"aws-asg\" but there is no [{key}.aws] table; add one with group = \"<auto scaling group name>\""),
+            )
+        }
+        (FleetProvider::AwsAsg, Some(aws)) => {
+            if aws.group.trim().is_empty() {
+                return fail("aws.group", "must name the auto scaling group");
+            }
+            if let Some(url) = &aws.endpoint_url {
+                if !is_http_url(url) {
+                    return fail(
+                        "aws.endpoint_url",
+                        &format!("{url:?} must start with https:// (or http://)"),
+                    );
+                }
+            }
+        }
+        (FleetProvider::Local, Some(_)) => {
+            return fail(
+                "aws",
+                &format!("is set but {key}.provider is \"local\"; set provider = \"aws-asg\" or remove [{key}.aws]"),
+            )
+        }
+        (FleetProvider::Local, None) => {}
+    }
+    if !fleet.scale_factor.is_finite() || fleet.scale_factor < 0.0 {
+        return fail("scale_factor", "must be a number of at least 0");
+    }
+    for (i, block) in fleet.policy.iter().enumerate() {
+        block
+            .to_block()
+            .map_err(|e| format!("{key}.policy[{i}]: {e}"))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -685,7 +924,10 @@ mod tests {
     fn example_config_parses() {
         let text = include_str!("../coordinator.example.toml");
         let config = Config::from_toml_str(text, "coordinator.example.toml").unwrap();
-        assert_eq!(config.fleet.provider, FleetProvider::Local);
+        assert_eq!(
+            config.fleet.as_ref().unwrap().provider,
+            FleetProvider::Local
+        );
         assert!(config.concurrent >= 1);
     }
 
@@ -702,8 +944,8 @@ mod tests {
     fn policy_blocks_parse_and_bad_periods_are_named() {
         let base = include_str!("../coordinator.example.toml");
         let config = Config::from_toml_str(base, "c.toml").unwrap();
-        assert_eq!(config.fleet.policy.len(), 1);
-        let block = config.fleet.policy[0].to_block().unwrap();
+        assert_eq!(config.fleet.as_ref().unwrap().policy.len(), 1);
+        let block = config.fleet.as_ref().unwrap().policy[0].to_block().unwrap();
         assert_eq!(block.periods.len(), 1);
         let bad = base.replace("* 8-18 * * mon-fri", "* 25 * * mon-fri");
         let err = Config::from_toml_str(&bad, "c.toml")
@@ -724,8 +966,11 @@ mod tests {
     fn aws_example_parses_and_mistakes_are_named() {
         let text = include_str!("../coordinator.aws.example.toml");
         let config = Config::from_toml_str(text, "coordinator.aws.example.toml").unwrap();
-        assert_eq!(config.fleet.provider, FleetProvider::AwsAsg);
-        let aws = config.fleet.aws.as_ref().unwrap();
+        assert_eq!(
+            config.fleet.as_ref().unwrap().provider,
+            FleetProvider::AwsAsg
+        );
+        let aws = config.fleet.as_ref().unwrap().aws.as_ref().unwrap();
         assert_eq!(aws.group, "servitor-runners");
         let budget = config.budget.as_ref().unwrap();
         assert!(budget.monthly_usd > 0.0);
@@ -790,5 +1035,86 @@ mod tests {
             err.contains("fleet.max_instances must be at least 1"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn several_runners_parse_and_mistakes_are_named() {
+        let text = include_str!("../coordinator.runners.example.toml");
+        let config = Config::from_toml_str(text, "coordinator.runners.example.toml").unwrap();
+        let runners = config.runners();
+        let names: Vec<&str> = runners.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["lint", "build"]);
+        assert_eq!(runners[0].url, "https://gitlab.example.com");
+        assert_eq!(runners[0].concurrent, 10);
+        assert_eq!(
+            runners[1].fleet.aws.as_ref().unwrap().group,
+            "servitor-build"
+        );
+        assert_eq!(runners[1].fleet_key, "runners[1].fleet");
+        let err = |text: &str| {
+            Config::from_toml_str(text, "c.toml")
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err(&text.replace("name = \"build\"", "name = \"lint\""));
+        assert!(
+            e.contains("runners[1].name \"lint\" is also runners[0]'s"),
+            "{e}"
+        );
+        let e = err(&text.replace("build-token", "lint-token"));
+        assert!(
+            e.contains("runners[1].token_file") && e.contains("token of its own"),
+            "{e}"
+        );
+        let e = err(&text.replace("group = \"servitor-build\"", "group = \"servitor-lint\""));
+        assert!(e.contains("runners[1].fleet.aws.group"), "{e}");
+        let e = err(&text.replace("name = \"build\"", "name = \"build jobs\""));
+        assert!(e.contains("runners[1].name \"build jobs\" must be"), "{e}");
+        let e = err(&text.replace("max_instances = 20", "max_instances = 0"));
+        assert!(
+            e.contains("runners[1].fleet.max_instances must be at least 1"),
+            "{e}"
+        );
+        let e = err(&text.replace("url = \"https://gitlab.example.com\"", ""));
+        assert!(e.contains("runners[0].url is missing"), "{e}");
+        // The single-runner keys beside [[runners]] are named, with the fix.
+        let e = err(&text.replace(
+            "[gitlab]\n",
+            "[gitlab]\ntoken_file = \"/etc/servitor/runner-token\"\n",
+        ));
+        assert!(
+            e.contains("gitlab.token_file is set beside [[runners]]"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{text}\n[fleet]\nprovider = \"local\"\nmax_instances = 1\n"
+        ));
+        assert!(e.contains("[fleet] is set beside [[runners]]"), "{e}");
+        // A runner's share cannot exceed the coordinator's cap.
+        let capped = Config::from_toml_str(
+            &text.replace("concurrent = 20", "concurrent = 99"),
+            "c.toml",
+        )
+        .unwrap();
+        assert_eq!(capped.runners()[1].concurrent, 30);
+    }
+
+    #[test]
+    fn one_runner_needs_its_token_and_fleet() {
+        let base = include_str!("../coordinator.example.toml");
+        let config = Config::from_toml_str(base, "c.toml").unwrap();
+        let runners = config.runners();
+        assert_eq!(runners.len(), 1);
+        assert_eq!(runners[0].name, DEFAULT_RUNNER);
+        assert_eq!(runners[0].concurrent, config.concurrent);
+        let no_token: String = base
+            .lines()
+            .filter(|l| !l.starts_with("token_file"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let e = Config::from_toml_str(&no_token, "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gitlab.token_file is missing"), "{e}");
     }
 }

@@ -16,23 +16,20 @@
 //! (`jobs`), the agent link (`agents`), or the fleet (`fleet`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use servitor_proto::agent::{
-    AgentMessage, AttemptRef, CancelMode, CoordinatorMessage, InstanceFacts,
-};
+use servitor_proto::agent::{AgentMessage, AttemptRef, CancelMode, CoordinatorMessage};
 use servitor_proto::job::JobPayload;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::lease::book::{AgentHello, Drained, Effect, Input, LeaseBook, Metric, Reply};
+use crate::lease::book::{Drained, Effect, Input, LeaseBook, Metric, Reply};
 use crate::metrics::Metrics;
 use crate::store::{Commit, LeaseRecord, Store};
 
 pub use crate::lease::book::{
-    allows_rerun, AfterLoss, AgentSnapshot, JobEvent, JobSnapshot, RERUN_VARIABLE,
+    allows_rerun, AfterLoss, AgentHello, AgentSnapshot, JobEvent, JobSnapshot, RERUN_VARIABLE,
 };
 
 /// Settings the core needs.
@@ -69,8 +66,9 @@ pub struct Core {
     outbox: Mutex<Outbox>,
     /// Where leases are persisted; `None` keeps them in memory only.
     store: Option<Store>,
-    /// Woken when demand or the agent set changes (the fleet listens).
-    pub changed: Notify,
+    /// Bumped when demand or the agent set changes: every runner's fleet
+    /// listens.
+    changed: watch::Sender<u64>,
     metrics: Arc<Metrics>,
 }
 
@@ -95,9 +93,20 @@ impl Core {
             ),
             outbox: Mutex::new(Outbox::default()),
             store,
-            changed: Notify::new(),
+            changed: watch::channel(0).0,
             metrics: Arc::new(Metrics::new()),
         })
+    }
+
+    /// Wakes every fleet: demand or the agent set changed.
+    fn touch(&self) {
+        self.changed
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+
+    /// Changes of demand or of the agent set, for a fleet to wait on.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     fn book(&self) -> MutexGuard<'_, LeaseBook> {
@@ -231,6 +240,7 @@ impl Core {
         &self,
         payload: Arc<JobPayload>,
         raw: Bytes,
+        runner: &str,
         lease: &LeaseRecord,
         finished: bool,
     ) -> mpsc::UnboundedReceiver<JobEvent> {
@@ -239,11 +249,12 @@ impl Core {
         let input = Input::Restore {
             payload,
             raw,
+            runner: runner.to_owned(),
             lease: lease.clone(),
             finished,
         };
         self.run(input, Register::Job(id, tx)).await;
-        self.changed.notify_one();
+        self.touch();
         rx
     }
 
@@ -254,21 +265,27 @@ impl Core {
             reason: reason.to_owned(),
         };
         self.run(input, Register::None).await;
-        self.changed.notify_one();
+        self.touch();
     }
 
-    /// Starts holding a job; it is in the lease book, and its attempt 1
-    /// queued, when this returns. Returns the receiver of the job's events.
+    /// Starts holding a job `runner` took; it is in the lease book, and its
+    /// attempt 1 queued for that runner's agents, when this returns.
+    /// Returns the receiver of the job's events.
     pub async fn hold_job(
         &self,
         payload: Arc<JobPayload>,
         raw: Bytes,
+        runner: &str,
     ) -> mpsc::UnboundedReceiver<JobEvent> {
         let (tx, rx) = mpsc::unbounded_channel();
         let id = payload.id;
-        self.run(Input::Hold { payload, raw }, Register::Job(id, tx))
-            .await;
-        self.changed.notify_one();
+        let input = Input::Hold {
+            payload,
+            raw,
+            runner: runner.to_owned(),
+        };
+        self.run(input, Register::Job(id, tx)).await;
+        self.touch();
         rx
     }
 
@@ -278,7 +295,7 @@ impl Core {
     pub async fn release_job(&self, job_id: i64) {
         self.run(Input::Release { job_id }, Register::None).await;
         self.outbox().jobs.remove(&job_id);
-        self.changed.notify_one();
+        self.touch();
     }
 
     /// Asks the agent running the job's current attempt to stop it.
@@ -297,39 +314,19 @@ impl Core {
         self.run_now(Input::Unqueue { job_id }) == Reply::Applied(true)
     }
 
-    /// Registers a newly connected agent. `running` are the attempts it says
-    /// it still runs; the ones that are no longer wanted are returned so the
-    /// agent can be told to stop them.
-    #[allow(clippy::too_many_arguments)]
+    /// Registers a newly connected agent. `hello.running` are the attempts
+    /// it says it still runs; the ones that are no longer wanted are
+    /// returned so the agent can be told to stop them.
     pub async fn agent_connected(
         &self,
-        agent_id: &str,
-        instance: InstanceFacts,
-        executor: String,
-        capacity: u32,
-        free_slots: u32,
-        running: &[AttemptRef],
-        reporting: &[AttemptRef],
-        remote: SocketAddr,
+        hello: AgentHello,
         tx: mpsc::UnboundedSender<CoordinatorMessage>,
     ) -> (u64, Vec<AttemptRef>) {
-        let hello = AgentHello {
-            agent: agent_id.to_owned(),
-            instance,
-            executor,
-            capacity,
-            free_slots,
-            running: running.to_vec(),
-            reporting: reporting.to_vec(),
-            remote,
-        };
+        let agent_id = hello.agent.clone();
         let reply = self
-            .run(
-                Input::Connected(hello),
-                Register::Agent(agent_id.to_owned(), tx),
-            )
+            .run(Input::Connected(hello), Register::Agent(agent_id, tx))
             .await;
-        self.changed.notify_one();
+        self.touch();
         match reply {
             Reply::Connected { session, stale } => (session, stale),
             other => unreachable!("a hello is answered with its session, not {other:?}"),
@@ -343,7 +340,7 @@ impl Core {
             agent: agent_id.to_owned(),
             session,
         });
-        self.changed.notify_one();
+        self.touch();
     }
 
     /// The agent has not come back within the grace period: its attempts go
@@ -357,7 +354,7 @@ impl Core {
         let lost = self.run(input, Register::None).await == Reply::Applied(true);
         if lost {
             self.outbox().agents.remove(&(agent_id.to_owned(), session));
-            self.changed.notify_one();
+            self.touch();
         }
         lost
     }
@@ -370,7 +367,7 @@ impl Core {
             message,
         };
         self.run(input, Register::None).await;
-        self.changed.notify_one();
+        self.touch();
     }
 
     /// Whether output for this attempt should be accepted from this agent;
@@ -433,9 +430,10 @@ impl Core {
         }
     }
 
-    /// Tells every queued job, once, why it waits (in its log).
-    pub fn notify_waiting(&self, text: &str) {
+    /// Tells every queued job of `runner`, once, why it waits (in its log).
+    pub fn notify_waiting(&self, runner: &str, text: &str) {
         self.run_now(Input::NotifyWaiting {
+            runner: runner.to_owned(),
             text: text.to_owned(),
         });
     }
@@ -452,9 +450,10 @@ impl Core {
         &self.metrics
     }
 
-    /// Attempts that need a slot: queued plus assigned or running.
-    pub fn demand(&self) -> u32 {
-        self.book().demand()
+    /// Attempts of `runner`'s jobs that need a slot: queued plus assigned
+    /// or running.
+    pub fn demand(&self, runner: &str) -> u32 {
+        self.book().demand(runner)
     }
 
     /// The connected agents.
@@ -471,7 +470,7 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use servitor_proto::agent::coordinator_message;
+    use servitor_proto::agent::{coordinator_message, InstanceFacts};
 
     fn job(id: i64) -> (Arc<JobPayload>, Bytes) {
         let payload = JobPayload {
@@ -497,20 +496,20 @@ mod tests {
             Some(store.clone()),
         );
         let (tx, mut rx) = mpsc::unbounded_channel();
-        core.agent_connected(
-            "a",
-            InstanceFacts::default(),
-            "shell".into(),
-            1,
-            1,
-            &[],
-            &[],
-            "127.0.0.1:1".parse().unwrap(),
-            tx,
-        )
-        .await;
+        let hello = AgentHello {
+            agent: "a".into(),
+            runner: "default".into(),
+            instance: InstanceFacts::default(),
+            executor: "shell".into(),
+            capacity: 1,
+            free_slots: 1,
+            running: Vec::new(),
+            reporting: Vec::new(),
+            remote: "127.0.0.1:1".parse().unwrap(),
+        };
+        core.agent_connected(hello, tx).await;
         let (p, raw) = job(7);
-        let _events = core.hold_job(p, raw).await;
+        let _events = core.hold_job(p, raw, "default").await;
         let message = rx.try_recv().expect("assigned when hold_job returns");
         assert!(matches!(
             message.msg,

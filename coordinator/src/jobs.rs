@@ -45,14 +45,20 @@ const RESET: &str = "\x1b[0;m";
 #[derive(Clone, Debug)]
 pub struct JobsContext {
     pub core: Arc<Core>,
+    /// The runner this context takes jobs for: its jobs run only on its
+    /// fleet.
+    pub runner: String,
     pub gitlab: Arc<GitLabClient>,
     /// Shown in each job log's first line.
     pub coordinator_name: String,
     pub max_attempts: u32,
     /// The lease book; `None` keeps jobs in memory only.
     pub store: Option<Store>,
-    /// One permit per job held (`concurrent`).
+    /// One permit per job held by any runner (the coordinator's
+    /// `concurrent`).
     pub slots: Arc<Semaphore>,
+    /// One permit per job held by this runner (its `concurrent`).
+    pub runner_slots: Arc<Semaphore>,
     /// What instances cost, for the cost line at the end of each log.
     pub prices: Arc<PriceBook>,
 }
@@ -74,25 +80,45 @@ pub struct Restored {
     pub result: Option<Finished>,
 }
 
-/// Asks GitLab for jobs while fewer than `concurrent` are held, until
-/// `stop` is cancelled. Held jobs are not affected by `stop`: they run on
-/// under `jobs_cancel`.
+/// A held job's place under the runner's and the coordinator's
+/// `concurrent`; both are given back when it is dropped.
+#[derive(Debug)]
+pub struct Permits {
+    _runner: Option<OwnedSemaphorePermit>,
+    _all: Option<OwnedSemaphorePermit>,
+}
+
+/// Asks GitLab for the runner's jobs while it and the coordinator hold
+/// fewer than their `concurrent`, until `stop` is cancelled. Held jobs are
+/// not affected by `stop`: they run on under `jobs_cancel`.
 pub async fn poll_gitlab(
     ctx: JobsContext,
     stop: CancellationToken,
     jobs_cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let slots = ctx.slots.clone();
     let mut backoff = Backoff::try_new(REQUEST_BACKOFF_MIN, REQUEST_BACKOFF_MAX)
         .expect("job request backoff bounds are valid constants");
     loop {
-        let permit = tokio::select! {
+        // The runner's own share first: a runner at its limit does not hold
+        // one of the coordinator's slots while it waits.
+        let runner = tokio::select! {
             () = stop.cancelled() => return,
-            permit = slots.clone().acquire_owned() => match permit {
+            permit = ctx.runner_slots.clone().acquire_owned() => match permit {
                 Ok(p) => p,
                 Err(_) => return,
             },
+        };
+        let all = tokio::select! {
+            () = stop.cancelled() => return,
+            permit = ctx.slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let permit = Permits {
+            _runner: Some(runner),
+            _all: Some(all),
         };
         let requested = tokio::select! {
             () = stop.cancelled() => return,
@@ -117,12 +143,7 @@ pub async fn poll_gitlab(
     }
 }
 
-async fn take_job(
-    ctx: JobsContext,
-    job: ReceivedJob,
-    cancel: CancellationToken,
-    permit: OwnedSemaphorePermit,
-) {
+async fn take_job(ctx: JobsContext, job: ReceivedJob, cancel: CancellationToken, permit: Permits) {
     match job.payload {
         Ok(payload) => {
             let span =
@@ -200,7 +221,10 @@ pub async fn resume_job(
 ) {
     // A restored job holds a slot like any other; if the restart lowered
     // `concurrent`, the job still runs to its end.
-    let permit = ctx.slots.clone().try_acquire_owned().ok();
+    let permit = Permits {
+        _runner: ctx.runner_slots.clone().try_acquire_owned().ok(),
+        _all: ctx.slots.clone().try_acquire_owned().ok(),
+    };
     let span = tracing::info_span!("job", job_id = payload.id, name = %payload.display_name());
     run_job(ctx, payload, raw, cancel, Some(restored))
         .instrument(span)
@@ -237,7 +261,7 @@ async fn run_job(
             )));
             let events = ctx
                 .core
-                .restore_job(payload.clone(), raw, &lease, result.is_some())
+                .restore_job(payload.clone(), raw, &ctx.runner, &lease, result.is_some())
                 .await;
             let mut progress = AttemptProgress {
                 result,
@@ -258,7 +282,7 @@ async fn run_job(
         None => {
             // In the lease book before anyone acts on it; its log journal
             // follows it there.
-            let events = ctx.core.hold_job(payload.clone(), raw).await;
+            let events = ctx.core.hold_job(payload.clone(), raw, &ctx.runner).await;
             let resume = Resume {
                 journal: ctx.store.as_ref().map(|store| store.journal(job_id, 0)),
                 ..Resume::default()

@@ -31,6 +31,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::{Config, ConfigError, ExecutorChoice, FleetProvider, Secrets};
 use crate::core::{Core, CoreSettings};
@@ -57,6 +58,11 @@ pub enum CoordinatorError {
     Link(#[from] link::LinkError),
     #[error("{0}")]
     GitLab(#[from] gitlab::GitLabError),
+    #[error("runner {runner:?}: {source}")]
+    Runner {
+        runner: String,
+        source: gitlab::GitLabError,
+    },
     #[error("{0}")]
     Admin(#[from] admin::AdminError),
     #[error("lease book: {0}")]
@@ -78,7 +84,11 @@ impl CoordinatorError {
             CoordinatorError::Config(_) | CoordinatorError::StateDir { .. } => {
                 servitor_runtime::exit::CONFIG
             }
-            CoordinatorError::GitLab(e) if !e.is_retryable() => servitor_runtime::exit::CONFIG,
+            CoordinatorError::GitLab(e) | CoordinatorError::Runner { source: e, .. }
+                if !e.is_retryable() =>
+            {
+                servitor_runtime::exit::CONFIG
+            }
             CoordinatorError::Fleet(e) if !e.is_retryable() => servitor_runtime::exit::CONFIG,
             CoordinatorError::Metrics(e) if !e.is_retryable() => servitor_runtime::exit::CONFIG,
             _ => servitor_runtime::exit::TRANSIENT,
@@ -125,20 +135,37 @@ pub struct StartOptions {
     pub local_dial_addr: Option<SocketAddr>,
 }
 
+/// One runner the coordinator serves: its GitLab identity and its fleet.
+#[derive(Debug)]
+pub struct RunnerHandle {
+    pub name: String,
+    pub system_id: String,
+    /// Its fleet, when `provider = "local"`.
+    pub local_fleet: Option<Arc<LocalFleet>>,
+    /// Its Auto Scaling group, when `provider = "aws-asg"`.
+    pub aws_fleet: Option<Arc<AwsFleet>>,
+    pub fleet_view: Arc<FleetView>,
+}
+
 /// A running coordinator.
 #[derive(Debug)]
 pub struct Coordinator {
     pub core: Arc<Core>,
-    /// The local fleet, when `fleet.provider = "local"`.
+    /// Every runner, in the configuration's order.
+    pub runners: Vec<RunnerHandle>,
+    /// The first runner's local fleet (the only runner's, without
+    /// `[[runners]]`), when it has one.
     pub local_fleet: Option<Arc<LocalFleet>>,
-    /// The Auto Scaling group, when `fleet.provider = "aws-asg"`.
+    /// The first runner's Auto Scaling group, when it has one.
     pub aws_fleet: Option<Arc<AwsFleet>>,
+    /// The first runner's fleet as status shows it.
     pub fleet_view: Arc<FleetView>,
     /// Where Prometheus metrics are served, when configured.
     pub metrics_addr: Option<SocketAddr>,
     /// The agent link's bound address.
     pub link_addr: SocketAddr,
     pub admin_socket: PathBuf,
+    /// The first runner's system id.
     pub system_id: String,
     pub ca_pem_path: PathBuf,
     shutdown: CancellationToken,
@@ -176,8 +203,9 @@ fn ensure_private_dir(path: &std::path::Path) -> Result<(), CoordinatorError> {
     Ok(())
 }
 
-/// Starts the coordinator: state, PKI, GitLab verification, agent link,
-/// fleet, poller and admin API. Returns once everything listens.
+/// Starts the coordinator: state, PKI, each runner's GitLab verification,
+/// agent link, each runner's fleet and poller, and the admin API. Returns
+/// once everything listens.
 ///
 /// # Errors
 /// Anything that stops it from starting, named with the fix.
@@ -188,7 +216,27 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<Coordinator, CoordinatorError> {
     ensure_private_dir(&config.state_dir)?;
-    let system_id = gitlab::load_or_create_system_id(&config.state_dir)?;
+    let runners = config.runners();
+    if runners.is_empty() || runners.len() != secrets.runner_tokens.len() {
+        return Err(ConfigError(format!(
+            "{} runners but {} runner tokens were read; load the secrets of this configuration (servitor_coordinator::load)",
+            runners.len(),
+            secrets.runner_tokens.len()
+        ))
+        .into());
+    }
+    // Without [[runners]], the one runner keeps the id it always had.
+    let several = !config.runners.is_empty();
+    let system_ids = runners
+        .iter()
+        .map(|r| {
+            if several {
+                gitlab::load_or_create_runner_system_id(&config.state_dir, &r.name)
+            } else {
+                gitlab::load_or_create_system_id(&config.state_dir)
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let pki = pki::Pki::load_or_create(&config.state_dir, &config.agents.server_names)?;
     let ca_pem_path = config.state_dir.join("ca.pem");
     std::fs::write(&ca_pem_path, pki.ca_pem()).map_err(|source| CoordinatorError::StateDir {
@@ -196,29 +244,49 @@ pub async fn start(
         source,
     })?;
 
-    let gitlab = Arc::new(gitlab::GitLabClient::new(gitlab::GitLabSettings::new(
-        config.gitlab.url.clone(),
-        secrets.runner_token.clone(),
-        system_id.clone(),
-    ))?);
-    gitlab.verify().await?;
-    tracing::info!(url = %config.gitlab.url, %system_id, "runner token verified with GitLab");
+    let mut clients = Vec::with_capacity(runners.len());
+    for ((runner, token), system_id) in runners.iter().zip(&secrets.runner_tokens).zip(&system_ids)
+    {
+        let client = Arc::new(gitlab::GitLabClient::new(gitlab::GitLabSettings::new(
+            runner.url.clone(),
+            token.clone(),
+            system_id.clone(),
+        ))?);
+        client
+            .verify()
+            .await
+            .map_err(|source| CoordinatorError::Runner {
+                runner: runner.name.clone(),
+                source,
+            })?;
+        tracing::info!(runner = %runner.name, url = %runner.url, %system_id, "runner token verified with GitLab");
+        clients.push(client);
+    }
 
-    let cache = match &config.cache {
-        Some(cache) => Some(Arc::new(
-            cache::CacheStore::new(cache, secrets.runner_token.expose()).await?,
-        )),
-        None if config.fleet.provider == config::FleetProvider::Local => {
-            Some(Arc::new(cache::CacheStore::local(
-                config.state_dir.join("cache"),
-                secrets.runner_token.expose(),
-            )))
-        }
-        None => {
-            tracing::warn!("no [cache] configured: jobs' caches are neither restored nor saved (their logs say so); see the README's cache section");
-            None
-        }
-    };
+    let mut agent_runners = Vec::with_capacity(runners.len());
+    let mut said_no_cache = false;
+    for (runner, token) in runners.iter().zip(&secrets.runner_tokens) {
+        let cache = match &config.cache {
+            Some(cache) => Some(Arc::new(
+                cache::CacheStore::new(cache, token.expose()).await?,
+            )),
+            None if runner.fleet.provider == FleetProvider::Local => Some(Arc::new(
+                cache::CacheStore::local(config.state_dir.join("cache"), token.expose()),
+            )),
+            None => {
+                if !said_no_cache {
+                    tracing::warn!("no [cache] configured: jobs' caches are neither restored nor saved on AWS fleets (their logs say so); see the README's cache section");
+                    said_no_cache = true;
+                }
+                None
+            }
+        };
+        agent_runners.push(agents::AgentRunner {
+            name: runner.name.clone(),
+            gitlab_url: runner.url.clone(),
+            cache,
+        });
+    }
 
     let revoked_path = config.state_dir.join(link::REVOKED_FILE);
     let revocations = Arc::new(link::Revocations::open(revoked_path.clone()).map_err(
@@ -229,7 +297,7 @@ pub async fn start(
     )?);
     let enrollment = link::Enrollment {
         join_token: secrets.join_token.clone(),
-        aws_iid: aws_iid_enrollment(&config).await?,
+        aws_iid: aws_iid_enrollment(&config, &runners).await?,
         revocations: revocations.clone(),
     };
     let link = Arc::new(link::LinkServer::bind_with(
@@ -252,12 +320,14 @@ pub async fn start(
     let core = Core::with_store(
         CoreSettings {
             max_attempts: config.max_attempts,
-            gitlab_url: config.gitlab.url.trim_end_matches('/').to_owned(),
+            gitlab_url: runners[0].url.clone(),
         },
         Some(store.clone()),
     );
+    for runner in &runners {
+        core.metrics().add_runner(&runner.name);
+    }
     let tracker = TaskTracker::new();
-    let fleet_view = Arc::new(FleetView::default());
 
     // Local agents dial loopback when the link listens on every address.
     let dial = if let Some(addr) = options.local_dial_addr {
@@ -296,35 +366,48 @@ pub async fn start(
         }
         None => None,
     };
-    let (local_fleet, aws_fleet) = match config.fleet.provider {
-        FleetProvider::Local => (
-            Some(local_fleet(&config, &options, dial, &ca_pem_path)?),
-            None,
-        ),
-        FleetProvider::AwsAsg => {
-            let aws = config.fleet.aws.as_ref().ok_or_else(|| {
-                ConfigError(
-                    "fleet.provider is \"aws-asg\" but there is no [fleet.aws] table".into(),
-                )
-            })?;
-            let fleet = AwsFleet::connect(AwsFleetSettings {
-                group: aws.group.clone(),
-                region: aws.region.clone(),
-                endpoint_url: aws.endpoint_url.clone(),
-                lifecycle_hook: aws.lifecycle_hook.clone(),
-                max_instances: config.fleet.max_instances,
-            })
-            .await?;
-            (None, Some(Arc::new(fleet)))
-        }
-    };
+    let mut handles = Vec::with_capacity(runners.len());
+    for (runner, system_id) in runners.iter().zip(&system_ids) {
+        let (local_fleet, aws_fleet) = match runner.fleet.provider {
+            FleetProvider::Local => (
+                Some(local_fleet(
+                    &config,
+                    runner,
+                    several,
+                    &options,
+                    dial,
+                    &ca_pem_path,
+                )?),
+                None,
+            ),
+            FleetProvider::AwsAsg => {
+                let settings = aws_settings(runner)?;
+                (None, Some(Arc::new(AwsFleet::connect(settings).await?)))
+            }
+        };
+        handles.push(RunnerHandle {
+            name: runner.name.clone(),
+            system_id: system_id.clone(),
+            local_fleet,
+            aws_fleet,
+            fleet_view: Arc::new(FleetView::default()),
+        });
+    }
 
     let stop_polling = shutdown.child_token();
     let admin_socket = config.admin_socket();
     let admin_state = admin::AdminState {
         core: core.clone(),
-        fleet: fleet_view.clone(),
-        system_id: system_id.clone(),
+        runners: runners
+            .iter()
+            .zip(&handles)
+            .map(|(runner, handle)| admin::AdminRunner {
+                name: runner.name.clone(),
+                system_id: handle.system_id.clone(),
+                concurrent: runner.concurrent,
+                fleet: handle.fleet_view.clone(),
+            })
+            .collect(),
         ca_pin: pki.ca_sha256_pin(),
         concurrent: config.concurrent,
         stop_polling: stop_polling.clone(),
@@ -351,78 +434,60 @@ pub async fn start(
         link.clone(),
         agents::Serving {
             lost_grace: config.agents.lost_grace,
-            cache,
+            runners: agent_runners.into(),
         },
         shutdown.clone(),
         tracker.clone(),
     ));
-    let blocks = config
-        .fleet
-        .policy
-        .iter()
-        .map(config::PolicyConfig::to_block)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ConfigError(format!("fleet.policy: {e}")))?;
-    let fleet_settings = fleet::FleetSettings {
-        budget: config
-            .budget
-            .as_ref()
-            .map(|b| fleet::budget::BudgetSettings {
-                monthly_usd: b.monthly_usd,
-                on_demand_hourly_usd: b.on_demand_hourly_usd.clone(),
-            }),
-        policy: fleet::policy::FleetPolicy {
-            capacity_per_instance: config.fleet.capacity_per_instance,
-            max_instances: config.fleet.max_instances,
-            max_use_count: config.fleet.max_use_count,
-            boot_timeout: Some(config.fleet.boot_timeout),
-            lost_grace: config.agents.lost_grace,
-            launch_rate: (config.fleet.max_launches > 0).then_some(fleet::policy::LaunchRate {
-                max: config.fleet.max_launches,
-                per: config.fleet.launch_window,
-            }),
-            idle: fleet::schedule::ActivePolicy {
-                idle_count: config.fleet.idle_count,
-                idle_time: config.fleet.idle_time,
-                scale_factor: config.fleet.scale_factor,
-                scale_factor_limit: config.fleet.scale_factor_limit,
-                block: None,
-            },
-        },
-        blocks,
-    };
-    let reconcile_ctx = ReconcileContext {
-        core: core.clone(),
-        view: fleet_view.clone(),
-        prices: prices.clone(),
-        ledger,
-    };
-    if let Some(fleet) = &local_fleet {
-        tracker.spawn(fleet::reconcile(
-            fleet.clone(),
-            reconcile_ctx,
-            fleet_settings,
-            shutdown.clone(),
-        ));
-    } else if let Some(fleet) = &aws_fleet {
-        tracker.spawn(fleet::reconcile(
-            fleet.clone(),
-            reconcile_ctx,
-            fleet_settings,
-            shutdown.clone(),
-        ));
+    let running_hourly = Arc::default();
+    for (runner, handle) in runners.iter().zip(&handles) {
+        let fleet_settings = fleet_settings(&config, runner)?;
+        let ctx = ReconcileContext {
+            core: core.clone(),
+            runner: runner.name.clone(),
+            view: handle.fleet_view.clone(),
+            prices: prices.clone(),
+            ledger: ledger.clone(),
+            running_hourly: Arc::clone(&running_hourly),
+        };
+        let span = tracing::info_span!("fleet", runner = %runner.name);
+        if let Some(fleet) = &handle.local_fleet {
+            tracker.spawn(
+                fleet::reconcile(fleet.clone(), ctx, fleet_settings, shutdown.clone())
+                    .instrument(span),
+            );
+        } else if let Some(fleet) = &handle.aws_fleet {
+            tracker.spawn(
+                fleet::reconcile(fleet.clone(), ctx, fleet_settings, shutdown.clone())
+                    .instrument(span),
+            );
+        }
     }
-    let jobs_ctx = jobs::JobsContext {
-        core: core.clone(),
-        gitlab,
-        coordinator_name: format!("coordinator {system_id}"),
-        max_attempts: config.max_attempts,
-        store: Some(store.clone()),
-        slots: Arc::new(tokio::sync::Semaphore::new(
-            usize::try_from(config.concurrent).unwrap_or(usize::MAX),
-        )),
-        prices,
-    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        usize::try_from(config.concurrent).unwrap_or(usize::MAX),
+    ));
+    let contexts: Vec<jobs::JobsContext> = runners
+        .iter()
+        .zip(&handles)
+        .zip(clients)
+        .map(|((runner, handle), gitlab)| jobs::JobsContext {
+            core: core.clone(),
+            runner: runner.name.clone(),
+            gitlab,
+            coordinator_name: if several {
+                format!("coordinator {} (runner {})", handle.system_id, runner.name)
+            } else {
+                format!("coordinator {}", handle.system_id)
+            },
+            max_attempts: config.max_attempts,
+            store: Some(store.clone()),
+            slots: slots.clone(),
+            runner_slots: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(runner.concurrent).unwrap_or(usize::MAX),
+            )),
+            prices: prices.clone(),
+        })
+        .collect();
     let resumed = !stored.is_empty();
     for job in stored {
         let payload = match servitor_proto::job::JobPayload::from_json(&job.raw) {
@@ -433,6 +498,7 @@ pub async fn start(
                 continue;
             }
         };
+        let ctx = restored_context(&contexts, job.job_id, job.runner.as_deref());
         let journal = Some(store.journal(job.job_id, job.trace.len() as u64));
         let restored = jobs::Restored {
             result: job.result,
@@ -444,7 +510,7 @@ pub async fn start(
             },
         };
         tracker.spawn(jobs::resume_job(
-            jobs_ctx.clone(),
+            ctx.clone(),
             Arc::new(payload),
             bytes::Bytes::from(job.raw),
             restored,
@@ -466,12 +532,13 @@ pub async fn start(
             }
         });
     }
-    tracker.spawn(jobs::poll_gitlab(
-        jobs_ctx,
-        stop_polling,
-        shutdown.clone(),
-        tracker.clone(),
-    ));
+    for ctx in contexts {
+        let span = tracing::info_span!("runner", runner = %ctx.runner);
+        tracker.spawn(
+            jobs::poll_gitlab(ctx, stop_polling.clone(), shutdown.clone(), tracker.clone())
+                .instrument(span),
+        );
+    }
     {
         let link = link.clone();
         let shutdown = shutdown.clone();
@@ -481,15 +548,17 @@ pub async fn start(
         });
     }
 
+    let first = &handles[0];
     Ok(Coordinator {
         core,
-        local_fleet,
-        aws_fleet,
-        fleet_view,
+        local_fleet: first.local_fleet.clone(),
+        aws_fleet: first.aws_fleet.clone(),
+        fleet_view: first.fleet_view.clone(),
+        system_id: first.system_id.clone(),
+        runners: handles,
         metrics_addr,
         link_addr,
         admin_socket,
-        system_id,
         ca_pem_path,
         shutdown,
         tracker,
@@ -497,15 +566,103 @@ pub async fn start(
     })
 }
 
+/// The runner that resumes a job found in the lease book: the one that took
+/// it, or the first when the book does not say (written before runners had
+/// names) or names a runner no longer configured.
+fn restored_context<'c>(
+    contexts: &'c [jobs::JobsContext],
+    job_id: i64,
+    runner: Option<&str>,
+) -> &'c jobs::JobsContext {
+    let found = runner.and_then(|name| contexts.iter().find(|c| c.runner == name));
+    match (found, runner) {
+        (Some(ctx), _) => ctx,
+        (None, Some(name)) => {
+            tracing::warn!(job_id, runner = %name, instead = %contexts[0].runner, "the runner that took this job is no longer configured; its fleet cannot run it, the first runner's does");
+            &contexts[0]
+        }
+        (None, None) => &contexts[0],
+    }
+}
+
+/// The Auto Scaling group of an `aws-asg` runner.
+fn aws_settings(runner: &config::Runner) -> Result<AwsFleetSettings, ConfigError> {
+    let aws = runner.fleet.aws.as_ref().ok_or_else(|| {
+        ConfigError(format!(
+            "{}.provider is \"aws-asg\" but there is no [{}.aws] table",
+            runner.fleet_key, runner.fleet_key
+        ))
+    })?;
+    Ok(AwsFleetSettings {
+        group: aws.group.clone(),
+        region: aws.region.clone(),
+        endpoint_url: aws.endpoint_url.clone(),
+        lifecycle_hook: aws.lifecycle_hook.clone(),
+        max_instances: runner.fleet.max_instances,
+    })
+}
+
+/// The sizing knobs of a runner's fleet, with the budget they all share.
+fn fleet_settings(
+    config: &Config,
+    runner: &config::Runner,
+) -> Result<fleet::FleetSettings, ConfigError> {
+    let f = &runner.fleet;
+    let blocks = f
+        .policy
+        .iter()
+        .map(config::PolicyConfig::to_block)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConfigError(format!("{}.policy: {e}", runner.fleet_key)))?;
+    Ok(fleet::FleetSettings {
+        budget: config
+            .budget
+            .as_ref()
+            .map(|b| fleet::budget::BudgetSettings {
+                monthly_usd: b.monthly_usd,
+                on_demand_hourly_usd: b.on_demand_hourly_usd.clone(),
+            }),
+        policy: fleet::policy::FleetPolicy {
+            capacity_per_instance: f.capacity_per_instance,
+            max_instances: f.max_instances,
+            max_use_count: f.max_use_count,
+            boot_timeout: Some(f.boot_timeout),
+            lost_grace: config.agents.lost_grace,
+            launch_rate: (f.max_launches > 0).then_some(fleet::policy::LaunchRate {
+                max: f.max_launches,
+                per: f.launch_window,
+            }),
+            idle: fleet::schedule::ActivePolicy {
+                idle_count: f.idle_count,
+                idle_time: f.idle_time,
+                scale_factor: f.scale_factor,
+                scale_factor_limit: f.scale_factor_limit,
+                block: None,
+            },
+        },
+        blocks,
+    })
+}
+
 /// Enrollment by instance identity, when `[agents.aws_iid]` asks for it:
-/// the certificates (built in, or the configured file), the group's
-/// membership, and the record of instances that enrolled.
+/// the certificates (built in, or the configured file), membership of any
+/// of the groups the runners size, and the record of instances that
+/// enrolled.
 async fn aws_iid_enrollment(
     config: &Config,
+    runners: &[config::Runner],
 ) -> Result<Option<link::AwsIidEnrollment>, CoordinatorError> {
-    let (Some(iid), Some(aws)) = (&config.agents.aws_iid, &config.fleet.aws) else {
+    let Some(iid) = &config.agents.aws_iid else {
         return Ok(None);
     };
+    let groups: Vec<AwsFleetSettings> = runners
+        .iter()
+        .filter(|r| r.fleet.provider == FleetProvider::AwsAsg)
+        .map(aws_settings)
+        .collect::<Result<_, _>>()?;
+    if groups.is_empty() {
+        return Ok(None);
+    }
     let verifier = match &iid.certificates_file {
         None => link::iid::IidVerifier::aws(iid.max_document_age),
         Some(path) => {
@@ -523,14 +680,10 @@ async fn aws_iid_enrollment(
             .map_err(ConfigError)?
         }
     };
-    let membership = fleet::aws::AsgMembership::connect(&AwsFleetSettings {
-        group: aws.group.clone(),
-        region: aws.region.clone(),
-        endpoint_url: aws.endpoint_url.clone(),
-        lifecycle_hook: aws.lifecycle_hook.clone(),
-        max_instances: config.fleet.max_instances,
-    })
-    .await;
+    let mut memberships = Vec::with_capacity(groups.len());
+    for group in &groups {
+        memberships.push(fleet::aws::AsgMembership::connect(group).await);
+    }
     let record = config.state_dir.join("enrolled-instances");
     let enrolled = link::EnrolledInstances::open(Some(record.clone())).map_err(|source| {
         CoordinatorError::StateDir {
@@ -540,49 +693,67 @@ async fn aws_iid_enrollment(
     })?;
     tracing::info!(
         regions = verifier.regions().len(),
-        group = %aws.group,
-        "agents of the group may enroll by instance identity"
+        groups = ?groups.iter().map(|g| g.group.as_str()).collect::<Vec<_>>(),
+        "agents of the groups may enroll by instance identity"
     );
     Ok(Some(link::AwsIidEnrollment {
         verifier,
-        membership: Arc::new(membership),
+        membership: Arc::new(fleet::aws::AnyGroup(memberships)),
         enrolled: Arc::new(enrolled),
     }))
 }
 
-/// The local fleet: agent processes of the `servitor-agent` binary installed
-/// beside this one, unless `fleet.local.agent_command` (or the embedder)
-/// names another program.
+/// A runner's local fleet: agent processes of the `servitor-agent` binary
+/// installed beside this one, unless `fleet.local.agent_command` (or the
+/// embedder) names another program. With several runners, each runner's
+/// instances have a name and directory of their own.
 fn local_fleet(
     config: &Config,
+    runner: &config::Runner,
+    several: bool,
     options: &StartOptions,
     dial: SocketAddr,
     ca_pem_path: &std::path::Path,
 ) -> Result<Arc<LocalFleet>, CoordinatorError> {
-    let command = match (
-        &options.agent_command,
-        config.fleet.local.agent_command.is_empty(),
-    ) {
+    let local = &runner.fleet.local;
+    let command = match (&options.agent_command, local.agent_command.is_empty()) {
         (Some(c), _) => c.clone(),
-        (None, false) => config.fleet.local.agent_command.clone(),
+        (None, false) => local.agent_command.clone(),
         (None, true) => vec![agent_beside_this_binary()?.display().to_string()],
+    };
+    let (base_dir, instance_prefix, agent_runner) = if several {
+        (
+            config
+                .state_dir
+                .join(format!("local-fleet-{}", runner.name)),
+            format!("local-{}", runner.name),
+            runner.name.clone(),
+        )
+    } else {
+        (
+            config.state_dir.join("local-fleet"),
+            "local".to_owned(),
+            String::new(),
+        )
     };
     Ok(Arc::new(LocalFleet::new(LocalFleetSettings {
         command,
-        base_dir: config.state_dir.join("local-fleet"),
+        base_dir,
+        instance_prefix,
+        runner: agent_runner,
         coordinator: dial,
         ca_file: ca_pem_path.to_owned(),
         join_token_file: config.agents.join_token_file.clone(),
-        executor: match config.fleet.local.executor {
+        executor: match local.executor {
             ExecutorChoice::Auto => "auto",
             ExecutorChoice::Docker => "docker",
             ExecutorChoice::Shell => "shell",
         }
         .to_owned(),
-        default_image: config.fleet.local.default_image.clone(),
-        privileged: config.fleet.local.privileged,
-        wait_for_services_timeout: config.fleet.local.wait_for_services_timeout,
-        capacity: config.fleet.capacity_per_instance,
+        default_image: local.default_image.clone(),
+        privileged: local.privileged,
+        wait_for_services_timeout: local.wait_for_services_timeout,
+        capacity: runner.fleet.capacity_per_instance,
         imds_endpoints: options.local_imds_endpoints.clone(),
     })))
 }

@@ -8,10 +8,11 @@
 //! decides from these numbers. No metrics crate: a fixed set of families needs
 //! only atomics, one lock and a formatter.
 
+use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
 use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -162,17 +163,25 @@ pub struct Metrics {
     // Under a lock rather than atomics so that a scrape never sees a
     // `_count` that disagrees with the `+Inf` bucket or `_sum`.
     queue_wait: Mutex<Histogram>,
-    instances: [AtomicU32; INSTANCE_STATES.len()],
-    desired_capacity: AtomicU32,
-    actual_capacity: AtomicU32,
+    /// Each runner's fleet and jobs, by runner name.
+    runners: Mutex<BTreeMap<String, RunnerGauges>>,
     scale_ops: [AtomicU64; ScaleOp::ALL.len()],
     spot_interruptions: AtomicU64,
     reruns: AtomicU64,
     // Set together, so a scrape never pairs one month's spend with another
     // month's cap.
     spend: Mutex<Spend>,
-    budget_blocked: AtomicU32,
-    jobs_held: AtomicU32,
+}
+
+/// One runner's gauges.
+#[derive(Debug, Default, Clone, Copy)]
+struct RunnerGauges {
+    /// In the order of [`INSTANCE_STATES`].
+    instances: [u32; INSTANCE_STATES.len()],
+    desired_capacity: u32,
+    actual_capacity: u32,
+    budget_blocked: u32,
+    jobs_held: u32,
 }
 
 // Relaxed everywhere: each metric is independent, and a scrape that sees one
@@ -194,17 +203,34 @@ impl Metrics {
         lock(&self.queue_wait).observe(wait.as_secs_f64());
     }
 
-    /// Sets the number of fleet instances in each state.
-    pub fn set_instances(&self, booting: u32, idle: u32, busy: u32, draining: u32) {
-        for (gauge, value) in self.instances.iter().zip([booting, idle, busy, draining]) {
-            gauge.store(value, Ordering::Relaxed);
+    /// Starts `runner`'s series at zero, so a dashboard's `rate()` has a
+    /// zero to start from rather than a gap.
+    pub fn add_runner(&self, runner: &str) {
+        self.runner(runner, |_| {});
+    }
+
+    fn runner(&self, runner: &str, set: impl FnOnce(&mut RunnerGauges)) {
+        let mut runners = lock(&self.runners);
+        if let Some(gauges) = runners.get_mut(runner) {
+            set(gauges);
+        } else {
+            set(runners.entry(runner.to_owned()).or_default());
         }
     }
 
-    /// Sets the fleet size the coordinator wants and the size it has.
-    pub fn set_capacity(&self, desired: u32, actual: u32) {
-        self.desired_capacity.store(desired, Ordering::Relaxed);
-        self.actual_capacity.store(actual, Ordering::Relaxed);
+    /// Sets the number of `runner`'s fleet instances in each state: booting,
+    /// idle, busy, draining.
+    pub fn set_instances(&self, runner: &str, counts: [u32; 4]) {
+        self.runner(runner, |g| g.instances = counts);
+    }
+
+    /// Sets the size the coordinator wants `runner`'s fleet to have and the
+    /// size it has.
+    pub fn set_capacity(&self, runner: &str, desired: u32, actual: u32) {
+        self.runner(runner, |g| {
+            g.desired_capacity = desired;
+            g.actual_capacity = actual;
+        });
     }
 
     /// Counts `n` fleet operations of one kind.
@@ -229,14 +255,14 @@ impl Metrics {
         *lock(&self.spend) = Spend { spent_usd, cap_usd };
     }
 
-    /// Sets how many launches the budget holds back right now.
-    pub fn set_budget_blocked(&self, n: u32) {
-        self.budget_blocked.store(n, Ordering::Relaxed);
+    /// Sets how many of `runner`'s launches the budget holds back right now.
+    pub fn set_budget_blocked(&self, runner: &str, n: u32) {
+        self.runner(runner, |g| g.budget_blocked = n);
     }
 
-    /// Sets how many jobs the coordinator holds (queued or running).
-    pub fn set_jobs_held(&self, n: u32) {
-        self.jobs_held.store(n, Ordering::Relaxed);
+    /// Sets how many jobs `runner` holds (queued or running).
+    pub fn set_jobs_held(&self, runner: &str, n: u32) {
+        self.runner(runner, |g| g.jobs_held = n);
     }
 
     /// The metrics in the Prometheus text exposition format 0.0.4.
@@ -290,23 +316,33 @@ impl Metrics {
             );
         }
 
+        let runners: Vec<(String, RunnerGauges)> = lock(&self.runners)
+            .iter()
+            .map(|(name, gauges)| (name.clone(), *gauges))
+            .collect();
         let name = "servitor_fleet_instances";
-        out.family(name, "gauge", "Fleet instances by state.");
-        for (state, gauge) in INSTANCE_STATES.iter().zip(&self.instances) {
-            out.sample(name, &[("state", state)], gauge.load(Ordering::Relaxed));
+        out.family(name, "gauge", "Each runner's fleet instances by state.");
+        for (runner, gauges) in &runners {
+            for (state, n) in INSTANCE_STATES.iter().zip(gauges.instances) {
+                out.sample(name, &[("runner", runner), ("state", state)], n);
+            }
         }
 
         let name = "servitor_fleet_desired_capacity";
         out.family(
             name,
             "gauge",
-            "Instances the coordinator wants in the fleet.",
+            "Instances the coordinator wants in each runner's fleet.",
         );
-        out.sample(name, &[], self.desired_capacity.load(Ordering::Relaxed));
+        for (runner, gauges) in &runners {
+            out.sample(name, &[("runner", runner)], gauges.desired_capacity);
+        }
 
         let name = "servitor_fleet_actual_capacity";
-        out.family(name, "gauge", "Instances the fleet has.");
-        out.sample(name, &[], self.actual_capacity.load(Ordering::Relaxed));
+        out.family(name, "gauge", "Instances each runner's fleet has.");
+        for (runner, gauges) in &runners {
+            out.sample(name, &[("runner", runner)], gauges.actual_capacity);
+        }
 
         let name = "servitor_fleet_scale_operations_total";
         out.family(name, "counter", "Fleet operations, by kind.");
@@ -349,16 +385,20 @@ impl Metrics {
         }
 
         let name = "servitor_budget_blocked_launches";
-        out.family(name, "gauge", "Launches the budget holds back right now.");
-        out.sample(name, &[], self.budget_blocked.load(Ordering::Relaxed));
-
-        let name = "servitor_jobs_held";
         out.family(
             name,
             "gauge",
-            "Jobs the coordinator holds, queued or running.",
+            "Launches the budget holds back right now, by runner.",
         );
-        out.sample(name, &[], self.jobs_held.load(Ordering::Relaxed));
+        for (runner, gauges) in &runners {
+            out.sample(name, &[("runner", runner)], gauges.budget_blocked);
+        }
+
+        let name = "servitor_jobs_held";
+        out.family(name, "gauge", "Jobs each runner holds, queued or running.");
+        for (runner, gauges) in &runners {
+            out.sample(name, &[("runner", runner)], gauges.jobs_held);
+        }
 
         out.0
     }
@@ -741,7 +781,10 @@ mod tests {
 
     #[test]
     fn every_family_has_help_and_type_and_no_other() {
-        let text = Metrics::new().render();
+        let m = Metrics::new();
+        m.add_runner("lint");
+        m.add_runner("build");
+        let text = m.render();
         let (types, samples) = parse(&text);
         let expected: BTreeMap<String, String> = FAMILIES
             .iter()
@@ -769,9 +812,20 @@ mod tests {
             let name = "servitor_fleet_scale_operations_total";
             assert_eq!(value(&samples, name, &labels), 0.0);
         }
-        for state in INSTANCE_STATES {
-            let labels = [("state", state)];
-            assert_eq!(value(&samples, "servitor_fleet_instances", &labels), 0.0);
+        for runner in ["lint", "build"] {
+            for state in INSTANCE_STATES {
+                let labels = [("runner", runner), ("state", state)];
+                assert_eq!(value(&samples, "servitor_fleet_instances", &labels), 0.0);
+            }
+            let labels = [("runner", runner)];
+            for name in [
+                "servitor_fleet_desired_capacity",
+                "servitor_fleet_actual_capacity",
+                "servitor_budget_blocked_launches",
+                "servitor_jobs_held",
+            ] {
+                assert_eq!(value(&samples, name, &labels), 0.0);
+            }
         }
         // No budget set: the family is declared, with no sample.
         assert!(!samples
@@ -822,29 +876,47 @@ mod tests {
     #[test]
     fn gauges_show_the_latest_value() {
         let m = Metrics::new();
-        m.set_instances(9, 9, 9, 9);
-        m.set_instances(1, 2, 3, 4);
-        m.set_capacity(10, 7);
+        m.set_instances("lint", [9, 9, 9, 9]);
+        m.set_instances("lint", [1, 2, 3, 4]);
+        m.set_instances("build", [0, 0, 5, 0]);
+        m.set_capacity("lint", 10, 7);
+        m.set_capacity("build", 5, 5);
         m.set_spend(12.5, Some(1000.0));
-        m.set_budget_blocked(2);
-        m.set_jobs_held(6);
+        m.set_budget_blocked("build", 2);
+        m.set_jobs_held("lint", 6);
+        m.set_jobs_held("build", 5);
         let (_, samples) = parse(&m.render());
         for (state, n) in INSTANCE_STATES.iter().zip([1.0, 2.0, 3.0, 4.0]) {
-            let labels = [("state", *state)];
+            let labels = [("runner", "lint"), ("state", *state)];
             assert_eq!(value(&samples, "servitor_fleet_instances", &labels), n);
         }
+        let build_busy = [("runner", "build"), ("state", "busy")];
         assert_eq!(
-            value(&samples, "servitor_fleet_desired_capacity", &[]),
+            value(&samples, "servitor_fleet_instances", &build_busy),
+            5.0
+        );
+        let lint = [("runner", "lint")];
+        let build = [("runner", "build")];
+        assert_eq!(
+            value(&samples, "servitor_fleet_desired_capacity", &lint),
             10.0
         );
-        assert_eq!(value(&samples, "servitor_fleet_actual_capacity", &[]), 7.0);
+        assert_eq!(
+            value(&samples, "servitor_fleet_actual_capacity", &lint),
+            7.0
+        );
         assert_eq!(value(&samples, "servitor_estimated_spend_usd", &[]), 12.5);
         assert_eq!(value(&samples, "servitor_budget_monthly_usd", &[]), 1000.0);
         assert_eq!(
-            value(&samples, "servitor_budget_blocked_launches", &[]),
+            value(&samples, "servitor_budget_blocked_launches", &build),
             2.0
         );
-        assert_eq!(value(&samples, "servitor_jobs_held", &[]), 6.0);
+        assert_eq!(
+            value(&samples, "servitor_budget_blocked_launches", &lint),
+            0.0
+        );
+        assert_eq!(value(&samples, "servitor_jobs_held", &lint), 6.0);
+        assert_eq!(value(&samples, "servitor_jobs_held", &build), 5.0);
 
         m.set_spend(13.0, None);
         let (_, samples) = parse(&m.render());

@@ -71,6 +71,9 @@ const PRIVATE_FILE: u32 = 0o600;
 const JOBS: TableDefinition<'_, i64, &[u8]> = TableDefinition::new("jobs");
 const LEASES: TableDefinition<'_, i64, &[u8]> = TableDefinition::new("leases");
 const RESULTS: TableDefinition<'_, i64, &[u8]> = TableDefinition::new("results");
+/// The runner (`[[runners]]` name) that took each job; books written before
+/// runners had names have no entry, and their jobs go to the first runner.
+const RUNNERS: TableDefinition<'_, i64, &str> = TableDefinition::new("runners");
 const JOURNAL: TableDefinition<'_, (i64, u64), &[u8]> = TableDefinition::new("trace");
 /// The journal as earlier versions wrote it: records keyed 0, 1, 2… per job.
 /// Re-keyed by log offset into [`JOURNAL`] on open.
@@ -136,6 +139,9 @@ impl LeaseRecord {
 pub struct StoredJob {
     pub job_id: i64,
     pub raw: Vec<u8>,
+    /// The runner that took it; `None` in books written before runners
+    /// had names.
+    pub runner: Option<String>,
     pub lease: LeaseRecord,
     /// The masked log written so far.
     pub trace: Vec<u8>,
@@ -148,8 +154,13 @@ pub struct StoredJob {
 /// One change to the lease book.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
-    /// A newly taken job: its payload, on its first attempt, unassigned.
-    Hold { job_id: i64, raw: Bytes },
+    /// A newly taken job: its payload and the runner that took it, on its
+    /// first attempt, unassigned.
+    Hold {
+        job_id: i64,
+        raw: Bytes,
+        runner: String,
+    },
     /// A job's lease moved. Dropped if the job is no longer held.
     Lease { job_id: i64, lease: LeaseRecord },
     /// The result of a job's current attempt. Dropped if the job is no
@@ -325,6 +336,7 @@ impl Store {
             txn.open_table(JOBS).map_err(book(&path))?;
             txn.open_table(LEASES).map_err(book(&path))?;
             txn.open_table(RESULTS).map_err(book(&path))?;
+            txn.open_table(RUNNERS).map_err(book(&path))?;
             txn.open_table(JOURNAL).map_err(book(&path))?;
             txn.commit().map_err(book(&path))?;
         }
@@ -424,6 +436,7 @@ impl Store {
         let jobs = txn.open_table(JOBS).map_err(book(path))?;
         let leases = txn.open_table(LEASES).map_err(book(path))?;
         let results = txn.open_table(RESULTS).map_err(book(path))?;
+        let runners = txn.open_table(RUNNERS).map_err(book(path))?;
         let journal = txn.open_table(JOURNAL).map_err(book(path))?;
         let mut out = Vec::new();
         for entry in jobs.iter().map_err(book(path))? {
@@ -441,9 +454,14 @@ impl Store {
                 .map_err(book(path))?
                 .and_then(|v| Finished::decode(v.value()).ok());
             let JournaledLog { trace, output } = read_journal(&journal, job_id, path)?;
+            let runner = runners
+                .get(job_id)
+                .map_err(book(path))?
+                .map(|v| v.value().to_owned());
             out.push(StoredJob {
                 job_id,
                 raw: raw.value().to_vec(),
+                runner,
                 lease,
                 trace,
                 output,
@@ -712,11 +730,19 @@ impl Writer {
             let mut jobs = txn.open_table(JOBS).map_err(book(path))?;
             let mut leases = txn.open_table(LEASES).map_err(book(path))?;
             let mut results = txn.open_table(RESULTS).map_err(book(path))?;
+            let mut runners = txn.open_table(RUNNERS).map_err(book(path))?;
             let mut journal = txn.open_table(JOURNAL).map_err(book(path))?;
             for change in changes {
                 match change {
-                    Change::Hold { job_id, raw } => {
+                    Change::Hold {
+                        job_id,
+                        raw,
+                        runner,
+                    } => {
                         jobs.insert(*job_id, raw.as_ref()).map_err(book(path))?;
+                        runners
+                            .insert(*job_id, runner.as_str())
+                            .map_err(book(path))?;
                         leases
                             .insert(*job_id, encode_lease(&LeaseRecord::first()).as_slice())
                             .map_err(book(path))?;
@@ -739,6 +765,7 @@ impl Writer {
                         jobs.remove(*job_id).map_err(book(path))?;
                         leases.remove(*job_id).map_err(book(path))?;
                         results.remove(*job_id).map_err(book(path))?;
+                        runners.remove(*job_id).map_err(book(path))?;
                         journal
                             .retain_in((*job_id, 0)..=(*job_id, u64::MAX), |_, _| false)
                             .map_err(book(path))?;
@@ -878,6 +905,7 @@ fn load_legacy(dir: &Path) -> Result<Vec<StoredJob>, StoreError> {
             StoredJob {
                 job_id,
                 raw,
+                runner: None,
                 lease,
                 trace,
                 output,

@@ -69,6 +69,9 @@ pub mod close_code {
     pub const REVOKED: u32 = 5;
     /// The agent's certificate ran out without being renewed.
     pub const CERTIFICATE_EXPIRED: u32 = 6;
+    /// The agent named a runner the coordinator does not serve, or none
+    /// where it serves several (the reason names the ones it serves).
+    pub const UNKNOWN_RUNNER: u32 = 7;
 }
 
 /// Agent certificates start this far before they are issued, so a peer

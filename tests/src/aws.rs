@@ -668,14 +668,14 @@ impl AwsHarness {
         );
         config.concurrent = options.concurrent;
         config.metrics.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], metrics_port)));
-        config.fleet.provider = FleetProvider::AwsAsg;
-        config.fleet.capacity_per_instance = options.capacity_per_instance;
-        config.fleet.max_instances = options.max_instances;
-        config.fleet.idle_count = options.idle_count;
-        config.fleet.idle_time = options.idle_time;
-        config.fleet.boot_timeout = options.boot_timeout;
+        config.fleet_mut().provider = FleetProvider::AwsAsg;
+        config.fleet_mut().capacity_per_instance = options.capacity_per_instance;
+        config.fleet_mut().max_instances = options.max_instances;
+        config.fleet_mut().idle_count = options.idle_count;
+        config.fleet_mut().idle_time = options.idle_time;
+        config.fleet_mut().boot_timeout = options.boot_timeout;
         config.agents.lost_grace = options.lost_grace;
-        config.fleet.aws = Some(AwsFleetConfig {
+        config.fleet_mut().aws = Some(AwsFleetConfig {
             group: group.name.clone(),
             region: Some(REGION.to_owned()),
             endpoint_url: Some(moto.url().to_owned()),

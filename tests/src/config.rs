@@ -55,7 +55,7 @@ pub fn local(dir: &Path, gitlab_url: &str, listen: SocketAddr) -> Config {
         dir.join("state"),
         GitLabConfig {
             url: gitlab_url.to_owned(),
-            token_file: dir.join(RUNNER_TOKEN_FILE),
+            token_file: Some(dir.join(RUNNER_TOKEN_FILE)),
         },
         AgentsConfig::new(listen, dir.join(JOIN_TOKEN_FILE)),
         FleetConfig::new(FleetProvider::Local, 1),
@@ -91,17 +91,26 @@ mod tests {
             "http://127.0.0.1:1",
             "127.0.0.1:0".parse().unwrap(),
         );
-        config.fleet.idle_time = Duration::from_secs(90);
-        config.fleet.policy.push(PolicyConfig {
+        config.fleet_mut().idle_time = Duration::from_secs(90);
+        config.fleet_mut().policy.push(PolicyConfig {
             periods: vec!["* 9-17 * * mon-fri".to_owned()],
             idle_count: 2,
             ..PolicyConfig::default()
         });
         let read = write(&dir.path().join("c.toml"), &config).unwrap();
-        assert_eq!(read.fleet.idle_time, Duration::from_secs(90));
-        assert_eq!(read.fleet.policy[0].idle_count, 2);
-        assert_eq!(read.fleet.policy[0].periods, config.fleet.policy[0].periods);
-        assert_eq!(read.gitlab.token_file, dir.path().join(RUNNER_TOKEN_FILE));
+        assert_eq!(
+            read.fleet.as_ref().unwrap().idle_time,
+            Duration::from_secs(90)
+        );
+        assert_eq!(read.fleet.as_ref().unwrap().policy[0].idle_count, 2);
+        assert_eq!(
+            read.fleet.as_ref().unwrap().policy[0].periods,
+            config.fleet_mut().policy[0].periods
+        );
+        assert_eq!(
+            read.gitlab.token_file,
+            Some(dir.path().join(RUNNER_TOKEN_FILE))
+        );
         assert_eq!(read.to_toml().unwrap(), config.to_toml().unwrap());
     }
 }

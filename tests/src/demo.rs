@@ -73,11 +73,11 @@ async fn choose_executor() -> (ExecutorChoice, String) {
 
 fn demo_config(dir: &Path, gitlab_url: &str, executor: ExecutorChoice) -> Config {
     let mut config = crate::config::local(dir, gitlab_url, SocketAddr::from(([127, 0, 0, 1], 0)));
-    config.fleet.capacity_per_instance = 2;
-    config.fleet.max_instances = DEMO_INSTANCES;
-    config.fleet.idle_time = DEMO_IDLE_TIME;
-    config.fleet.local.executor = executor;
-    config.fleet.local.default_image = Some(DEMO_IMAGE.to_owned());
+    config.fleet_mut().capacity_per_instance = 2;
+    config.fleet_mut().max_instances = DEMO_INSTANCES;
+    config.fleet_mut().idle_time = DEMO_IDLE_TIME;
+    config.fleet_mut().local.executor = executor;
+    config.fleet_mut().local.default_image = Some(DEMO_IMAGE.to_owned());
     config
 }
 

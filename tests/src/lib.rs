@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use servitor_coordinator::config::ExecutorChoice;
+use servitor_coordinator::config::{ExecutorChoice, RunnerConfig};
 use servitor_coordinator::{Coordinator, StartOptions};
 use servitor_testkit::gitlab::{JobRecord, StandIn, StandInConfig};
 use servitor_testkit::imds::{ImdsStandIn, InstanceSpec};
@@ -202,6 +202,19 @@ pub struct HarnessOptions {
     /// Changes to the configuration beyond these knobs (`max_use_count`,
     /// `[[fleet.policy]]` blocks…), made on the typed configuration.
     pub configure: config::Tweak,
+    /// Several runners instead of one: each a `[[runners]]` block with the
+    /// token given (which the stand-in must accept) and a local fleet made
+    /// from the knobs above, applied before `configure`.
+    pub runners: Vec<TestRunner>,
+}
+
+/// A runner of a harness with several.
+#[derive(Clone, Debug)]
+pub struct TestRunner {
+    pub name: String,
+    pub token: String,
+    /// Its fleet's most instances.
+    pub max_instances: u32,
 }
 
 impl Default for HarnessOptions {
@@ -219,6 +232,7 @@ impl Default for HarnessOptions {
             imds_instances: 0,
             relay: false,
             configure: config::Tweak::default(),
+            runners: Vec::new(),
         }
     }
 }
@@ -266,15 +280,32 @@ impl Harness {
         config.concurrent = options.concurrent;
         config.max_attempts = options.max_attempts;
         config.agents.lost_grace = options.lost_grace;
-        config.fleet.capacity_per_instance = options.capacity_per_instance;
-        config.fleet.max_instances = options.max_instances;
-        config.fleet.idle_count = options.idle_count;
-        config.fleet.idle_time = options.idle_time;
-        config.fleet.local.executor = match options.executor {
+        config.fleet_mut().capacity_per_instance = options.capacity_per_instance;
+        config.fleet_mut().max_instances = options.max_instances;
+        config.fleet_mut().idle_count = options.idle_count;
+        config.fleet_mut().idle_time = options.idle_time;
+        config.fleet_mut().local.executor = match options.executor {
             "shell" => ExecutorChoice::Shell,
             _ => ExecutorChoice::Docker,
         };
-        config.fleet.local.default_image = Some(TEST_IMAGE.to_owned());
+        config.fleet_mut().local.default_image = Some(TEST_IMAGE.to_owned());
+        if !options.runners.is_empty() {
+            config.gitlab.token_file = None;
+            let fleet = config.fleet.take().context("a one-runner configuration")?;
+            for runner in &options.runners {
+                let token_file = dir.path().join(format!("runner-token-{}", runner.name));
+                std::fs::write(&token_file, &runner.token)?;
+                let mut fleet = fleet.clone();
+                fleet.max_instances = runner.max_instances;
+                config.runners.push(RunnerConfig {
+                    name: runner.name.clone(),
+                    token_file,
+                    url: None,
+                    concurrent: None,
+                    fleet,
+                });
+            }
+        }
         options.configure.apply(&mut config);
         let config_path = dir.path().join("coordinator.toml");
         let config = config::write(&config_path, &config)?;
@@ -682,7 +713,7 @@ pub fn process_config_with(
     let mut config = config::local(dir, gitlab_url, SocketAddr::from(([127, 0, 0, 1], port)));
     config.concurrent = 2;
     config.agents.lost_grace = options.lost_grace;
-    config.fleet.local.executor = ExecutorChoice::Shell;
+    config.fleet_mut().local.executor = ExecutorChoice::Shell;
     // No agent_command: the coordinator finds servitor-agent beside itself.
     agent_binary()?;
     let path = dir.join("coordinator.toml");

@@ -109,7 +109,7 @@ async fn queued_jobs_scale_the_group_out_capped_then_idle_instances_are_terminat
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let m = h.metrics().await.unwrap();
-        if metric(&m, "servitor_fleet_desired_capacity") == Some(0.0) {
+        if metric(&m, "servitor_fleet_desired_capacity{runner=\"default\"}") == Some(0.0) {
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "{m}");
@@ -346,10 +346,10 @@ async fn the_budget_caps_scale_out_and_waiting_jobs_say_so() {
 async fn a_period_keeps_warm_capacity_and_prices_and_hooks_go_through_the_sdk() {
     let h = AwsHarness::start(AwsOptions {
         configure: Tweak::new(|c| {
-            if let Some(aws) = &mut c.fleet.aws {
+            if let Some(aws) = &mut c.fleet_mut().aws {
                 aws.lifecycle_hook = Some("servitor-drain".to_owned());
             }
-            c.fleet.policy.push(PolicyConfig {
+            c.fleet_mut().policy.push(PolicyConfig {
                 periods: vec!["* * * * *".to_owned()],
                 idle_count: 1,
                 idle_time: Duration::from_secs(600),
@@ -395,7 +395,7 @@ async fn a_used_up_instance_finishes_its_job_before_it_is_replaced() {
     let h = AwsHarness::start(AwsOptions {
         max_instances: 1,
         idle_time: Duration::from_secs(30),
-        configure: Tweak::new(|c| c.fleet.max_use_count = 1),
+        configure: Tweak::new(|c| c.fleet_mut().max_use_count = 1),
         ..AwsOptions::default()
     })
     .await
@@ -492,9 +492,9 @@ async fn a_missing_group_is_named_with_the_fix() {
     .unwrap();
     let mut config =
         servitor_tests::config::local(dir.path(), &standin.url(), "127.0.0.1:0".parse().unwrap());
-    config.fleet.provider = FleetProvider::AwsAsg;
-    config.fleet.max_instances = 2;
-    config.fleet.aws = Some(AwsFleetConfig {
+    config.fleet_mut().provider = FleetProvider::AwsAsg;
+    config.fleet_mut().max_instances = 2;
+    config.fleet_mut().aws = Some(AwsFleetConfig {
         group: "no-such-group".to_owned(),
         region: None,
         endpoint_url: Some(moto.url().to_owned()),
@@ -539,7 +539,7 @@ async fn a_period_switching_off_lets_its_warm_instance_go() {
     let h = AwsHarness::start(AwsOptions {
         idle_time: Duration::from_secs(1),
         configure: Tweak::new(move |c| {
-            c.fleet.policy.push(PolicyConfig {
+            c.fleet_mut().policy.push(PolicyConfig {
                 periods: vec![format!("{minute} {hour} * * *")],
                 timezone: "UTC".to_owned(),
                 idle_count: 1,

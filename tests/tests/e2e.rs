@@ -498,7 +498,7 @@ async fn a_policy_period_in_force_keeps_an_idle_instance_warm() {
         executor: "shell",
         capacity_per_instance: 1,
         configure: Tweak::new(|c| {
-            c.fleet.policy.push(PolicyConfig {
+            c.fleet_mut().policy.push(PolicyConfig {
                 periods: vec!["* * * * *".to_owned()],
                 idle_count: 1,
                 idle_time: Duration::from_secs(600),
@@ -535,7 +535,7 @@ async fn an_instance_that_reached_max_use_count_is_replaced() {
         executor: "shell",
         capacity_per_instance: 1,
         max_instances: 2,
-        configure: Tweak::new(|c| c.fleet.max_use_count = 1),
+        configure: Tweak::new(|c| c.fleet_mut().max_use_count = 1),
         ..HarnessOptions::default()
     })
     .await

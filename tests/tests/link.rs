@@ -498,6 +498,7 @@ impl Agent {
         let work = tempfile::tempdir().unwrap();
         let settings = AgentSettings {
             link: coordinator.settings("session-test", None),
+            runner: String::new(),
             capacity: 1,
             executor: AnyExecutor::from(ShellExecutor::new()),
             work_dir: work.path().to_path_buf(),

@@ -171,7 +171,7 @@ const MOUNT: &str =
 async fn a_service_that_never_answers_is_a_warning_with_its_logs_not_a_failure() {
     ensure_service_image().await.unwrap();
     let h = Harness::start(HarnessOptions {
-        configure: Tweak::new(|config| config.fleet.local.wait_for_services_timeout = 2),
+        configure: Tweak::new(|config| config.fleet_mut().local.wait_for_services_timeout = 2),
         ..HarnessOptions::default()
     })
     .await
@@ -214,7 +214,7 @@ async fn a_service_that_never_answers_is_a_warning_with_its_logs_not_a_failure()
 async fn privileged_is_asked_of_the_engine() {
     ensure_service_image().await.unwrap();
     let h = Harness::start(HarnessOptions {
-        configure: Tweak::new(|config| config.fleet.local.privileged = true),
+        configure: Tweak::new(|config| config.fleet_mut().local.privileged = true),
         ..HarnessOptions::default()
     })
     .await

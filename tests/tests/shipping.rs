@@ -265,7 +265,14 @@ fn coordinator_unit_provides_what_the_aws_example_names() {
         .map(|v| v.split_once(':').expect("LoadCredential=NAME:PATH"))
         .collect();
     for (setting, file) in [
-        ("gitlab.token_file", &config.gitlab.token_file),
+        (
+            "gitlab.token_file",
+            config
+                .gitlab
+                .token_file
+                .as_ref()
+                .expect("the example names the runner token file"),
+        ),
         ("agents.join_token_file", &config.agents.join_token_file),
     ] {
         let name = file

@@ -382,6 +382,16 @@ pub fn certificate_close(error: &quinn::ConnectionError) -> Option<CertificateCl
     }
 }
 
+/// The coordinator's words when it ended a link because the agent names a
+/// runner it does not serve: the agent's configuration must change.
+pub fn runner_refusal(error: &quinn::ConnectionError) -> Option<String> {
+    let quinn::ConnectionError::ApplicationClosed(close) = error else {
+        return None;
+    };
+    (u64::from(close.error_code) == u64::from(close_code::UNKNOWN_RUNNER))
+        .then(|| String::from_utf8_lossy(&close.reason).into_owned())
+}
+
 /// Why the coordinator ended a link because of the agent's certificate.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CertificateClose {

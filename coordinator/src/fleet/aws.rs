@@ -193,6 +193,33 @@ impl crate::link::GroupMembership for AsgMembership {
     }
 }
 
+/// Membership of any of several groups (one per runner with an Auto
+/// Scaling group): an instance of any of them may enroll.
+#[derive(Debug, Clone)]
+pub struct AnyGroup(pub Vec<AsgMembership>);
+
+impl crate::link::GroupMembership for AnyGroup {
+    fn is_member<'a>(
+        &'a self,
+        instance_id: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            // One group's failure does not hide a membership another group
+            // confirms; it is reported only when no group says yes.
+            let mut failure = None;
+            for group in &self.0 {
+                match crate::link::GroupMembership::is_member(group, instance_id).await {
+                    Ok(true) => return Ok(true),
+                    Ok(false) => {}
+                    Err(e) => failure = Some(e),
+                }
+            }
+            failure.map_or(Ok(false), Err)
+        })
+    }
+}
+
 /// The SDK configuration for `settings`: region, endpoint, timeouts.
 async fn sdk_config(settings: &AwsFleetSettings) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(

@@ -25,6 +25,12 @@ pub struct LocalFleetSettings {
     pub command: Vec<String>,
     /// Each instance gets a directory below this one.
     pub base_dir: PathBuf,
+    /// Instances are named `<prefix>-1`, `<prefix>-2`…; `local` for the
+    /// only runner, `local-<runner>` for each of several, so no two
+    /// runners' instances share a name.
+    pub instance_prefix: String,
+    /// The runner its agents take jobs for; empty for the only one.
+    pub runner: String,
     pub coordinator: SocketAddr,
     pub ca_file: PathBuf,
     pub join_token_file: PathBuf,
@@ -141,7 +147,8 @@ impl LocalFleet {
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let Some(n) = name
-                    .strip_prefix("local-")
+                    .strip_prefix(settings.instance_prefix.as_str())
+                    .and_then(|n| n.strip_prefix('-'))
                     .and_then(|n| n.parse::<u32>().ok())
                 else {
                     continue;
@@ -186,6 +193,10 @@ impl LocalFleet {
             kind = s.executor,
             work = dir.join("builds").display().to_string(),
         );
+        if !s.runner.is_empty() {
+            // Top-level key: it goes before the first table.
+            text = format!("runner = {:?}\n{text}", s.runner);
+        }
         if let Some(image) = &s.default_image {
             text.push_str(&format!("default_image = {image:?}\n"));
         }
@@ -252,7 +263,7 @@ impl LocalFleet {
 
     fn spawn_one(&self) -> Result<String, FleetError> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let id = format!("local-{n}");
+        let id = format!("{}-{n}", self.settings.instance_prefix);
         let dir = self.settings.base_dir.join(&id);
         let files = |source| FleetError::Files {
             path: dir.display().to_string(),

@@ -236,10 +236,30 @@ pub struct FleetSettings {
 #[derive(Clone, Debug)]
 pub struct ReconcileContext {
     pub core: Arc<Core>,
+    /// The runner whose jobs and agents this fleet serves.
+    pub runner: String,
     pub view: Arc<FleetView>,
     pub prices: Arc<PriceBook>,
-    /// Month-to-date spend, persisted; `None` without a budget.
+    /// Month-to-date spend, persisted; `None` without a budget. One for
+    /// every runner's fleet: the budget is one cap over all.
     pub ledger: Option<Arc<Mutex<budget::SpendLedger>>>,
+    /// What each runner's fleet costs an hour right now, so each fleet's
+    /// budget decision sees the others' running costs.
+    pub running_hourly: Arc<Mutex<HashMap<String, f64>>>,
+}
+
+impl ReconcileContext {
+    /// The context of `runner`'s fleet, alone under a budget of its own.
+    pub fn new(core: Arc<Core>, runner: impl Into<String>, prices: Arc<PriceBook>) -> Self {
+        Self {
+            core,
+            runner: runner.into(),
+            view: Arc::new(FleetView::default()),
+            prices,
+            ledger: None,
+            running_hourly: Arc::default(),
+        }
+    }
 }
 
 /// How an instance looks to the reconcile loop, for status and metrics.
@@ -274,6 +294,7 @@ pub async fn reconcile<F: Fleet>(
         .unwrap_or_else(SystemTime::now);
     let mut memory = Memory::new(last_accrual);
     let mut failures: u32 = 0;
+    let mut changes = core.changes();
     loop {
         let pass_started = Instant::now();
         let observed = match fleet.observe().await {
@@ -310,7 +331,7 @@ pub async fn reconcile<F: Fleet>(
         tokio::select! {
             biased;
             () = stop.cancelled() => return,
-            () = core.changed.notified() => {
+            Ok(()) = changes.changed() => {
                 // Let a burst of changes settle into one decision, and keep
                 // a busy coordinator's API calls to the fleet's pace.
                 let settle = Instant::now() + SETTLE;
@@ -427,10 +448,23 @@ async fn reconcile_once<F: Fleet>(
     if observed.drift_corrected {
         core.metrics().scale_op(ScaleOp::DriftCorrection, 1);
     }
-    let agents = core.agents();
+    let agents: Vec<AgentSnapshot> = core
+        .agents()
+        .into_iter()
+        .filter(|a| a.runner == ctx.runner)
+        .collect();
     let doomed = core.doomed_instances();
-    let demand = core.demand();
-    core.metrics().set_jobs_held(count(&core.jobs()));
+    let demand = core.demand(&ctx.runner);
+    core.metrics().set_jobs_held(
+        &ctx.runner,
+        count(
+            &core
+                .jobs()
+                .into_iter()
+                .filter(|j| j.runner == ctx.runner)
+                .collect::<Vec<_>>(),
+        ),
+    );
     let now = Instant::now();
     let wall = SystemTime::now();
     let instances = memory.instances(&observed, &agents, &doomed, now);
@@ -461,7 +495,7 @@ async fn reconcile_once<F: Fleet>(
     });
     memory.wake_at = plan.wake_at;
 
-    report_budget(core, settings, budget, &plan, memory);
+    report_budget(ctx, settings, budget, &plan, memory);
     show(
         fleet,
         ctx,
@@ -508,10 +542,19 @@ fn observe_budget(
         ledger.spent(wall)
     };
     memory.last_accrual = wall;
+    // Every runner's fleet counts against the one cap.
+    let all_running_hourly: f64 = {
+        let mut running = ctx
+            .running_hourly
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        running.insert(ctx.runner.clone(), running_hourly);
+        running.values().sum()
+    };
     Some(budget::BudgetInput {
         monthly_usd: budget.monthly_usd,
         spent_usd: spent,
-        running_hourly_usd: running_hourly,
+        running_hourly_usd: all_running_hourly,
         launch_hourly_usd: observed
             .launch_profile
             .as_ref()
@@ -521,14 +564,15 @@ fn observe_budget(
 }
 /// Tells waiting jobs and the log when the budget holds launches back.
 fn report_budget(
-    core: &Core,
+    ctx: &ReconcileContext,
     settings: &FleetSettings,
     budget: Option<budget::BudgetInput>,
     plan: &policy::Plan,
     memory: &mut Memory,
 ) {
+    let core = &ctx.core;
     let held = plan.held_back.budget;
-    core.metrics().set_budget_blocked(held);
+    core.metrics().set_budget_blocked(&ctx.runner, held);
     let (Some(settings), Some(budget)) = (&settings.budget, budget) else {
         return;
     };
@@ -539,7 +583,7 @@ fn report_budget(
             "Waiting for budget: the fleet would break the monthly cap of ${:.2} (${:.2} spent this month); the job runs when an instance frees up or the cap is raised.",
             settings.monthly_usd, budget.spent_usd
         );
-        core.notify_waiting(&text);
+        core.notify_waiting(&ctx.runner, &text);
         if !memory.budget_said {
             tracing::warn!(
                 held_back = held,
@@ -590,9 +634,10 @@ fn show<F: Fleet>(fleet: &F, ctx: &ReconcileContext, pass: &Pass<'_>) {
         };
         counts[slot] += 1;
     }
-    metrics.set_instances(counts[0], counts[1], counts[2], counts[3]);
+    metrics.set_instances(&ctx.runner, counts);
     let listed = count(&observed.instances);
     metrics.set_capacity(
+        &ctx.runner,
         observed
             .desired
             .unwrap_or_else(|| listed.saturating_add(observed.pending)),
@@ -811,6 +856,7 @@ mod tests {
     fn agent_on(instance: &str, busy: u32) -> AgentSnapshot {
         AgentSnapshot {
             agent_id: format!("agent-{instance}"),
+            runner: "default".to_owned(),
             instance_id: instance.to_owned(),
             instance_type: String::new(),
             zone: String::new(),

@@ -34,7 +34,9 @@ pub use reporter::{
     AbortReason, FinalReport, FinalState, JobReporter, JobReporterHandle, RemoteEvent, Resume,
     KEEPALIVE_MAX, MAX_PATCH_BYTES, TRACE_BURST, TRACE_COALESCE, WINDOW_BYTES,
 };
-pub use system_id::{is_valid_system_id, load_or_create_system_id, SYSTEM_ID_FILE};
+pub use system_id::{
+    is_valid_system_id, load_or_create_runner_system_id, load_or_create_system_id, SYSTEM_ID_FILE,
+};
 
 /// Everything that can go wrong talking to GitLab.
 #[derive(Debug, thiserror::Error)]

@@ -39,7 +39,24 @@ fn new_system_id() -> String {
 /// [`GitLabError::SystemIdIo`] when the file cannot be read or written,
 /// [`GitLabError::SystemIdInvalid`] when it holds something else.
 pub fn load_or_create_system_id(state_dir: &Path) -> Result<String, GitLabError> {
-    let path = state_dir.join(SYSTEM_ID_FILE);
+    load_or_create_system_id_in(state_dir, SYSTEM_ID_FILE)
+}
+
+/// The system id of the runner `name` of a coordinator with several
+/// (`<state_dir>/system_id.<name>`): each runner's requests carry their
+/// own, so GitLab lists each runner's manager apart.
+///
+/// # Errors
+/// As [`load_or_create_system_id`].
+pub fn load_or_create_runner_system_id(
+    state_dir: &Path,
+    name: &str,
+) -> Result<String, GitLabError> {
+    load_or_create_system_id_in(state_dir, &format!("{SYSTEM_ID_FILE}.{name}"))
+}
+
+fn load_or_create_system_id_in(state_dir: &Path, file: &str) -> Result<String, GitLabError> {
+    let path = state_dir.join(file);
     let io = |source| GitLabError::SystemIdIo {
         path: path.clone(),
         source,
@@ -57,7 +74,7 @@ pub fn load_or_create_system_id(state_dir: &Path) -> Result<String, GitLabError>
             std::fs::create_dir_all(state_dir).map_err(io)?;
             let id = new_system_id();
             // Write then rename so a crash never leaves a half-written id.
-            let tmp = state_dir.join(format!("{SYSTEM_ID_FILE}.tmp"));
+            let tmp = state_dir.join(format!("{file}.tmp"));
             std::fs::write(&tmp, format!("{id}\n")).map_err(io)?;
             std::fs::rename(&tmp, &path).map_err(io)?;
             Ok(id)

@@ -380,6 +380,7 @@ async fn memory_keeps_a_window_of_the_log_and_the_journal_serves_the_rest() {
         .submit(vec![crate::store::Change::Hold {
             job_id: job.id,
             raw: Bytes::from_static(b"{}"),
+            runner: "default".into(),
         }])
         .durable()
         .await

@@ -129,6 +129,8 @@ pub enum Effect {
 #[derive(Clone, Debug)]
 pub struct AgentHello {
     pub agent: String,
+    /// The runner whose jobs it takes.
+    pub runner: String,
     pub instance: InstanceFacts,
     pub executor: String,
     pub capacity: u32,
@@ -147,11 +149,14 @@ pub enum Input {
     Hold {
         payload: Arc<JobPayload>,
         raw: Bytes,
+        /// The runner that took it: only that runner's agents run it.
+        runner: String,
     },
     /// A job found in the lease book after a restart.
     Restore {
         payload: Arc<JobPayload>,
         raw: Bytes,
+        runner: String,
         lease: LeaseRecord,
         finished: bool,
     },
@@ -194,8 +199,8 @@ pub enum Input {
     },
     /// Tell an agent to stop an attempt that is not wanted.
     StopStale { agent: String, attempt: AttemptRef },
-    /// Tell every queued job, once, why it waits.
-    NotifyWaiting { text: String },
+    /// Tell every queued job of a runner, once, why it waits.
+    NotifyWaiting { runner: String, text: String },
 }
 
 /// What a drain request found.
@@ -233,6 +238,8 @@ pub struct Step {
 #[derive(Clone, Debug)]
 pub struct AgentSnapshot {
     pub agent_id: String,
+    /// The runner whose jobs it takes.
+    pub runner: String,
     pub instance_id: String,
     /// As the agent read them from instance metadata; empty off EC2.
     pub instance_type: String,
@@ -253,6 +260,8 @@ pub struct AgentSnapshot {
 #[derive(Clone, Debug)]
 pub struct JobSnapshot {
     pub job_id: i64,
+    /// The runner that took it.
+    pub runner: String,
     pub name: String,
     pub attempt: u32,
     pub state: &'static str,
@@ -267,6 +276,7 @@ pub struct JobSnapshot {
 struct HeldJob {
     payload: Arc<JobPayload>,
     raw: Bytes,
+    runner: String,
     lease: Lease,
     taken_at: Instant,
     /// When its current attempt was queued (for the queue-wait metric).
@@ -282,6 +292,7 @@ struct HeldJob {
 struct AgentEntry {
     /// Distinguishes this connection from an earlier one of the same agent.
     session: u64,
+    runner: String,
     instance: InstanceFacts,
     executor: String,
     capacity: u32,
@@ -408,20 +419,25 @@ impl LeaseBook {
     pub fn handle(&mut self, now: Instant, input: Input) -> Step {
         let mut out = Out::default();
         let reply = match input {
-            Input::Hold { payload, raw } => {
-                self.hold(now, &mut out, payload, raw);
+            Input::Hold {
+                payload,
+                raw,
+                runner,
+            } => {
+                self.hold(now, &mut out, payload, raw, runner);
                 Reply::Done
             }
             Input::Restore {
                 payload,
                 raw,
+                runner,
                 lease,
                 finished,
             } => {
                 let id = payload.id;
                 let lease = Lease::restore(self.max_attempts, &lease, finished);
                 let queued = *lease.state() == LeaseState::Queued;
-                self.insert(now, payload, raw, lease);
+                self.insert(now, payload, raw, runner, lease);
                 if queued {
                     self.queue.push_back(id);
                 }
@@ -506,10 +522,13 @@ impl LeaseBook {
                 }
                 Reply::Done
             }
-            Input::NotifyWaiting { text } => {
+            Input::NotifyWaiting { runner, text } => {
                 for id in &self.queue {
                     if let Some(job) = self.jobs.get_mut(id) {
-                        if *job.lease.state() == LeaseState::Queued && !job.waiting_noticed {
+                        if job.runner == runner
+                            && *job.lease.state() == LeaseState::Queued
+                            && !job.waiting_noticed
+                        {
                             job.waiting_noticed = true;
                             out.event(*id, JobEvent::Notice(text.clone()));
                         }
@@ -525,12 +544,20 @@ impl LeaseBook {
         }
     }
 
-    fn insert(&mut self, now: Instant, payload: Arc<JobPayload>, raw: Bytes, lease: Lease) {
+    fn insert(
+        &mut self,
+        now: Instant,
+        payload: Arc<JobPayload>,
+        raw: Bytes,
+        runner: String,
+        lease: Lease,
+    ) {
         self.jobs.insert(
             payload.id,
             HeldJob {
                 payload,
                 raw,
+                runner,
                 lease,
                 taken_at: now,
                 queued_at: now,
@@ -540,13 +567,21 @@ impl LeaseBook {
         );
     }
 
-    fn hold(&mut self, now: Instant, out: &mut Out, payload: Arc<JobPayload>, raw: Bytes) {
+    fn hold(
+        &mut self,
+        now: Instant,
+        out: &mut Out,
+        payload: Arc<JobPayload>,
+        raw: Bytes,
+        runner: String,
+    ) {
         let id = payload.id;
         out.persist(Change::Hold {
             job_id: id,
             raw: raw.clone(),
+            runner: runner.clone(),
         });
-        self.insert(now, payload, raw, Lease::new(self.max_attempts));
+        self.insert(now, payload, raw, runner, Lease::new(self.max_attempts));
         self.queue.push_back(id);
     }
 
@@ -634,6 +669,7 @@ impl LeaseBook {
             agent_id,
             AgentEntry {
                 session,
+                runner: hello.runner,
                 instance: hello.instance,
                 executor: hello.executor,
                 capacity: hello.capacity,
@@ -980,30 +1016,37 @@ impl LeaseBook {
         }
     }
 
-    /// Matches queued attempts with agents that asked for work, never giving
-    /// an agent more than it asked for. Spreads work: the agent with the
-    /// most credit goes first (ties by name, so the choice is repeatable).
+    /// Matches queued attempts with agents of their runner that asked for
+    /// work, never giving an agent more than it asked for. Spreads work: the
+    /// agent with the most credit goes first (ties by name, so the choice
+    /// is repeatable). A job whose runner has no agent free waits without
+    /// holding up other runners' jobs behind it.
     fn dispatch(&mut self, now: Instant, out: &mut Out) {
-        while let Some(&job_id) = self.queue.front() {
-            let queued = self
+        let mut index = 0;
+        while let Some(&job_id) = self.queue.get(index) {
+            if !self.agents.values().any(|a| a.credit() > 0) {
+                return;
+            }
+            let Some(job) = self
                 .jobs
                 .get(&job_id)
-                .is_some_and(|j| *j.lease.state() == LeaseState::Queued);
-            if !queued {
-                self.queue.pop_front();
+                .filter(|j| *j.lease.state() == LeaseState::Queued)
+            else {
+                self.queue.remove(index);
                 continue;
-            }
+            };
             let best = self
                 .agents
                 .iter()
-                .filter(|(_, a)| a.credit() > 0)
+                .filter(|(_, a)| a.runner == job.runner && a.credit() > 0)
                 // The first of the most credit is the lowest name.
                 .min_by_key(|(_, a)| std::cmp::Reverse(a.credit()))
                 .map(|(id, _)| id.clone());
             let Some(agent_id) = best else {
-                return;
+                index += 1;
+                continue;
             };
-            self.queue.pop_front();
+            self.queue.remove(index);
             let (Some(job), Some(entry)) =
                 (self.jobs.get_mut(&job_id), self.agents.get_mut(&agent_id))
             else {
@@ -1082,12 +1125,13 @@ impl LeaseBook {
         self.doomed.keys().cloned().collect()
     }
 
-    /// Attempts that need a slot: queued plus assigned or running.
-    pub fn demand(&self) -> u32 {
+    /// Attempts of `runner`'s jobs that need a slot: queued plus assigned
+    /// or running.
+    pub fn demand(&self, runner: &str) -> u32 {
         let n = self
             .jobs
             .values()
-            .filter(|j| *j.lease.state() != LeaseState::Finished)
+            .filter(|j| j.runner == runner && *j.lease.state() != LeaseState::Finished)
             .count();
         u32::try_from(n).unwrap_or(u32::MAX)
     }
@@ -1099,6 +1143,7 @@ impl LeaseBook {
             .iter()
             .map(|(id, a)| AgentSnapshot {
                 agent_id: id.clone(),
+                runner: a.runner.clone(),
                 instance_id: a.instance.instance_id.clone(),
                 instance_type: a.instance.instance_type.clone(),
                 zone: a.instance.availability_zone.clone(),
@@ -1123,6 +1168,7 @@ impl LeaseBook {
             .values()
             .map(|j| JobSnapshot {
                 job_id: j.payload.id,
+                runner: j.runner.clone(),
                 name: j.payload.display_name(),
                 attempt: j.lease.attempt(),
                 state: j.lease.state().name(),

@@ -25,6 +25,7 @@ fn hold(job_id: i64) -> Change {
     Change::Hold {
         job_id,
         raw: Bytes::from(format!(r#"{{"id":{job_id},"token":"t"}}"#)),
+        runner: "default".into(),
     }
 }
 
@@ -97,8 +98,13 @@ fn jobs_leases_results_and_journals_survive_a_reopen() {
             Some(result(7, 2))
         )]
     );
-    let raw = &store.load().unwrap()[0].raw;
-    assert_eq!(raw.as_slice(), br#"{"id":7,"token":"t"}"#);
+    let stored = &store.load().unwrap()[0];
+    assert_eq!(stored.raw.as_slice(), br#"{"id":7,"token":"t"}"#);
+    assert_eq!(
+        stored.runner.as_deref(),
+        Some("default"),
+        "a restart knows which runner's fleet runs the job"
+    );
     let mode = std::fs::metadata(dir.path().join(BOOK_FILE))
         .unwrap()
         .permissions()

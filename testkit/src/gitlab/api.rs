@@ -147,6 +147,7 @@ async fn verify(Extract(state): Extract<Arc<State>>, headers: HeaderMap, body: B
 fn assign(
     inner: &mut Inner,
     base_url: &str,
+    runner_token: &str,
     system_id: Option<&str>,
     gracefully: Option<bool>,
 ) -> Option<Value> {
@@ -164,10 +165,14 @@ fn assign(
     });
     let ready = queue.iter().position(|id| {
         jobs.get(id).is_some_and(|job| {
-            job.needs.iter().all(|need| {
-                jobs.get(need)
-                    .is_none_or(|needed| needed.record.state.is_final())
-            })
+            job.spec
+                .runner_token
+                .as_deref()
+                .is_none_or(|wanted| wanted == runner_token)
+                && job.needs.iter().all(|need| {
+                    jobs.get(need)
+                        .is_none_or(|needed| needed.record.state.is_final())
+                })
         })
     })?;
     let id = queue.remove(ready)?;
@@ -175,6 +180,7 @@ fn assign(
     let job = jobs.get_mut(&id)?;
     job.record.state = JobState::Running;
     job.record.system_id = system_id.map(str::to_owned);
+    job.record.runner_token = Some(runner_token.to_owned());
     job.record.supports_canceling = supports_canceling;
     job.record.handed_out = Some(Instant::now());
     let payload = payload::build(job, base_url, dependencies);
@@ -220,6 +226,10 @@ async fn request_job(
         finish(403);
         return message(403, "403 Forbidden");
     }
+    let runner_token = body
+        .get("token")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let gracefully = cancel_gracefully(&body);
     if let (Some(id), Some(on)) = (&system_id, gracefully) {
         state
@@ -238,6 +248,7 @@ async fn request_job(
             let assigned = assign(
                 &mut inner,
                 &state.base_url,
+                runner_token,
                 system_id.as_deref(),
                 gracefully,
             );

@@ -178,6 +178,9 @@ pub struct JobSpec {
     pub needs: Vec<String>,
     /// `credentials[]` of the payload: registry logins.
     pub credentials: Vec<Credential>,
+    /// Only the runner with this token gets the job, as GitLab hands a job
+    /// only to runners whose tags match it; any runner when `None`.
+    pub runner_token: Option<String>,
 }
 
 impl JobSpec {
@@ -201,7 +204,15 @@ impl JobSpec {
             hooks: Vec::new(),
             needs: Vec::new(),
             credentials: Vec::new(),
+            runner_token: None,
         }
+    }
+
+    /// Hands the job only to the runner with `token` (as tags would).
+    #[must_use]
+    pub fn for_runner(mut self, token: impl Into<String>) -> Self {
+        self.runner_token = Some(token.into());
+        self
     }
 
     /// Adds a `credentials[]` entry of type `registry`, as GitLab sends for
@@ -466,6 +477,8 @@ pub struct JobRecord {
     pub payload: serde_json::Value,
     /// The runner manager the job went to.
     pub system_id: Option<String>,
+    /// The token of the runner that took it.
+    pub runner_token: Option<String>,
     /// Whether that runner advertised `cancel_gracefully`.
     pub supports_canceling: bool,
     /// When a job request took it (the 201 answer).
@@ -773,6 +786,7 @@ impl StandIn {
                 patches: Vec::new(),
                 payload: serde_json::Value::Null,
                 system_id: None,
+                runner_token: None,
                 supports_canceling: false,
                 handed_out: None,
                 artifacts: Vec::new(),

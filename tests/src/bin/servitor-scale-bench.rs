@@ -242,6 +242,7 @@ async fn run_agent(
         executor: "simulated".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         reporting: Vec::new(),
+        runner: String::new(),
     };
     write_frame(&mut send, &msg(agent_message::Msg::Hello(hello))).await?;
     fleet.connected.fetch_add(1, Ordering::Relaxed);
@@ -470,12 +471,12 @@ async fn start_coordinator(
     // The simulated agents are not instances of the local fleet. The fleet
     // is held at one placeholder instance that never joins (demand always
     // asks for one), so it starts no real agent.
-    cfg.fleet.max_instances = 1;
-    cfg.fleet.max_launches = 1;
-    cfg.fleet.launch_window = Duration::from_secs(24 * 3600);
-    cfg.fleet.boot_timeout = Duration::from_secs(24 * 3600);
-    cfg.fleet.local.executor = ExecutorChoice::Shell;
-    cfg.fleet.local.agent_command = vec!["sh".into(), "-c".into(), "exec sleep 86400".into()];
+    cfg.fleet_mut().max_instances = 1;
+    cfg.fleet_mut().max_launches = 1;
+    cfg.fleet_mut().launch_window = Duration::from_secs(24 * 3600);
+    cfg.fleet_mut().boot_timeout = Duration::from_secs(24 * 3600);
+    cfg.fleet_mut().local.executor = ExecutorChoice::Shell;
+    cfg.fleet_mut().local.agent_command = vec!["sh".into(), "-c".into(), "exec sleep 86400".into()];
     let path = dir.join("coordinator.toml");
     config::write(&path, &cfg)?;
     let binary = match &options.coordinator {

@@ -277,6 +277,7 @@ fn main() -> anyhow::Result<()> {
                             Ok(Change::Hold {
                                 job_id: i64::try_from(w)?,
                                 raw: bytes::Bytes::from_static(b"{}"),
+                                runner: "default".into(),
                             })
                         })
                         .collect::<anyhow::Result<Vec<_>>>()?;

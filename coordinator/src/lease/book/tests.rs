@@ -24,9 +24,20 @@ fn payload(id: i64) -> (Arc<JobPayload>, Bytes) {
     (Arc::new(payload), Bytes::from_static(b"{}"))
 }
 
+/// The runner of the tests that use one.
+const RUNNER: &str = "default";
+
 fn hold(id: i64) -> Input {
+    hold_for(id, RUNNER)
+}
+
+fn hold_for(id: i64, runner: &str) -> Input {
     let (payload, raw) = payload(id);
-    Input::Hold { payload, raw }
+    Input::Hold {
+        payload,
+        raw,
+        runner: runner.into(),
+    }
 }
 
 fn restore(id: i64, attempt: u32, agent: Option<&str>, finished: bool) -> Input {
@@ -34,6 +45,7 @@ fn restore(id: i64, attempt: u32, agent: Option<&str>, finished: bool) -> Input 
     Input::Restore {
         payload,
         raw,
+        runner: RUNNER.into(),
         lease: LeaseRecord {
             attempt,
             agent: agent.map(str::to_owned),
@@ -45,6 +57,7 @@ fn restore(id: i64, attempt: u32, agent: Option<&str>, finished: bool) -> Input 
 fn hello(agent: &str, instance: &str, free: u32) -> AgentHello {
     AgentHello {
         agent: agent.into(),
+        runner: RUNNER.into(),
         instance: InstanceFacts {
             instance_id: instance.into(),
             ..InstanceFacts::default()
@@ -219,7 +232,68 @@ fn never_assigns_more_than_asked() {
             ),
         ],
     );
-    assert_eq!(book.demand(), 3);
+    assert_eq!(book.demand(RUNNER), 3);
+}
+
+/// Two runners, each with its fleet: a job runs only on an agent of the
+/// runner that took it, and a job waiting for its runner's agents holds up
+/// none of the other runner's jobs queued behind it.
+#[test]
+fn jobs_run_only_on_their_runners_agents() {
+    let mut book = LeaseBook::new(3);
+    let connect_to = |agent: &str, runner: &str| {
+        Input::Connected(AgentHello {
+            runner: runner.into(),
+            ..hello(agent, "", 1)
+        })
+    };
+    play(
+        &mut book,
+        vec![
+            (0, connect_to("small-1", "small"), vec![]),
+            // The large runner has no agent yet: its job waits...
+            (0, hold_for(1, "large"), vec!["persist hold 1"]),
+            // ...and the small runner's job behind it goes to its own agent.
+            (
+                1,
+                hold_for(2, "small"),
+                vec![
+                    "persist hold 2",
+                    "count queue-wait 0s",
+                    "persist lease 2 attempt 1 agent small-1",
+                    "event 2 assigned 1 to small-1",
+                    "send small-1#1 assign 2/1",
+                ],
+            ),
+            // A free agent of another runner never takes it.
+            (2, connect_to("small-2", "small"), vec![]),
+            (
+                3,
+                connect_to("large-1", "large"),
+                vec![
+                    "count queue-wait 3s",
+                    "persist lease 1 attempt 1 agent large-1",
+                    "event 1 assigned 1 to large-1",
+                    "send large-1#3 assign 1/1",
+                ],
+            ),
+        ],
+    );
+    assert_eq!(book.demand("large"), 1);
+    assert_eq!(book.demand("small"), 1);
+    assert_eq!(book.demand("fargate"), 0);
+    let runners: Vec<(String, String)> = book
+        .jobs(Instant::now())
+        .into_iter()
+        .map(|j| (j.runner, j.agent.unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        runners,
+        vec![
+            ("large".to_owned(), "large-1".to_owned()),
+            ("small".to_owned(), "small-1".to_owned())
+        ]
+    );
 }
 
 #[test]
@@ -388,7 +462,7 @@ fn a_result_is_persisted_before_its_ack_and_reported_once() {
             (7, Input::Release { job_id: 7 }, vec!["persist remove 7"]),
         ],
     );
-    assert_eq!(book.demand(), 0);
+    assert_eq!(book.demand(RUNNER), 0);
     let agents = book.agents(Instant::now());
     assert_eq!(agents[0].busy, 0, "the finished attempt freed its slot");
 }
@@ -459,7 +533,7 @@ fn restored_attempts_whose_agent_stays_away_expire_and_finished_ones_stay() {
             ),
         ],
     );
-    assert_eq!(book.demand(), 2, "the finished job needs no slot");
+    assert_eq!(book.demand(RUNNER), 2, "the finished job needs no slot");
 }
 
 #[test]
@@ -668,6 +742,7 @@ fn a_job_that_opts_out_of_reruns_fails_at_its_first_loss() {
                 Input::Hold {
                     payload: Arc::new(opted_out),
                     raw,
+                    runner: RUNNER.into(),
                 },
                 vec![
                     "persist hold 7",
@@ -681,7 +756,7 @@ fn a_job_that_opts_out_of_reruns_fails_at_its_first_loss() {
             (6, connect("b", 1), vec![]),
         ],
     );
-    assert_eq!(book.demand(), 0);
+    assert_eq!(book.demand(RUNNER), 0);
 }
 
 #[test]
@@ -724,7 +799,7 @@ fn a_job_fails_once_its_attempts_run_out() {
             (3, lost("b", 2), vec!["event 7 lost 2 Exhausted"]),
         ],
     );
-    assert_eq!(book.demand(), 0);
+    assert_eq!(book.demand(RUNNER), 0);
 }
 
 #[test]
@@ -821,6 +896,7 @@ fn drain_if_idle_leaves_a_busy_instance_alone() {
 fn waiting_jobs_are_told_once_why() {
     let mut book = LeaseBook::new(3);
     let notify = || Input::NotifyWaiting {
+        runner: RUNNER.into(),
         text: "waiting for budget".into(),
     };
     play(
