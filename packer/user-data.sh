@@ -25,6 +25,10 @@ JOIN_TOKEN="${JOIN_TOKEN:-}"
 CAPACITY="${CAPACITY:-1}"
 # Image for jobs that name none.
 DEFAULT_IMAGE="${DEFAULT_IMAGE:-debian:bookworm-slim}"
+# The coordinator's runner (a [[runners]] name) whose jobs this instance
+# takes: one launch template per runner's group. Empty when the coordinator
+# serves one runner.
+RUNNER="${RUNNER:-}"
 
 # For tests: write somewhere else, and leave systemd alone.
 SERVITOR_ETC="${SERVITOR_ETC:-/etc/servitor-agent}"
@@ -76,6 +80,9 @@ if [[ ! $CAPACITY =~ ^[1-9][0-9]*$ ]]; then
     fail "CAPACITY \"$CAPACITY\" must be a whole number of at least 1"
 fi
 check_plain DEFAULT_IMAGE "$DEFAULT_IMAGE"
+if [[ -n $RUNNER && ! $RUNNER =~ ^[A-Za-z0-9._-]{1,40}$ ]]; then
+    fail "RUNNER \"$RUNNER\" must be the name of one of the coordinator's [[runners]] (1 to 40 letters, digits, '-', '_' or '.')"
+fi
 
 # Only root on an instance built from the image can hand files to the
 # agent's user; a test run as anyone else keeps them its own.
@@ -105,6 +112,10 @@ if [[ $ENROLL == join-token ]]; then
 else
     enroll_line='enroll = "aws-iid"'
 fi
+runner_line=""
+if [[ -n $RUNNER ]]; then
+    runner_line="runner = \"$RUNNER\""
+fi
 
 # Every key here must be one agent/src/config.rs accepts: unknown keys are
 # errors. tests/tests/packer.rs parses the result with the agent's loader.
@@ -115,6 +126,7 @@ ca_sha256 = "$CA_SHA256"
 $enroll_line
 state_dir = "$STATE_DIR"
 capacity = $CAPACITY
+$runner_line
 
 [executor]
 kind = "docker"

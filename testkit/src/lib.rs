@@ -16,6 +16,7 @@ pub mod iid;
 pub mod image;
 pub mod imds;
 pub mod registry;
+pub mod task_metadata;
 
 use std::time::Duration;
 

@@ -472,12 +472,34 @@ fn the_stack_user_data_is_packer_user_data_and_writes_a_config_the_agent_loads()
     assert_eq!(config.ca_sha256.as_deref(), Some(PIN));
     assert_eq!(config.enroll, EnrollMethod::AwsIid);
     assert_eq!(config.capacity, 2);
+    assert_eq!(config.runner, "", "RunnerName is empty by default");
     assert_eq!(config.executor.kind, ExecutorKind::Docker);
     assert_eq!(
         config.executor.default_image.as_deref(),
         Some("debian:bookworm-slim")
     );
     assert!(!etc.path().join("join-token").exists());
+
+    // A stack for one runner's group of a coordinator with several.
+    let stack = Evaluated::new(
+        template(),
+        &[
+            ("CoordinatorAddress", "coordinator.internal"),
+            ("CoordinatorCaSha256", PIN),
+            ("RunnerName", "build"),
+        ],
+    );
+    let user_data = stack.properties("AgentLaunchTemplate")["LaunchTemplateData"]["UserData"]
+        .as_str()
+        .expect("the launch template has user-data")
+        .to_owned();
+    let etc = tempfile::tempdir().expect("creating a temporary directory");
+    let file = etc.path().join("user-data");
+    std::fs::write(&file, &user_data).expect("writing user-data");
+    let output = servitor_tests::run_user_data(&file, etc.path(), &[]);
+    assert!(output.status.success(), "user-data failed: {output:?}");
+    let config = AgentConfig::load(&etc.path().join("agent.toml")).expect("the agent's config");
+    assert_eq!(config.runner, "build");
 }
 
 #[test]

@@ -51,6 +51,7 @@ fn user_data_writes_a_config_the_agent_loads() {
             ("JOIN_TOKEN", TOKEN),
             ("CAPACITY", "3"),
             ("DEFAULT_IMAGE", "alpine:3.20"),
+            ("RUNNER", "build"),
         ],
     );
     assert!(output.status.success(), "{}", describe(&output));
@@ -59,6 +60,10 @@ fn user_data_writes_a_config_the_agent_loads() {
         .unwrap_or_else(|e| panic!("user-data wrote a config the agent rejects: {e}"));
     assert_eq!(config.coordinator, "10.1.2.3:7443");
     assert_eq!(config.capacity, 3);
+    assert_eq!(
+        config.runner, "build",
+        "the instance takes its runner's jobs"
+    );
     assert_eq!(config.ca_sha256.as_deref(), Some(PIN));
     assert_eq!(config.ca_file, None);
     assert_eq!(config.join_token_file, etc.path().join("join-token"));
@@ -90,6 +95,10 @@ fn user_data_by_default_enrolls_by_instance_identity_and_holds_no_secret() {
     let config = AgentConfig::load(&etc.path().join("agent.toml"))
         .unwrap_or_else(|e| panic!("user-data wrote a config the agent rejects: {e}"));
     assert_eq!(config.capacity, 1);
+    assert_eq!(
+        config.runner, "",
+        "a coordinator with one runner needs no name"
+    );
     assert_eq!(config.enroll, EnrollMethod::AwsIid);
     assert!(config.instance.imds);
     assert!(
@@ -138,6 +147,8 @@ fn user_data_rejects_a_bad_pin_or_an_empty_token_by_name() {
             "JOIN_TOKEN",
         ),
         (vec![("CA_SHA256", PIN), ("ENROLL", "password")], "ENROLL"),
+        (vec![("CA_SHA256", PIN), ("RUNNER", "build jobs")], "RUNNER"),
+        (vec![("CA_SHA256", PIN), ("RUNNER", "x\"y")], "RUNNER"),
     ] {
         let output = run_user_data(etc.path(), &vars);
         assert!(!output.status.success(), "{vars:?}: {}", describe(&output));

@@ -132,6 +132,55 @@ async fn each_runners_jobs_run_on_its_own_fleet() {
     h.stop().await;
 }
 
+/// The coordinator's `concurrent` caps every runner together, and a
+/// runner's own `concurrent` caps it alone: never more jobs are held than
+/// either allows, and every job still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_caps_each_runner_and_all_together() {
+    let mut options = two_runners();
+    options.concurrent = 2;
+    options.runners[0].max_instances = 2;
+    options.configure = servitor_tests::config::Tweak::new(|c| c.runners[0].concurrent = Some(1));
+    let mut h = Harness::start(options).await.unwrap();
+    let mut jobs = Vec::new();
+    for n in 0..3 {
+        for (runner, token) in [("small", SMALL_TOKEN), ("large", LARGE_TOKEN)] {
+            let spec = JobSpec::new(format!("{runner}-{n}"))
+                .script(["sleep 1", "echo done"])
+                .for_runner(token);
+            jobs.push(h.standin.push_job(spec).await.unwrap());
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let (mut most, mut most_small) = (0, 0);
+    loop {
+        let held = h.coordinator().core.jobs();
+        most = most.max(held.len());
+        most_small = most_small.max(held.iter().filter(|j| j.runner == "small").count());
+        let done = jobs
+            .iter()
+            .all(|id| h.standin.job(*id).is_some_and(|j| j.state.is_final()));
+        if done {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "jobs did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(most <= 2, "{most} jobs held at once; concurrent = 2");
+    assert!(
+        most_small <= 1,
+        "{most_small} small jobs at once; its concurrent = 1"
+    );
+    for id in jobs {
+        let record = h.standin.job(id).unwrap();
+        assert_eq!(record.state, JobState::Success, "{}", record.trace_text());
+    }
+    h.stop().await;
+}
+
 /// An agent that names a runner this coordinator does not serve is turned
 /// away with the runners it does serve, and stops with the configuration
 /// exit code rather than redialling forever.

@@ -22,6 +22,7 @@ use crate::metrics::ScaleOp;
 
 pub mod aws;
 pub mod budget;
+pub mod fargate;
 pub mod local;
 pub mod policy;
 pub mod pricing;
@@ -833,6 +834,106 @@ async fn refresh_prices<F: Fleet>(fleet: &F, prices: &PriceBook, observed: &Obse
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two runners' fleets under one budget: each fleet's decision counts
+    /// what the other's instances cost an hour, and both accrue into the
+    /// one month-to-date spend.
+    #[test]
+    fn every_runners_fleet_counts_against_the_one_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        let ledger = Arc::new(Mutex::new(
+            budget::SpendLedger::open(dir.path(), store).unwrap(),
+        ));
+        let on_demand: std::collections::BTreeMap<String, f64> =
+            [("m5.large".to_owned(), 0.5), ("m5.4xlarge".to_owned(), 2.0)].into();
+        let prices = Arc::new(PriceBook::new(on_demand.clone()));
+        let core = Core::new(crate::core::CoreSettings {
+            max_attempts: 3,
+            gitlab_url: String::new(),
+        });
+        let running_hourly = Arc::default();
+        let context = |runner: &str| ReconcileContext {
+            core: core.clone(),
+            runner: runner.to_owned(),
+            view: Arc::default(),
+            prices: prices.clone(),
+            ledger: Some(ledger.clone()),
+            running_hourly: Arc::clone(&running_hourly),
+        };
+        let settings = FleetSettings {
+            policy: policy::FleetPolicy {
+                capacity_per_instance: 1,
+                max_instances: 10,
+                max_use_count: 0,
+                boot_timeout: None,
+                lost_grace: Duration::from_secs(30),
+                launch_rate: None,
+                idle: schedule::ActivePolicy::default(),
+            },
+            blocks: Vec::new(),
+            budget: Some(budget::BudgetSettings {
+                monthly_usd: 1000.0,
+                on_demand_hourly_usd: on_demand,
+            }),
+        };
+        let on_demand_of = |instance_type: &str, n: usize| {
+            let mut observed = listed(&vec!["i-0"; n]);
+            for (k, i) in observed.instances.iter_mut().enumerate() {
+                i.id = format!("i-{instance_type}-{k}");
+                i.instance_type = instance_type.to_owned();
+                i.market = "on-demand".to_owned();
+            }
+            observed
+        };
+        let start = SystemTime::now();
+        let mut lint = Memory::new(start);
+        let mut build = Memory::new(start);
+        let later = start + Duration::from_secs(3600);
+        let lint_view = observe_budget(
+            &context("lint"),
+            &settings,
+            &on_demand_of("m5.large", 2),
+            &[],
+            &mut lint,
+            later,
+        )
+        .unwrap();
+        assert!(
+            (lint_view.running_hourly_usd - 1.0).abs() < 1e-9,
+            "{lint_view:?}"
+        );
+        let build_view = observe_budget(
+            &context("build"),
+            &settings,
+            &on_demand_of("m5.4xlarge", 1),
+            &[],
+            &mut build,
+            later,
+        )
+        .unwrap();
+        // The build fleet's decision sees the lint fleet's $1/h too...
+        assert!(
+            (build_view.running_hourly_usd - 3.0).abs() < 1e-9,
+            "{build_view:?}"
+        );
+        // ...and the hour both ran is in the one spend: $1 + $2.
+        assert!((build_view.spent_usd - 3.0).abs() < 1e-6, "{build_view:?}");
+        // The lint fleet's next pass sees the build fleet's cost as well.
+        let lint_again = observe_budget(
+            &context("lint"),
+            &settings,
+            &on_demand_of("m5.large", 0),
+            &[],
+            &mut lint,
+            later,
+        )
+        .unwrap();
+        assert!(
+            (lint_again.running_hourly_usd - 2.0).abs() < 1e-9,
+            "{lint_again:?}"
+        );
+    }
 
     fn listed(ids: &[&str]) -> Observation {
         Observation {
