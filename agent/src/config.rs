@@ -48,6 +48,10 @@ pub struct AgentConfig {
     /// Jobs run at once.
     #[serde(default = "one")]
     pub capacity: u32,
+    /// Take one job, report it, and exit: the agent of a task started for
+    /// one job.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub one_job: bool,
     #[serde(default)]
     pub executor: ExecutorConfig,
     #[serde(default)]
@@ -63,6 +67,10 @@ pub enum EnrollMethod {
     JoinToken,
     /// The instance identity document from instance metadata.
     AwsIid,
+    /// In a Fargate task the coordinator started: the one-task credential
+    /// it passed in `SERVITOR_TASK_CREDENTIAL`, and the task's ARN from the
+    /// task metadata endpoint (`ECS_CONTAINER_METADATA_URI_V4`).
+    EcsTask,
 }
 
 /// Which executor runs jobs.
@@ -196,6 +204,7 @@ impl AgentConfig {
             state_dir: None,
             runner: String::new(),
             capacity: one(),
+            one_job: false,
             executor: ExecutorConfig::default(),
             instance: InstanceConfig::default(),
         }
@@ -239,6 +248,9 @@ impl AgentConfig {
             EnrollMethod::AwsIid if !config.instance.imds => {
                 return fail("enroll = \"aws-iid\" reads the identity document from instance metadata; set instance.imds = true".into());
             }
+            EnrollMethod::EcsTask if config.instance.imds => {
+                return fail("enroll = \"ecs-task\" runs in a Fargate task, which has no instance metadata; set instance.imds = false".into());
+            }
             _ => {}
         }
         if !config.coordinator.contains(':') {
@@ -266,6 +278,50 @@ impl AgentConfig {
             ));
         }
         Ok(config)
+    }
+
+    /// The configuration of the agent of a Fargate task, from the
+    /// environment the coordinator gives the task: `SERVITOR_COORDINATOR`
+    /// (host:port), `SERVITOR_CA_SHA256` (the CA pin), and optionally
+    /// `SERVITOR_RUNNER`, `SERVITOR_MARKET` (`spot` or `on-demand`) and
+    /// `SERVITOR_WORK_DIR` (`/builds`). It enrolls with its task's
+    /// credential, runs its one job with the shell executor in the task's
+    /// own container, and exits.
+    ///
+    /// # Errors
+    /// A missing or invalid variable, named.
+    pub fn from_task_env(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let required = |name: &str| {
+            var(name).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+                ConfigError(format!(
+                    "{name} is not set; the coordinator sets it on the tasks it starts (run the agent with --config elsewhere)"
+                ))
+            })
+        };
+        let mut config = AgentConfig {
+            coordinator: required("SERVITOR_COORDINATOR")?,
+            server_name: default_server_name(),
+            ca_file: None,
+            ca_sha256: Some(required("SERVITOR_CA_SHA256")?),
+            join_token_file: PathBuf::new(),
+            enroll: EnrollMethod::EcsTask,
+            name: None,
+            state_dir: None,
+            runner: var("SERVITOR_RUNNER").unwrap_or_default(),
+            capacity: one(),
+            one_job: true,
+            executor: ExecutorConfig::default(),
+            instance: InstanceConfig::default(),
+        };
+        config.executor.kind = ExecutorKind::Shell;
+        config.executor.work_dir = var("SERVITOR_WORK_DIR")
+            .filter(|d| !d.is_empty())
+            .map_or_else(|| PathBuf::from("/builds"), PathBuf::from);
+        config.instance.imds = false;
+        config.instance.instance_type = Some("fargate".to_owned());
+        config.instance.market = var("SERVITOR_MARKET").filter(|m| !m.is_empty());
+        let text = config.to_toml()?;
+        Self::from_toml_str(&text, "the task's environment")
     }
 
     /// Reads, parses and validates a configuration file.
@@ -328,5 +384,42 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("capacit"), "{err}");
+    }
+
+    #[test]
+    fn a_task_agent_is_configured_from_its_environment() {
+        let pin = format!("sha256:{}", "ab".repeat(32));
+        let env = |vars: Vec<(&'static str, String)>| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.clone())
+            }
+        };
+        let config = AgentConfig::from_task_env(env(vec![
+            ("SERVITOR_COORDINATOR", "10.0.0.5:7443".into()),
+            ("SERVITOR_CA_SHA256", pin.clone()),
+            ("SERVITOR_RUNNER", "light".into()),
+            ("SERVITOR_MARKET", "spot".into()),
+        ]))
+        .unwrap();
+        assert_eq!(config.enroll, EnrollMethod::EcsTask);
+        assert_eq!(config.runner, "light");
+        assert!(config.one_job, "a task runs one job");
+        assert_eq!(config.executor.kind, ExecutorKind::Shell);
+        assert_eq!(config.executor.work_dir, PathBuf::from("/builds"));
+        assert!(!config.instance.imds, "a task has no instance metadata");
+        assert_eq!(config.instance.market.as_deref(), Some("spot"));
+        let e = AgentConfig::from_task_env(env(vec![("SERVITOR_CA_SHA256", pin)]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("SERVITOR_COORDINATOR is not set"), "{e}");
+        let e = AgentConfig::from_task_env(env(vec![
+            ("SERVITOR_COORDINATOR", "10.0.0.5:7443".into()),
+            ("SERVITOR_CA_SHA256", "sha256:short".into()),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ca_sha256"), "{e}");
     }
 }

@@ -12,6 +12,7 @@ pub mod gitlab;
 pub mod imds;
 pub mod link;
 pub mod session;
+pub mod task_metadata;
 
 use servitor_proto::agent::InstanceFacts;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,32 @@ use crate::imds::InstanceMetadata;
 use crate::link::{CaTrust, LinkSettings};
 use crate::session::{AgentError, AgentSettings};
 use servitor_runtime::secret::Secret;
+
+/// The variable the coordinator puts a task's credential in.
+pub const TASK_CREDENTIAL_VARIABLE: &str = "SERVITOR_TASK_CREDENTIAL";
+
+/// The task this agent runs in (from the task metadata endpoint) and the
+/// credential the coordinator minted for it.
+async fn task_identity() -> Result<(task_metadata::TaskFacts, Secret), ConfigError> {
+    let credential = std::env::var(TASK_CREDENTIAL_VARIABLE)
+        .ok()
+        .filter(|c| !c.trim().is_empty())
+        .ok_or_else(|| {
+            ConfigError(format!(
+                "enroll = \"ecs-task\" needs {TASK_CREDENTIAL_VARIABLE}, which the coordinator sets on the tasks it starts"
+            ))
+        })?;
+    let uri = std::env::var(task_metadata::METADATA_URI_VARIABLE).map_err(|_| {
+        ConfigError(format!(
+            "enroll = \"ecs-task\" needs {}, which Fargate sets in a task's containers (platform version 1.4.0 or later)",
+            task_metadata::METADATA_URI_VARIABLE
+        ))
+    })?;
+    let facts = task_metadata::read(&uri)
+        .await
+        .map_err(|e| ConfigError(format!("enroll = \"ecs-task\": {e}")))?;
+    Ok((facts, Secret::new(credential)))
+}
 
 /// Turns a validated configuration into settings: reads the trust anchor
 /// and join token, picks the executor.
@@ -45,7 +72,12 @@ pub async fn settings_from_config(config: &AgentConfig) -> Result<AgentSettings,
         EnrollMethod::JoinToken => {
             Secret::from_file(&config.join_token_file, "join_token_file").map_err(ConfigError)?
         }
-        EnrollMethod::AwsIid => Secret::new(""),
+        EnrollMethod::AwsIid | EnrollMethod::EcsTask => Secret::new(""),
+    };
+    // In a Fargate task: the task, and the credential minted for it.
+    let task = match config.enroll {
+        EnrollMethod::EcsTask => Some(task_identity().await?),
+        _ => None,
     };
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -77,6 +109,7 @@ pub async fn settings_from_config(config: &AgentConfig) -> Result<AgentSettings,
             .id
             .clone()
             .or_else(|| facts.as_ref().map(|f| f.instance_id.clone()))
+            .or_else(|| task.as_ref().map(|(t, _)| t.task_id().to_owned()))
             .unwrap_or_else(|| hostname.clone()),
         instance_type: pick(
             &config.instance.instance_type,
@@ -84,7 +117,10 @@ pub async fn settings_from_config(config: &AgentConfig) -> Result<AgentSettings,
         ),
         availability_zone: pick(
             &config.instance.zone,
-            facts.as_ref().map(|f| f.availability_zone.clone()),
+            facts
+                .as_ref()
+                .map(|f| f.availability_zone.clone())
+                .or_else(|| task.as_ref().map(|(t, _)| t.availability_zone.clone())),
         ),
         market: pick(
             &config.instance.market,
@@ -124,10 +160,17 @@ pub async fn settings_from_config(config: &AgentConfig) -> Result<AgentSettings,
             trust,
             join_token,
             aws_identity,
+            ecs_task: task.map(
+                |(facts, credential)| servitor_proto::agent::EcsTaskIdentity {
+                    credential: credential.expose().to_owned(),
+                    task_arn: facts.task_arn,
+                },
+            ),
             agent_name,
             state_dir: config.state_dir.clone(),
         },
         runner: config.runner.clone(),
+        one_job: config.one_job,
         capacity: config.capacity,
         executor,
         work_dir,

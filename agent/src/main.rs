@@ -21,12 +21,22 @@ struct Cli {
     /// Only check the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// Configure from the environment the coordinator gives a Fargate task
+    /// it starts (`SERVITOR_COORDINATOR`, `SERVITOR_CA_SHA256`, …) instead
+    /// of a file: run one job in this container, then exit.
+    #[arg(long, conflicts_with = "config")]
+    task: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format, "info");
-    let config = match AgentConfig::load(&cli.config) {
+    let loaded = if cli.task {
+        AgentConfig::from_task_env(|name| std::env::var(name).ok())
+    } else {
+        AgentConfig::load(&cli.config)
+    };
+    let config = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("servitor-agent: {e}");

@@ -82,6 +82,8 @@ pub struct AgentSettings {
     /// The coordinator's runner whose jobs this agent takes; empty for
     /// its only one.
     pub runner: String,
+    /// Take one job, report it, and exit (the agent of a task).
+    pub one_job: bool,
     pub capacity: u32,
     pub executor: AnyExecutor,
     pub work_dir: PathBuf,
@@ -826,6 +828,12 @@ fn handle(
             replies.push(msg(agent_message::Msg::Started(Started {
                 attempt: Some(attempt),
             })));
+            if settings.one_job {
+                // The agent of a task: this job is its only one.
+                tracing::info!(%attempt, "took its one job; exits once it is reported");
+                state.draining = true;
+                state.exit_when_idle = true;
+            }
         }
         Some(coordinator_message::Msg::Cancel(cancel)) => {
             let Some(attempt) = cancel.attempt else {
@@ -1282,6 +1290,7 @@ mod tests {
                 "exit-test",
             ),
             runner: String::new(),
+            one_job: false,
             capacity: 1,
             executor: AnyExecutor::from(crate::executor::ShellExecutor::new()),
             work_dir: work.path().to_path_buf(),

@@ -189,6 +189,10 @@ async fn serve_agent(
         runner,
         ..
     } = hello;
+    // The agent of a task started for one job: its certificate says which,
+    // whatever its hello says.
+    let binding = crate::link::task::TaskBinding::from_agent_id(&agent_id);
+    let runner = binding.as_ref().map_or(runner, |b| b.runner.clone());
     let runner = match resolve_runner(&runners, &runner) {
         Ok(r) => r.clone(),
         Err(reason) => {
@@ -207,6 +211,7 @@ async fn serve_agent(
             AgentHello {
                 agent: agent_id.clone(),
                 runner: runner.name.clone(),
+                only_job: binding.map(|b| b.job_id),
                 instance: instance.unwrap_or_default(),
                 executor,
                 capacity,

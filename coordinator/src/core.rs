@@ -499,6 +499,7 @@ mod tests {
         let hello = AgentHello {
             agent: "a".into(),
             runner: "default".into(),
+            only_job: None,
             instance: InstanceFacts::default(),
             executor: "shell".into(),
             capacity: 1,

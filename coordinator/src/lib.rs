@@ -299,6 +299,7 @@ pub async fn start(
         join_token: secrets.join_token.clone(),
         aws_iid: aws_iid_enrollment(&config, &runners).await?,
         revocations: revocations.clone(),
+        tasks: None,
     };
     let link = Arc::new(link::LinkServer::bind_with(
         config.agents.listen,

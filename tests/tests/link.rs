@@ -499,6 +499,7 @@ impl Agent {
         let settings = AgentSettings {
             link: coordinator.settings("session-test", None),
             runner: String::new(),
+            one_job: false,
             capacity: 1,
             executor: AnyExecutor::from(ShellExecutor::new()),
             work_dir: work.path().to_path_buf(),

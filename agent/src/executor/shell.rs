@@ -26,6 +26,8 @@ pub const DEFAULT_SHELL: &str = "/bin/sh";
 /// How long output may keep arriving after a script exited, from processes
 /// that escaped its process group with its pipes open.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// Variables of the agent's own (`SERVITOR_…`): never passed to a job.
+const AGENT_VARIABLE_PREFIX: &str = "SERVITOR_";
 
 /// Why a script could not be run on the host.
 #[derive(Debug, thiserror::Error)]
@@ -130,7 +132,15 @@ impl ScriptRunner for ShellExecutor {
         } else {
             &step.layout.work_dir
         };
-        let mut child = tokio::process::Command::new(&self.shell)
+        let mut command = tokio::process::Command::new(&self.shell);
+        // The agent's own settings (in a task, the spent enrollment
+        // credential among them) are not the job's.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with(AGENT_VARIABLE_PREFIX) {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
             .arg(step.script)
             .current_dir(dir)
             .stdin(Stdio::null())

@@ -103,6 +103,10 @@ pub struct LinkSettings {
     /// Proof, at enrollment, that this agent runs on an EC2 instance: its
     /// signed identity document. Sent instead of the join token when set.
     pub aws_identity: Option<servitor_proto::agent::AwsIdentity>,
+    /// Proof, at enrollment, that this agent runs in the Fargate task the
+    /// coordinator started for it: the credential minted for the task and
+    /// the task's ARN. Sent instead of the join token when set.
+    pub ecs_task: Option<servitor_proto::agent::EcsTaskIdentity>,
     /// The name the agent asks to be known by; the coordinator derives the
     /// agent id from it.
     pub agent_name: String,
@@ -125,6 +129,7 @@ impl LinkSettings {
             trust,
             join_token,
             aws_identity: None,
+            ecs_task: None,
             agent_name: agent_name.into(),
             state_dir: None,
         }
@@ -431,7 +436,7 @@ pub async fn connect(settings: &LinkSettings) -> Result<Link, LinkError> {
     let now = identity::unix_now();
     // An instance enrolls by its identity once, soon after launch: it keeps
     // its certificate to the end instead of enrolling early again.
-    let by_identity = settings.aws_identity.is_some();
+    let by_identity = settings.aws_identity.is_some() || settings.ecs_task.is_some();
     let stored = store.load()?;
     if by_identity {
         if let Some(creds) = stored.as_ref().filter(|creds| creds.expired(now)) {
@@ -589,12 +594,13 @@ impl Dialer {
     async fn enroll(&self, settings: &LinkSettings) -> Result<Credentials, LinkError> {
         let (key, csr_pem) = identity::key_and_csr(&settings.agent_name)?;
         let request = EnrollRequest {
-            join_token: if settings.aws_identity.is_some() {
+            join_token: if settings.aws_identity.is_some() || settings.ecs_task.is_some() {
                 String::new()
             } else {
                 settings.join_token.expose().to_owned()
             },
             aws_identity: settings.aws_identity.clone(),
+            ecs_task: settings.ecs_task.clone(),
             csr_pem,
             agent_name: settings.agent_name.clone(),
             protocol_version: servitor_proto::link::PROTOCOL_VERSION,

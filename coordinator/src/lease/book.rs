@@ -131,6 +131,8 @@ pub struct AgentHello {
     pub agent: String,
     /// The runner whose jobs it takes.
     pub runner: String,
+    /// The one job it may take (the agent of a task started for it).
+    pub only_job: Option<i64>,
     pub instance: InstanceFacts,
     pub executor: String,
     pub capacity: u32,
@@ -293,6 +295,7 @@ struct AgentEntry {
     /// Distinguishes this connection from an earlier one of the same agent.
     session: u64,
     runner: String,
+    only_job: Option<i64>,
     instance: InstanceFacts,
     executor: String,
     capacity: u32,
@@ -670,6 +673,7 @@ impl LeaseBook {
             AgentEntry {
                 session,
                 runner: hello.runner,
+                only_job: hello.only_job,
                 instance: hello.instance,
                 executor: hello.executor,
                 capacity: hello.capacity,
@@ -1038,7 +1042,11 @@ impl LeaseBook {
             let best = self
                 .agents
                 .iter()
-                .filter(|(_, a)| a.runner == job.runner && a.credit() > 0)
+                .filter(|(_, a)| {
+                    a.runner == job.runner
+                        && a.only_job.is_none_or(|only| only == job_id)
+                        && a.credit() > 0
+                })
                 // The first of the most credit is the lowest name.
                 .min_by_key(|(_, a)| std::cmp::Reverse(a.credit()))
                 .map(|(id, _)| id.clone());

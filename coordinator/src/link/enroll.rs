@@ -74,6 +74,8 @@ pub(super) struct Enroller {
     join_token_digest: Option<[u8; 32]>,
     /// Enrollment by EC2 instance identity, when enabled.
     aws_iid: Option<AwsIidEnrollment>,
+    /// Enrollment of Fargate tasks' agents by their one-task credential.
+    tasks: Option<std::sync::Arc<super::task::TaskCredentials>>,
     revocations: std::sync::Arc<Revocations>,
     cert_validity: Duration,
 }
@@ -177,6 +179,9 @@ pub struct Enrollment {
     pub aws_iid: Option<AwsIidEnrollment>,
     /// Agents whose certificates are no longer accepted nor renewed.
     pub revocations: std::sync::Arc<Revocations>,
+    /// Credentials minted for the Fargate tasks this coordinator starts;
+    /// `None` without a Fargate runner.
+    pub tasks: Option<std::sync::Arc<super::task::TaskCredentials>>,
 }
 
 /// How an enrollment connection ends.
@@ -206,6 +211,7 @@ impl Enroller {
             pki,
             join_token_digest: (!token.is_empty()).then(|| Sha256::digest(token).into()),
             aws_iid: enrollment.aws_iid,
+            tasks: enrollment.tasks,
             revocations: enrollment.revocations,
             cert_validity,
         }
@@ -345,14 +351,28 @@ impl Enroller {
                 request.protocol_version
             ));
         }
-        let agent_id = match &request.aws_identity {
-            Some(identity) => {
+        let agent_id = match (&request.ecs_task, &request.aws_identity) {
+            (Some(task), _) => {
+                let Some(tasks) = &self.tasks else {
+                    tracing::warn!(%remote, task = %task.task_arn, "refused enrollment: a task credential came, but this coordinator runs no Fargate tasks");
+                    return Err(
+                        "this coordinator starts no Fargate tasks; an agent outside a task enrolls with a join token or its instance identity"
+                            .to_owned(),
+                    );
+                };
+                let binding = tasks.claim(&task.credential, &task.task_arn).map_err(|e| {
+                    tracing::warn!(%remote, task = %task.task_arn, error = %e, "refused enrollment: task credential");
+                    e
+                })?;
+                binding.agent_id(super::task::task_id(&task.task_arn))
+            }
+            (None, Some(identity)) => {
                 let instance = self.admit_instance(identity, remote).await?;
                 name = sanitize_agent_name(&instance.instance_id);
                 // One certificate per instance: its id is the agent's.
                 name.clone()
             }
-            None => {
+            (None, None) => {
                 let token_ok = self.join_token_digest.is_some_and(|want| {
                     digests_equal(&want, &Sha256::digest(&request.join_token).into())
                 });
@@ -590,6 +610,7 @@ mod tests {
             join_token: Secret::new(""),
             aws_iid: None,
             revocations: std::sync::Arc::new(Revocations::in_memory()),
+            tasks: None,
         };
         let enroller = Enroller::new(pki, enrollment, Duration::from_secs(3600));
         let request = EnrollRequest {
@@ -598,6 +619,7 @@ mod tests {
             agent_name: "box".into(),
             protocol_version: PROTOCOL_VERSION,
             aws_identity: None,
+            ecs_task: None,
         };
         let remote: SocketAddr = "127.0.0.1:1".parse().unwrap();
         assert_eq!(
@@ -644,6 +666,7 @@ mod tests {
                 rsa2048: signer.sign(document.as_bytes(), Tamper::None),
                 document,
             }),
+            ecs_task: None,
         }
     }
 
@@ -666,6 +689,7 @@ mod tests {
                 ),
             }),
             revocations: std::sync::Arc::new(Revocations::in_memory()),
+            tasks: None,
         };
         Enroller::new(pki, enrollment, Duration::from_secs(3600))
     }
@@ -727,6 +751,60 @@ mod tests {
             .unwrap();
     }
 
+    /// The agent of a Fargate task enrolls once with the credential minted
+    /// for its task, and gets an id that binds it to its job; the same
+    /// credential from another task, or again, is refused.
+    #[tokio::test]
+    async fn a_task_agent_enrolls_once_with_its_tasks_credential() {
+        use crate::link::task::{TaskBinding, TaskCredentials};
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path(), &[]).unwrap();
+        let tasks = std::sync::Arc::new(TaskCredentials::default());
+        let enroller = Enroller::new(
+            pki,
+            Enrollment {
+                join_token: Secret::new("t"),
+                aws_iid: None,
+                revocations: std::sync::Arc::new(Revocations::in_memory()),
+                tasks: Some(tasks.clone()),
+            },
+            Duration::from_secs(3600),
+        );
+        let arn = "arn:aws:ecs:eu-west-1:123456789012:task/ci/5f0e0a1b2c3d";
+        let binding = TaskBinding {
+            runner: "light".into(),
+            job_id: 7,
+            attempt: 2,
+        };
+        let credential = tasks.mint(binding.clone(), Duration::from_secs(300));
+        tasks.bind(&credential, arn);
+        let request = |task_arn: &str| EnrollRequest {
+            csr_pem: csr(),
+            agent_name: "job".into(),
+            protocol_version: PROTOCOL_VERSION,
+            ecs_task: Some(servitor_proto::agent::EcsTaskIdentity {
+                credential: credential.expose().to_owned(),
+                task_arn: task_arn.to_owned(),
+            }),
+            ..EnrollRequest::default()
+        };
+        let remote: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let other = "arn:aws:ecs:eu-west-1:123456789012:task/ci/ffff";
+        let err = enroller.decide(&request(other), remote).await.unwrap_err();
+        assert!(err.contains("minted for task"), "{err}");
+        let pem = enroller.decide(&request(arn), remote).await.unwrap();
+        let (_, cert) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = cert.parse_x509().unwrap();
+        let name = cert
+            .subject()
+            .iter_common_name()
+            .find_map(|cn| cn.as_str().ok().map(str::to_owned))
+            .unwrap();
+        assert_eq!(TaskBinding::from_agent_id(&name), Some(binding));
+        let err = enroller.decide(&request(arn), remote).await.unwrap_err();
+        assert!(err.contains("already used"), "{err}");
+    }
+
     #[tokio::test]
     async fn an_identity_is_refused_when_aws_iid_is_off() {
         let dir = tempfile::tempdir().unwrap();
@@ -735,6 +813,7 @@ mod tests {
             join_token: Secret::new("t"),
             aws_iid: None,
             revocations: std::sync::Arc::new(Revocations::in_memory()),
+            tasks: None,
         };
         let enroller = Enroller::new(pki, enrollment, Duration::from_secs(3600));
         let signer = IidSigner::generate();
@@ -796,6 +875,7 @@ mod tests {
                     ),
                 }),
                 revocations: std::sync::Arc::new(Revocations::in_memory()),
+                tasks: None,
             },
             Duration::from_secs(3600),
         );

@@ -18,6 +18,7 @@
 mod enroll;
 pub mod iid;
 mod revoked;
+pub mod task;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -148,6 +149,7 @@ impl LinkServer {
             join_token,
             aws_iid: None,
             revocations: Arc::new(Revocations::in_memory()),
+            tasks: None,
         };
         Self::bind_with(addr, pki, enrollment, cert_validity)
     }

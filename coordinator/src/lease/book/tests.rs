@@ -58,6 +58,7 @@ fn hello(agent: &str, instance: &str, free: u32) -> AgentHello {
     AgentHello {
         agent: agent.into(),
         runner: RUNNER.into(),
+        only_job: None,
         instance: InstanceFacts {
             instance_id: instance.into(),
             ..InstanceFacts::default()
@@ -294,6 +295,37 @@ fn jobs_run_only_on_their_runners_agents() {
             ("small".to_owned(), "small-1".to_owned())
         ]
     );
+}
+
+/// The agent of a task started for one job takes that job and no other,
+/// even when another job of its runner waits ahead of it.
+#[test]
+fn an_agent_bound_to_a_job_takes_only_that_job() {
+    let mut book = LeaseBook::new(3);
+    play(
+        &mut book,
+        vec![
+            (0, hold(1), vec!["persist hold 1"]),
+            (0, hold(2), vec!["persist hold 2"]),
+            (
+                1,
+                Input::Connected(AgentHello {
+                    only_job: Some(2),
+                    ..hello("task-2", "", 1)
+                }),
+                vec![
+                    "count queue-wait 1s",
+                    "persist lease 2 attempt 1 agent task-2",
+                    "event 2 assigned 1 to task-2",
+                    "send task-2#1 assign 2/1",
+                ],
+            ),
+            // Done with its job and free again: job 1 is not its to take.
+            (2, started("task-2", 1, 2, 1), vec!["event 2 started 1"]),
+            (3, pull("task-2", 1, 1), vec![]),
+        ],
+    );
+    assert_eq!(book.demand(RUNNER), 2);
 }
 
 #[test]
