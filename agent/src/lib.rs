@@ -26,8 +26,7 @@ use crate::link::{CaTrust, LinkSettings};
 use crate::session::{AgentError, AgentSettings};
 use servitor_runtime::secret::Secret;
 
-/// The variable the coordinator puts a task's credential in.
-pub const TASK_CREDENTIAL_VARIABLE: &str = "SERVITOR_TASK_CREDENTIAL";
+use servitor_proto::link::TASK_CREDENTIAL_VARIABLE;
 
 /// The task this agent runs in (from the task metadata endpoint) and the
 /// credential the coordinator minted for it.

@@ -260,6 +260,9 @@ pub enum FleetProvider {
     Local,
     /// An existing EC2 Auto Scaling group (`[fleet.aws]`).
     AwsAsg,
+    /// One AWS Fargate task per job attempt, in the job's own image
+    /// (`[fleet.fargate]`).
+    Fargate,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -304,6 +307,121 @@ pub struct FleetConfig {
     pub local: LocalFleetConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aws: Option<AwsFleetConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fargate: Option<FargateConfig>,
+}
+
+/// Which Fargate capacity a runner's tasks run on.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub enum CapacityProvider {
+    /// Spot: a fraction of the price, two minutes' notice when reclaimed
+    /// (the job then runs again on a new task).
+    #[default]
+    #[serde(rename = "FARGATE_SPOT")]
+    FargateSpot,
+    #[serde(rename = "FARGATE")]
+    Fargate,
+}
+
+impl CapacityProvider {
+    /// The capacity provider's name in the ECS API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CapacityProvider::FargateSpot => "FARGATE_SPOT",
+            CapacityProvider::Fargate => "FARGATE",
+        }
+    }
+}
+
+/// `[fleet.fargate]`: an ECS cluster where each job attempt runs as a task
+/// of its own, in the job's image, with the agent injected by an init
+/// container. `fleet.max_instances` caps the tasks at once and
+/// `fleet.boot_timeout` how long a task may take for its agent to enroll.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FargateConfig {
+    /// The cluster (name or ARN); `FARGATE_SPOT` must be one of its
+    /// capacity providers for Spot.
+    pub cluster: String,
+    /// Subnets tasks start in (`awsvpc`); they need a route to the
+    /// coordinator, GitLab and the image registries.
+    pub subnets: Vec<String>,
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    #[serde(default)]
+    pub assign_public_ip: bool,
+    #[serde(default)]
+    pub capacity_provider: CapacityProvider,
+    /// After this many Spot interruptions of one job, its next task runs
+    /// on on-demand `FARGATE`; 0 keeps it on Spot.
+    #[serde(default)]
+    pub on_demand_after_interruptions: u32,
+    /// Task CPU units (1024 = one vCPU); a job may ask for another with the
+    /// CI variable `SERVITOR_FARGATE_CPU`.
+    #[serde(default = "default_task_cpu")]
+    pub cpu: u32,
+    /// Task memory in MiB; a job may ask with `SERVITOR_FARGATE_MEMORY`.
+    #[serde(default = "default_task_memory")]
+    pub memory: u32,
+    /// The image holding the agent (`/servitor-agent`, a static
+    /// executable) that the init container copies into the task.
+    pub agent_image: String,
+    /// Image for jobs that name none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_image: Option<String>,
+    /// The agent link's address as tasks reach it, `host:port`.
+    pub coordinator: String,
+    /// Role ECS pulls images and writes logs with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_role_arn: Option<String>,
+    /// Role the job's containers get; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_role_arn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_url: Option<String>,
+    /// Hourly prices (US dollars); AWS's us-east-1 Linux/x86 on-demand
+    /// prices by default, and the same for Spot unless set, so a budget
+    /// never counts too little.
+    #[serde(default)]
+    pub prices: FargatePricesConfig,
+}
+
+/// `[fleet.fargate.prices]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FargatePricesConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_hour: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gb_hour: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot_vcpu_hour: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spot_gb_hour: Option<f64>,
+}
+
+impl FargatePricesConfig {
+    /// The prices, with the defaults filled in.
+    pub fn resolve(&self) -> crate::fleet::fargate::size::FargatePrices {
+        let defaults = crate::fleet::fargate::size::FargatePrices::default();
+        let vcpu_hour = self.vcpu_hour.unwrap_or(defaults.vcpu_hour);
+        let gb_hour = self.gb_hour.unwrap_or(defaults.gb_hour);
+        crate::fleet::fargate::size::FargatePrices {
+            vcpu_hour,
+            gb_hour,
+            spot_vcpu_hour: self.spot_vcpu_hour.unwrap_or(vcpu_hour),
+            spot_gb_hour: self.spot_gb_hour.unwrap_or(gb_hour),
+        }
+    }
+}
+
+fn default_task_cpu() -> u32 {
+    1024
+}
+fn default_task_memory() -> u32 {
+    2048
 }
 
 /// `[fleet.aws]`: the Auto Scaling group the coordinator sizes.
@@ -494,6 +612,7 @@ impl FleetConfig {
             policy: Vec::new(),
             local: LocalFleetConfig::default(),
             aws: None,
+            fargate: None,
         }
     }
 }
@@ -864,6 +983,61 @@ impl Config {
     }
 }
 
+/// Checks a `[fleet.fargate]` table; `key` is where it is in the file.
+fn validate_fargate(f: &FargateConfig, key: &str) -> Result<(), String> {
+    let fail = |k: &str, why: &str| Err(format!("{key}.{k} {why}"));
+    if f.cluster.trim().is_empty() {
+        return fail("cluster", "must name the ECS cluster");
+    }
+    if f.subnets.is_empty() {
+        return fail(
+            "subnets",
+            "must list at least one subnet for the tasks (awsvpc networking)",
+        );
+    }
+    if f.agent_image.trim().is_empty() {
+        return fail(
+            "agent_image",
+            "must name the image holding the agent (/servitor-agent) that tasks' init container copies",
+        );
+    }
+    if !f.coordinator.contains(':') {
+        return fail(
+            "coordinator",
+            &format!(
+                "{:?} must be host:port, the agent link as tasks reach it",
+                f.coordinator
+            ),
+        );
+    }
+    if let Some(url) = &f.endpoint_url {
+        if !is_http_url(url) {
+            return fail(
+                "endpoint_url",
+                &format!("{url:?} must start with https:// (or http://)"),
+            );
+        }
+    }
+    crate::fleet::fargate::size::TaskSize {
+        cpu: f.cpu,
+        memory_mib: f.memory,
+    }
+    .validate()
+    .map_err(|e| format!("{key}: {e}"))?;
+    let prices = [
+        ("prices.vcpu_hour", f.prices.vcpu_hour),
+        ("prices.gb_hour", f.prices.gb_hour),
+        ("prices.spot_vcpu_hour", f.prices.spot_vcpu_hour),
+        ("prices.spot_gb_hour", f.prices.spot_gb_hour),
+    ];
+    for (name, price) in prices {
+        if price.is_some_and(|p| !p.is_finite() || p < 0.0) {
+            return fail(name, "must be a price of at least 0 US dollars an hour");
+        }
+    }
+    Ok(())
+}
+
 fn is_http_url(url: &str) -> bool {
     url.starts_with("http://") || url.starts_with("https://")
 }
@@ -897,13 +1071,29 @@ fn validate_fleet(fleet: &FleetConfig, key: &str) -> Result<(), String> {
                 }
             }
         }
-        (FleetProvider::Local, Some(_)) => {
+        (FleetProvider::Local | FleetProvider::Fargate, Some(_)) => {
             return fail(
                 "aws",
-                &format!("is set but {key}.provider is \"local\"; set provider = \"aws-asg\" or remove [{key}.aws]"),
+                &format!("is set but {key}.provider is not \"aws-asg\"; set provider = \"aws-asg\" or remove [{key}.aws]"),
             )
         }
-        (FleetProvider::Local, None) => {}
+        (FleetProvider::Local | FleetProvider::Fargate, None) => {}
+    }
+    match (fleet.provider, &fleet.fargate) {
+        (FleetProvider::Fargate, None) => {
+            return fail(
+                "provider",
+                &format!("is \"fargate\" but there is no [{key}.fargate] table; add one with cluster, subnets, agent_image and coordinator"),
+            )
+        }
+        (FleetProvider::Fargate, Some(f)) => validate_fargate(f, &format!("{key}.fargate"))?,
+        (_, Some(_)) => {
+            return fail(
+                "fargate",
+                &format!("is set but {key}.provider is not \"fargate\"; set provider = \"fargate\" or remove [{key}.fargate]"),
+            )
+        }
+        (_, None) => {}
     }
     if !fleet.scale_factor.is_finite() || fleet.scale_factor < 0.0 {
         return fail("scale_factor", "must be a number of at least 0");

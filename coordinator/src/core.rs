@@ -29,7 +29,8 @@ use crate::metrics::Metrics;
 use crate::store::{Commit, LeaseRecord, Store};
 
 pub use crate::lease::book::{
-    allows_rerun, AfterLoss, AgentHello, AgentSnapshot, JobEvent, JobSnapshot, RERUN_VARIABLE,
+    allows_rerun, AfterLoss, AgentHello, AgentSnapshot, JobEvent, JobSnapshot, QueuedAttempt,
+    RERUN_VARIABLE,
 };
 
 /// Settings the core needs.
@@ -308,6 +309,17 @@ impl Core {
         self.run_now(input) == Reply::Applied(true)
     }
 
+    /// Fails a queued job that cannot run on its runner's capacity, with
+    /// `reason` in its log. Returns false if it is not queued (an agent has
+    /// it already).
+    pub fn refuse_job(&self, job_id: i64, reason: &str) -> bool {
+        let input = Input::Refuse {
+            job_id,
+            reason: reason.to_owned(),
+        };
+        self.run_now(input) == Reply::Applied(true)
+    }
+
     /// Takes a queued job out of the queue (it was canceled before it ran).
     /// Returns false if it is not queued.
     pub fn unqueue_job(&self, job_id: i64) -> bool {
@@ -454,6 +466,11 @@ impl Core {
     /// or running.
     pub fn demand(&self, runner: &str) -> u32 {
         self.book().demand(runner)
+    }
+
+    /// `runner`'s attempts waiting for an agent, with their jobs.
+    pub fn queued(&self, runner: &str) -> Vec<QueuedAttempt> {
+        self.book().queued(runner)
     }
 
     /// The connected agents.

@@ -385,6 +385,14 @@ async fn run_job(
                         break state;
                     }
                     Some(JobEvent::Finished { .. }) => {}
+                    Some(JobEvent::Refused { reason }) => {
+                        reporter.append(Bytes::from(format!(
+                            "{BOLD_RED}This job cannot run on runner {}: {reason}.{RESET}\n",
+                            ctx.runner
+                        )));
+                        tracing::warn!(%reason, "refused a job its runner cannot run");
+                        break FinalState::Failed { kind: FailureKind::Configuration, exit_code: None };
+                    }
                     Some(JobEvent::Lost { attempt, reason, next }) => {
                         resumed_use(&mut uses, resumed_on.as_ref(), &ctx.core);
                         end_use(&mut uses);

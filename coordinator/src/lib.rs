@@ -144,6 +144,8 @@ pub struct RunnerHandle {
     pub local_fleet: Option<Arc<LocalFleet>>,
     /// Its Auto Scaling group, when `provider = "aws-asg"`.
     pub aws_fleet: Option<Arc<AwsFleet>>,
+    /// Its ECS cluster, when `provider = "fargate"`.
+    pub fargate: Option<Arc<fleet::fargate::FargateFleet>>,
     pub fleet_view: Arc<FleetView>,
 }
 
@@ -295,11 +297,16 @@ pub async fn start(
             source,
         },
     )?);
+    // Fargate runners' tasks enroll with credentials minted per task.
+    let task_credentials = runners
+        .iter()
+        .any(|r| r.fleet.provider == FleetProvider::Fargate)
+        .then(|| Arc::new(link::task::TaskCredentials::default()));
     let enrollment = link::Enrollment {
         join_token: secrets.join_token.clone(),
         aws_iid: aws_iid_enrollment(&config, &runners).await?,
         revocations: revocations.clone(),
-        tasks: None,
+        tasks: task_credentials.clone(),
     };
     let link = Arc::new(link::LinkServer::bind_with(
         config.agents.listen,
@@ -369,30 +376,51 @@ pub async fn start(
     };
     let mut handles = Vec::with_capacity(runners.len());
     for (runner, system_id) in runners.iter().zip(&system_ids) {
-        let (local_fleet, aws_fleet) = match runner.fleet.provider {
-            FleetProvider::Local => (
-                Some(local_fleet(
+        let mut handle = RunnerHandle {
+            name: runner.name.clone(),
+            system_id: system_id.clone(),
+            local_fleet: None,
+            aws_fleet: None,
+            fargate: None,
+            fleet_view: Arc::new(FleetView::default()),
+        };
+        match runner.fleet.provider {
+            FleetProvider::Local => {
+                handle.local_fleet = Some(local_fleet(
                     &config,
                     runner,
                     several,
                     &options,
                     dial,
                     &ca_pem_path,
-                )?),
-                None,
-            ),
+                )?);
+            }
             FleetProvider::AwsAsg => {
                 let settings = aws_settings(runner)?;
-                (None, Some(Arc::new(AwsFleet::connect(settings).await?)))
+                handle.aws_fleet = Some(Arc::new(AwsFleet::connect(settings).await?));
             }
-        };
-        handles.push(RunnerHandle {
-            name: runner.name.clone(),
-            system_id: system_id.clone(),
-            local_fleet,
-            aws_fleet,
-            fleet_view: Arc::new(FleetView::default()),
-        });
+            FleetProvider::Fargate => {
+                let (Some(fargate), Some(credentials)) = (&runner.fleet.fargate, &task_credentials)
+                else {
+                    return Err(ConfigError(format!(
+                        "{}.provider is \"fargate\" but there is no [{}.fargate] table",
+                        runner.fleet_key, runner.fleet_key
+                    ))
+                    .into());
+                };
+                let settings = fleet::fargate::FargateSettings {
+                    runner: runner.name.clone(),
+                    config: fargate.clone(),
+                    max_tasks: runner.fleet.max_instances,
+                    boot_timeout: runner.fleet.boot_timeout,
+                    ca_pin: pki.ca_sha256_pin(),
+                };
+                handle.fargate = Some(Arc::new(
+                    fleet::fargate::FargateFleet::connect(settings, credentials.clone()).await,
+                ));
+            }
+        }
+        handles.push(handle);
     }
 
     let stop_polling = shutdown.child_token();
@@ -461,6 +489,16 @@ pub async fn start(
             tracker.spawn(
                 fleet::reconcile(fleet.clone(), ctx, fleet_settings, shutdown.clone())
                     .instrument(span),
+            );
+        } else if let Some(fleet) = &handle.fargate {
+            tracker.spawn(
+                fleet::fargate::run(
+                    fleet.clone(),
+                    core.clone(),
+                    handle.fleet_view.clone(),
+                    shutdown.clone(),
+                )
+                .instrument(span),
             );
         }
     }

@@ -74,6 +74,10 @@ pub mod close_code {
     pub const UNKNOWN_RUNNER: u32 = 7;
 }
 
+/// The environment variable the coordinator puts a Fargate task's one-task
+/// enrollment credential in.
+pub const TASK_CREDENTIAL_VARIABLE: &str = "SERVITOR_TASK_CREDENTIAL";
+
 /// Agent certificates start this far before they are issued, so a peer
 /// whose clock runs a little behind does not reject one issued a moment ago.
 /// Their life, for renewal, counts from the end of it.

@@ -415,6 +415,54 @@ fn the_policy_allows_exactly_the_calls_the_coordinator_makes() {
     );
 }
 
+/// The Fargate runner's policy allows exactly the ECS calls it makes (and
+/// the tagging and role passing those calls need), on its cluster only.
+#[test]
+fn the_fargate_policy_allows_exactly_the_calls_the_fargate_runner_makes() {
+    let mut called = BTreeSet::new();
+    for entry in walk(&root().join("coordinator/src")) {
+        let text = std::fs::read_to_string(&entry).expect("reading coordinator source");
+        for (at, _) in text.match_indices("ecs_error(") {
+            let rest = text[at + "ecs_error(".len()..].trim_start();
+            if let Some(rest) = rest.strip_prefix('"') {
+                let name = &rest[..rest.find('"').expect("a closed string")];
+                called.insert(format!("ecs:{name}"));
+            }
+        }
+    }
+    assert!(
+        called.contains("ecs:RunTask") && called.len() >= 5,
+        "the scan found the Fargate runner's calls: {called:?}"
+    );
+    // Tags go on at RunTask and RegisterTaskDefinition; roles are passed
+    // to the task definitions.
+    called.insert("ecs:TagResource".to_owned());
+    called.insert("iam:PassRole".to_owned());
+    let policy = plain_policy(
+        "coordinator-fargate-policy.json",
+        &[("REGION", REGION), ("ACCOUNT_ID", ACCOUNT_ID)],
+    );
+    let statements = policy["Statement"].as_array().expect("statements");
+    let allowed: BTreeSet<String> = statements
+        .iter()
+        .flat_map(|s| s["Action"].as_array().cloned().unwrap_or_default())
+        .map(|a| a.as_str().expect("actions are strings").to_owned())
+        .collect();
+    assert_eq!(
+        called, allowed,
+        "Fargate runner calls (left) and deploy/iam/coordinator-fargate-policy.json (right) differ"
+    );
+    for statement in statements {
+        let actions = statement["Action"].to_string();
+        let scoped = statement["Condition"].is_object()
+            || statement["Resource"].as_str().is_some_and(|r| r != "*");
+        assert!(
+            scoped || actions.contains("RegisterTaskDefinition"),
+            "{actions} is allowed on any resource without a condition"
+        );
+    }
+}
+
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).expect("reading a source directory") {

@@ -222,17 +222,26 @@ impl crate::link::GroupMembership for AnyGroup {
 
 /// The SDK configuration for `settings`: region, endpoint, timeouts.
 async fn sdk_config(settings: &AwsFleetSettings) -> aws_config::SdkConfig {
+    sdk_config_for(settings.region.as_deref(), settings.endpoint_url.as_deref()).await
+}
+
+/// The SDK configuration for a region and endpoint (aws-config's chain for
+/// what is not given), with the fleet's timeouts.
+pub(crate) async fn sdk_config_for(
+    region: Option<&str>,
+    endpoint_url: Option<&str>,
+) -> aws_config::SdkConfig {
     let mut loader = aws_config::defaults(BehaviorVersion::latest()).timeout_config(
         aws_config::timeout::TimeoutConfig::builder()
             .operation_timeout(OPERATION_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
             .build(),
     );
-    if let Some(region) = &settings.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
+    if let Some(region) = region {
+        loader = loader.region(aws_config::Region::new(region.to_owned()));
     }
-    if let Some(url) = &settings.endpoint_url {
-        loader = loader.endpoint_url(url.clone());
+    if let Some(url) = endpoint_url {
+        loader = loader.endpoint_url(url);
     }
     loader.load().await
 }

@@ -61,6 +61,14 @@ pub enum FleetError {
         /// permissions or an unknown group.
         retryable: bool,
     },
+    /// An ECS call failed.
+    #[error("{operation} failed for ECS cluster {cluster}: {detail}")]
+    Ecs {
+        operation: &'static str,
+        cluster: String,
+        detail: String,
+        retryable: bool,
+    },
 }
 
 impl FleetError {
@@ -69,7 +77,7 @@ impl FleetError {
     pub fn is_retryable(&self) -> bool {
         match self {
             FleetError::Spawn(_) | FleetError::Files { .. } => true,
-            FleetError::Aws { retryable, .. } => *retryable,
+            FleetError::Aws { retryable, .. } | FleetError::Ecs { retryable, .. } => *retryable,
         }
     }
 }

@@ -77,6 +77,11 @@ pub enum JobEvent {
     },
     /// A line for the job's log from the coordinator (why it waits).
     Notice(String),
+    /// The job cannot run on its runner's capacity (a size Fargate does not
+    /// take, privileged mode on Fargate…): it fails at once, saying why.
+    Refused {
+        reason: String,
+    },
     /// The attempt is gone (agent lost or interrupted); `next` says what
     /// becomes of the job.
     Lost {
@@ -172,6 +177,9 @@ pub enum Input {
     },
     /// Take a queued job out of the queue (canceled before it ran).
     Unqueue { job_id: i64 },
+    /// A queued job cannot run on its runner's capacity: it leaves the
+    /// queue and fails with `reason`.
+    Refuse { job_id: i64, reason: String },
     /// An agent connected (or reconnected) and said hello.
     Connected(AgentHello),
     /// A control message from an agent session.
@@ -256,6 +264,14 @@ pub struct AgentSnapshot {
     pub connected_for: Duration,
     pub idle_since: Option<Instant>,
     pub remote: SocketAddr,
+}
+
+/// An attempt waiting for an agent, with its job.
+#[derive(Clone, Debug)]
+pub struct QueuedAttempt {
+    pub job_id: i64,
+    pub attempt: u32,
+    pub payload: Arc<JobPayload>,
 }
 
 /// A view of a held job for status displays.
@@ -459,6 +475,17 @@ impl LeaseBook {
                 let before = self.queue.len();
                 self.queue.retain(|id| *id != job_id);
                 Reply::Applied(before != self.queue.len())
+            }
+            Input::Refuse { job_id, reason } => {
+                let queued = self
+                    .jobs
+                    .get(&job_id)
+                    .is_some_and(|j| *j.lease.state() == LeaseState::Queued);
+                if queued {
+                    self.queue.retain(|id| *id != job_id);
+                    out.event(job_id, JobEvent::Refused { reason });
+                }
+                Reply::Applied(queued)
             }
             Input::Connected(hello) => {
                 let (session, stale) = self.connected(now, &mut out, hello);
@@ -1142,6 +1169,21 @@ impl LeaseBook {
             .filter(|j| j.runner == runner && *j.lease.state() != LeaseState::Finished)
             .count();
         u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// `runner`'s attempts waiting for an agent, in queue order, with their
+    /// jobs: what a fleet that starts capacity per job (Fargate) starts.
+    pub fn queued(&self, runner: &str) -> Vec<QueuedAttempt> {
+        self.queue
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|j| j.runner == runner && *j.lease.state() == LeaseState::Queued)
+            .map(|j| QueuedAttempt {
+                job_id: j.payload.id,
+                attempt: j.lease.attempt(),
+                payload: j.payload.clone(),
+            })
+            .collect()
     }
 
     /// The connected agents, by id.

@@ -148,6 +148,7 @@ fn line(effect: &Effect) -> String {
                 format!("event {job_id} lost {attempt} {next:?}")
             }
             JobEvent::Notice(_) => format!("event {job_id} notice"),
+            JobEvent::Refused { reason } => format!("event {job_id} refused: {reason}"),
             JobEvent::Output { .. } | JobEvent::OutputEnd { .. } => {
                 format!("event {job_id} output")
             }
@@ -326,6 +327,39 @@ fn an_agent_bound_to_a_job_takes_only_that_job() {
         ],
     );
     assert_eq!(book.demand(RUNNER), 2);
+}
+
+/// A queued job its runner cannot run leaves the queue and fails with the
+/// reason; one an agent already has is not taken from it.
+#[test]
+fn a_refused_job_leaves_the_queue_with_its_reason() {
+    let mut book = LeaseBook::new(3);
+    let refuse = |job_id| Input::Refuse {
+        job_id,
+        reason: "no such size".into(),
+    };
+    let replies = play(
+        &mut book,
+        vec![
+            (0, hold(1), vec!["persist hold 1"]),
+            (0, refuse(1), vec!["event 1 refused: no such size"]),
+            (1, connect("a", 1), vec![]),
+            (
+                1,
+                hold(2),
+                vec![
+                    "persist hold 2",
+                    "count queue-wait 0s",
+                    "persist lease 2 attempt 1 agent a",
+                    "event 2 assigned 1 to a",
+                    "send a#1 assign 2/1",
+                ],
+            ),
+            (2, refuse(2), vec![]),
+        ],
+    );
+    assert_eq!(replies[1], Reply::Applied(true));
+    assert_eq!(replies[4], Reply::Applied(false));
 }
 
 #[test]
