@@ -369,7 +369,8 @@ pub struct FargateConfig {
     /// Image for jobs that name none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_image: Option<String>,
-    /// The agent link's address as tasks reach it, `host:port`.
+    /// The agent link's address as tasks reach it: `host:port`, or a host
+    /// alone for the port `agents.listen` is bound to.
     pub coordinator: String,
     /// Role ECS pulls images and writes logs with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1001,11 +1002,11 @@ fn validate_fargate(f: &FargateConfig, key: &str) -> Result<(), String> {
             "must name the image holding the agent (/servitor-agent) that tasks' init container copies",
         );
     }
-    if !f.coordinator.contains(':') {
+    if f.coordinator.trim().is_empty() || f.coordinator.contains(char::is_whitespace) {
         return fail(
             "coordinator",
             &format!(
-                "{:?} must be host:port, the agent link as tasks reach it",
+                "{:?} must be host:port (or a host alone), the agent link as tasks reach it",
                 f.coordinator
             ),
         );
@@ -1233,7 +1234,21 @@ mod tests {
         let config = Config::from_toml_str(text, "coordinator.runners.example.toml").unwrap();
         let runners = config.runners();
         let names: Vec<&str> = runners.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["lint", "build"]);
+        assert_eq!(names, ["lint", "build", "light"]);
+        let fargate = runners[2].fleet.fargate.as_ref().unwrap();
+        assert_eq!(fargate.capacity_provider, CapacityProvider::FargateSpot);
+        assert_eq!(fargate.on_demand_after_interruptions, 2);
+        let e = Config::from_toml_str(&text.replace("memory = 2048", "memory = 3000"), "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("runners[2].fleet.fargate: memory = 3000 MiB does not go with cpu = 1024"),
+            "{e}"
+        );
+        let e = Config::from_toml_str(&text.replace("cluster = \"servitor-ci\"\n", ""), "c.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `cluster`"), "{e}");
         assert_eq!(runners[0].url, "https://gitlab.example.com");
         assert_eq!(runners[0].concurrent, 10);
         assert_eq!(

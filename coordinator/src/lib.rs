@@ -408,9 +408,14 @@ pub async fn start(
                     ))
                     .into());
                 };
+                let mut fargate = fargate.clone();
+                if !fargate.coordinator.contains(':') {
+                    // A host alone: tasks dial the port the link is bound to.
+                    fargate.coordinator = format!("{}:{}", fargate.coordinator, link_addr.port());
+                }
                 let settings = fleet::fargate::FargateSettings {
                     runner: runner.name.clone(),
-                    config: fargate.clone(),
+                    config: fargate,
                     max_tasks: runner.fleet.max_instances,
                     boot_timeout: runner.fleet.boot_timeout,
                     ca_pin: pki.ca_sha256_pin(),
