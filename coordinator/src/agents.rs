@@ -39,6 +39,47 @@ const CLEAN_GOODBYE: &str = "agent closed its control stream";
 const REVOKED: &str = "agent revoked";
 /// Why a session ended when the agent's certificate ran out.
 const CERTIFICATE_EXPIRED: &str = "certificate expired";
+/// Least time between two renewals one session may start: an agent
+/// renews once in a third of its certificate's life (at least 30 s), and
+/// retries a refusal at most every second; a flood costs one signature a
+/// second, not one per message.
+const RENEW_MIN_GAP: Duration = Duration::from_secs(1);
+
+/// When a session may renew: one request at a time, and
+/// [`RENEW_MIN_GAP`] apart.
+#[derive(Debug, Default)]
+struct RenewalGate {
+    last: Option<tokio::time::Instant>,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RenewalGate {
+    /// Admits a request at `now`, or says why not. The flag it returns is
+    /// cleared when the request is answered.
+    fn admit(
+        &mut self,
+        now: tokio::time::Instant,
+    ) -> Result<Arc<std::sync::atomic::AtomicBool>, String> {
+        use std::sync::atomic::Ordering;
+        if self.busy.load(Ordering::Acquire) {
+            return Err(
+                "a renewal of this agent is already under way; wait for its answer".to_owned(),
+            );
+        }
+        if let Some(last) = self.last {
+            let since = now.saturating_duration_since(last);
+            if since < RENEW_MIN_GAP {
+                return Err(format!(
+                    "renewals come at most one a second; this one came {}ms after the last",
+                    since.as_millis()
+                ));
+            }
+        }
+        self.last = Some(now);
+        self.busy.store(true, Ordering::Release);
+        Ok(self.busy.clone())
+    }
+}
 
 /// What every agent session needs besides the core.
 #[derive(Clone, Debug)]
@@ -276,6 +317,7 @@ async fn serve_agent(
     // The link lasts as long as the agent's certificate: renewals move the
     // end, a revocation brings it forward to now.
     let (renewed_tx, mut renewed_rx) = mpsc::unbounded_channel::<SystemTime>();
+    let mut renewals = RenewalGate::default();
     let mut expires = conn.cert_expires;
     let mut expiry = deadline(expires);
     let mut revocations = link.revocations().subscribe();
@@ -307,10 +349,27 @@ async fn serve_agent(
             }
             frame = tokio::time::timeout(silence_limit, frames.next::<AgentMessage>()) => match frame {
                 Ok(Ok(Some(AgentMessage { msg: Some(agent_message::Msg::Renew(renew)) }))) => {
-                    tracker.spawn(
-                        renew_certificate(link.clone(), agent_id.clone(), renew, replies.clone(), renewed_tx.clone())
-                            .in_current_span(),
-                    );
+                    match renewals.admit(tokio::time::Instant::now()) {
+                        Ok(busy) => {
+                            let answered = renew_certificate(link.clone(), agent_id.clone(), renew, replies.clone(), renewed_tx.clone());
+                            tracker.spawn(
+                                async move {
+                                    answered.await;
+                                    busy.store(false, std::sync::atomic::Ordering::Release);
+                                }
+                                .in_current_span(),
+                            );
+                        }
+                        Err(reason) => {
+                            tracing::warn!(%reason, "refused a renewal request");
+                            let _ = replies.send(CoordinatorMessage {
+                                msg: Some(coordinator_message::Msg::Renewed(Renewed {
+                                    result: Some(renewed::Result::Refused(reason)),
+                                    valid_for_secs: 0,
+                                })),
+                            });
+                        }
+                    }
                 }
                 Ok(Ok(Some(message))) => core.agent_message(&agent_id, session, message).await,
                 Ok(Ok(None)) => break (CLEAN_GOODBYE, close_code::DONE, String::new()),
@@ -475,5 +534,24 @@ async fn grant_cache(cache: &CacheStore, assign: &mut Assign) {
         if !job.cache.is_empty() {
             assign.caches = cache.access(&job).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_come_one_at_a_time_and_a_second_apart() {
+        let mut gate = RenewalGate::default();
+        let start = tokio::time::Instant::now();
+        let busy = gate.admit(start).unwrap();
+        let e = gate.admit(start + Duration::from_secs(5)).unwrap_err();
+        assert!(e.contains("already under way"), "{e}");
+        busy.store(false, std::sync::atomic::Ordering::Release);
+        let e = gate.admit(start + Duration::from_millis(400)).unwrap_err();
+        assert!(e.contains("at most one a second"), "{e}");
+        let again = gate.admit(start + Duration::from_millis(1000)).unwrap();
+        again.store(false, std::sync::atomic::Ordering::Release);
     }
 }
