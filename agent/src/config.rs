@@ -318,7 +318,6 @@ impl AgentConfig {
             .filter(|d| !d.is_empty())
             .map_or_else(|| PathBuf::from("/builds"), PathBuf::from);
         config.instance.imds = false;
-        config.instance.instance_type = Some("fargate".to_owned());
         config.instance.market = var("SERVITOR_MARKET").filter(|m| !m.is_empty());
         let text = config.to_toml()?;
         Self::from_toml_str(&text, "the task's environment")

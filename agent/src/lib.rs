@@ -112,7 +112,10 @@ pub async fn settings_from_config(config: &AgentConfig) -> Result<AgentSettings,
             .unwrap_or_else(|| hostname.clone()),
         instance_type: pick(
             &config.instance.instance_type,
-            facts.as_ref().map(|f| f.instance_type.clone()),
+            facts
+                .as_ref()
+                .map(|f| f.instance_type.clone())
+                .or_else(|| task.as_ref().map(|(t, _)| t.instance_type())),
         ),
         availability_zone: pick(
             &config.instance.zone,

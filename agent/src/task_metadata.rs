@@ -15,15 +15,42 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BODY: usize = 256 * 1024;
 
 /// The fields of `/task` the agent uses.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct TaskFacts {
     #[serde(rename = "TaskARN")]
     pub task_arn: String,
     #[serde(rename = "AvailabilityZone", default)]
     pub availability_zone: String,
+    #[serde(rename = "Limits", default)]
+    pub limits: Option<Limits>,
+}
+
+/// The task's size as the endpoint gives it.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+pub struct Limits {
+    /// vCPUs.
+    #[serde(rename = "CPU")]
+    pub cpu: f64,
+    /// MiB.
+    #[serde(rename = "Memory")]
+    pub memory: u64,
 }
 
 impl TaskFacts {
+    /// The instance type the agent reports, from which the coordinator
+    /// prices the task: `fargate-<cpu units>-<memory MiB>`, or `fargate`
+    /// when the size is not known.
+    pub fn instance_type(&self) -> String {
+        match self.limits {
+            Some(Limits { cpu, memory }) if cpu > 0.0 => {
+                // Whole CPU units: 0.25 vCPU is 256.
+                let units = (cpu * 1024.0).round();
+                format!("fargate-{units}-{memory}")
+            }
+            _ => "fargate".to_owned(),
+        }
+    }
+
     /// The task id at the end of the ARN.
     pub fn task_id(&self) -> &str {
         self.task_arn.rsplit('/').next().unwrap_or(&self.task_arn)
@@ -115,6 +142,7 @@ mod tests {
         let facts = read(&standin.uri()).await.unwrap();
         assert_eq!(facts.task_id(), "4f1d2e");
         assert_eq!(facts.availability_zone, "eu-west-1b");
+        assert_eq!(facts.instance_type(), "fargate-1024-2048");
         let e = read("http://127.0.0.1:9/v4/x").await.unwrap_err();
         assert!(e.contains("cannot reach the task metadata endpoint"), "{e}");
     }

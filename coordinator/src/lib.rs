@@ -345,13 +345,18 @@ pub async fn start(
     } else {
         link_addr
     };
-    let prices = Arc::new(PriceBook::new(
+    let mut prices = PriceBook::new(
         config
             .budget
             .as_ref()
             .map(|b| b.on_demand_hourly_usd.clone())
             .unwrap_or_default(),
-    ));
+    );
+    // Tasks are priced by their size: the first Fargate runner's prices.
+    if let Some(fargate) = runners.iter().find_map(|r| r.fleet.fargate.as_ref()) {
+        prices = prices.with_fargate(fargate.prices.resolve());
+    }
+    let prices = Arc::new(prices);
     let ledger = match &config.budget {
         Some(_) => Some(Arc::new(std::sync::Mutex::new(
             fleet::budget::SpendLedger::open(&config.state_dir, store.clone())?,

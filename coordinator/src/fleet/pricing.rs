@@ -30,6 +30,9 @@ pub struct PricedInstance {
 pub struct PriceBook {
     spot: Mutex<HashMap<(String, String), (f64, Instant)>>,
     on_demand: BTreeMap<String, f64>,
+    /// Fargate's per-vCPU and per-GB prices, for tasks (instance types
+    /// `fargate-<cpu>-<memory MiB>`, as their agents report them).
+    fargate: Option<super::fargate::size::FargatePrices>,
     /// Instance types already warned about, so the log says it once.
     warned: Mutex<HashSet<String>>,
 }
@@ -41,6 +44,13 @@ impl PriceBook {
             on_demand,
             ..Self::default()
         }
+    }
+
+    /// The book, pricing Fargate tasks at `prices`.
+    #[must_use]
+    pub fn with_fargate(mut self, prices: super::fargate::size::FargatePrices) -> Self {
+        self.fargate = Some(prices);
+        self
     }
 
     /// Whether the Spot price of this type and zone must be fetched.
@@ -68,6 +78,12 @@ impl PriceBook {
     /// nothing; a Spot instance whose zone price is unknown takes the
     /// dearest known price of its type.
     pub fn hourly(&self, i: &PricedInstance) -> Option<f64> {
+        if let (Some(prices), Some(size)) = (
+            &self.fargate,
+            super::fargate::size::TaskSize::from_instance_type(&i.instance_type),
+        ) {
+            return Some(prices.hourly(size, i.market == "spot"));
+        }
         match i.market.as_str() {
             "local" => Some(0.0),
             "spot" => {

@@ -84,6 +84,21 @@ impl TaskSize {
         ))
     }
 
+    /// How the agent of a task of this size names its instance type:
+    /// `fargate-<cpu units>-<memory MiB>`.
+    pub fn instance_type(self) -> String {
+        format!("fargate-{}-{}", self.cpu, self.memory_mib)
+    }
+
+    /// The size an instance type made by [`TaskSize::instance_type`] names.
+    pub fn from_instance_type(instance_type: &str) -> Option<Self> {
+        let (cpu, memory) = instance_type.strip_prefix("fargate-")?.split_once('-')?;
+        Some(Self {
+            cpu: cpu.parse().ok()?,
+            memory_mib: memory.parse().ok()?,
+        })
+    }
+
     /// vCPUs, as billed.
     pub fn vcpus(self) -> f64 {
         f64::from(self.cpu) / 1024.0
@@ -193,5 +208,13 @@ mod tests {
             "{hourly}"
         );
         assert_eq!(size(512, 1024).to_string(), "0.5 vCPU and 1 GB");
+        assert_eq!(size(512, 1024).instance_type(), "fargate-512-1024");
+        assert_eq!(
+            TaskSize::from_instance_type("fargate-512-1024"),
+            Some(size(512, 1024))
+        );
+        for other in ["m5.large", "fargate", "fargate-x-1", "fargate-512"] {
+            assert_eq!(TaskSize::from_instance_type(other), None, "{other}");
+        }
     }
 }
