@@ -72,4 +72,15 @@ export SERVITOR_CFN_LINT SERVITOR_CHECKOV
 # The end-to-end tests start the built binaries: build them first.
 # --all-targets, as the tests below: the same features, so nothing is built twice.
 cargo build --workspace --all-targets
+
+# The Fargate tests run the agent inside the job's own image, which may have
+# no C library at all (the test job image is busybox alone): the agent is
+# built as a static executable there. With no musl target installed, that is
+# glibc linked statically (static-pie), in a target directory of its own so
+# its different RUSTFLAGS do not rebuild the one above.
+STATIC_TARGET="${SERVITOR_STATIC_TARGET:-${XDG_CACHE_HOME:-$HOME/.cache}/servitor-static-target}"
+RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$STATIC_TARGET" \
+  cargo build --locked -p servitor-agent --bin servitor-agent --target x86_64-unknown-linux-gnu
+export SERVITOR_STATIC_AGENT="$STATIC_TARGET/x86_64-unknown-linux-gnu/debug/servitor-agent"
+
 cargo test --workspace --all-targets "$@"

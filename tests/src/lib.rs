@@ -9,6 +9,7 @@
 pub mod aws;
 pub mod config;
 pub mod demo;
+pub mod fargate;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
