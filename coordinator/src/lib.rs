@@ -380,6 +380,9 @@ pub async fn start(
         None => None,
     };
     let mut handles = Vec::with_capacity(runners.len());
+    // What each runner's capacity costs an hour: the one budget sees all.
+    let running_hourly: Arc<std::sync::Mutex<std::collections::HashMap<String, f64>>> =
+        Arc::default();
     for (runner, system_id) in runners.iter().zip(&system_ids) {
         let mut handle = RunnerHandle {
             name: runner.name.clone(),
@@ -424,6 +427,14 @@ pub async fn start(
                     max_tasks: runner.fleet.max_instances,
                     boot_timeout: runner.fleet.boot_timeout,
                     ca_pin: pki.ca_sha256_pin(),
+                    budget: match (&config.budget, &ledger) {
+                        (Some(budget), Some(ledger)) => Some(fleet::fargate::FargateBudget {
+                            monthly_usd: budget.monthly_usd,
+                            ledger: ledger.clone(),
+                            running_hourly: Arc::clone(&running_hourly),
+                        }),
+                        _ => None,
+                    },
                 };
                 handle.fargate = Some(Arc::new(
                     fleet::fargate::FargateFleet::connect(settings, credentials.clone()).await,
@@ -478,7 +489,6 @@ pub async fn start(
         shutdown.clone(),
         tracker.clone(),
     ));
-    let running_hourly = Arc::default();
     for (runner, handle) in runners.iter().zip(&handles) {
         let fleet_settings = fleet_settings(&config, runner)?;
         let ctx = ReconcileContext {

@@ -76,6 +76,16 @@ const TAG_JOB: &str = "servitor:job";
 const TAG_ATTEMPT: &str = "servitor:attempt";
 const TAG_RUNNER: &str = "servitor:runner";
 
+/// The one monthly cap the Fargate runner shares with every runner's
+/// fleet: the ledger its tasks' cost accrues into, and what each runner's
+/// capacity costs an hour now.
+#[derive(Clone, Debug)]
+pub struct FargateBudget {
+    pub monthly_usd: f64,
+    pub ledger: Arc<Mutex<super::budget::SpendLedger>>,
+    pub running_hourly: Arc<Mutex<HashMap<String, f64>>>,
+}
+
 /// What a Fargate runner needs besides its configuration.
 #[derive(Clone, Debug)]
 pub struct FargateSettings {
@@ -87,6 +97,8 @@ pub struct FargateSettings {
     pub boot_timeout: Duration,
     /// The coordinator CA's pin, for the agents in tasks.
     pub ca_pin: String,
+    /// The monthly cap; `None` without `[budget]`.
+    pub budget: Option<FargateBudget>,
 }
 
 /// One task this runner started (or adopted).
@@ -117,6 +129,10 @@ struct FargateState {
     start_failures: HashMap<i64, u32>,
     /// The first pass looked for tasks from before a restart.
     adopted: bool,
+    /// Up to when the tasks' cost was accrued.
+    accrued_until: Option<std::time::SystemTime>,
+    /// The log said that the budget holds launches back.
+    budget_said: bool,
 }
 
 /// A runner's Fargate capacity.
@@ -654,7 +670,9 @@ impl FargateFleet {
         for (job_id, reason) in refusals {
             core.refuse_job(job_id, &reason);
         }
+        self.accrue();
         self.launch_waiting(core).await;
+        self.accrue();
         self.show(core, view);
         Ok(())
     }
@@ -692,6 +710,10 @@ impl FargateFleet {
                     continue;
                 }
             };
+            if let Some(text) = self.over_budget(&queued, &launch) {
+                core.notify_waiting(&self.settings.runner, &text);
+                return;
+            }
             if let Err(e) = self.start_task(&queued, &launch).await {
                 let failures = {
                     let mut state = self.state();
@@ -708,6 +730,84 @@ impl FargateFleet {
                 }
             }
         }
+    }
+
+    /// Adds what the tasks cost since the last pass to the month's spend,
+    /// and tells the other runners' fleets what they cost an hour now.
+    fn accrue(&self) {
+        let Some(budget) = &self.settings.budget else {
+            return;
+        };
+        let now = std::time::SystemTime::now();
+        let hourly = self.running_hourly();
+        let since = {
+            let mut state = self.state();
+            let since = state.accrued_until.replace(now);
+            since.map(|at| now.duration_since(at).unwrap_or_default())
+        };
+        if let Some(elapsed) = since {
+            budget
+                .ledger
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .accrue(now, hourly, elapsed);
+        }
+        budget
+            .running_hourly
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(self.settings.runner.clone(), hourly);
+    }
+
+    /// Why the task for `queued` would break the monthly cap, if it would:
+    /// the month's spend plus every runner's capacity and this task, run
+    /// to the month's end.
+    fn over_budget(&self, queued: &QueuedAttempt, launch: &Launch) -> Option<String> {
+        let budget = self.settings.budget.as_ref()?;
+        let now = std::time::SystemTime::now();
+        let spent = budget
+            .ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .spent(now);
+        let running: f64 = budget
+            .running_hourly
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .sum();
+        let spot = self.settings.config.capacity_provider == CapacityProvider::FargateSpot;
+        let input = super::budget::BudgetInput {
+            monthly_usd: budget.monthly_usd,
+            spent_usd: spent,
+            running_hourly_usd: running,
+            launch_hourly_usd: self.prices.hourly(launch.size, spot),
+            hours_left: super::budget::hours_left_in_month(now),
+        };
+        let mut state = self.state();
+        if super::budget::affordable_launches(&input, 1) == 1 {
+            if state.budget_said {
+                tracing::info!(
+                    spent_usd = spent,
+                    "Fargate tasks are within the budget again"
+                );
+                state.budget_said = false;
+            }
+            return None;
+        }
+        if !state.budget_said {
+            tracing::warn!(
+                job_id = queued.job_id,
+                spent_usd = spent,
+                monthly_usd = budget.monthly_usd,
+                "not starting Fargate tasks: the monthly budget would be exceeded"
+            );
+            state.budget_said = true;
+        }
+        Some(format!(
+            "Waiting for budget: a {} task would break the monthly cap of ${:.2} (${spent:.2} spent this month); the job runs when capacity frees up or the cap is raised.",
+            launch.size, budget.monthly_usd
+        ))
     }
 
     /// Takes over tasks this runner started before a restart: those whose
@@ -783,13 +883,24 @@ impl FargateFleet {
         core.metrics().set_instances(&self.settings.runner, counts);
         core.metrics()
             .set_capacity(&self.settings.runner, total, total);
+        let (spent_usd, budget_usd) = match &self.settings.budget {
+            Some(budget) => (
+                budget
+                    .ledger
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .spent(std::time::SystemTime::now()),
+                Some(budget.monthly_usd),
+            ),
+            None => (0.0, None),
+        };
         view.set(FleetSummary {
             provider: "fargate",
             instances,
             desired: None,
-            budget_held: 0,
-            spent_usd: 0.0,
-            budget_usd: None,
+            budget_held: u32::from(state.budget_said),
+            spent_usd,
+            budget_usd,
             passes: 0,
         });
     }
@@ -906,6 +1017,7 @@ mod tests {
             max_tasks: 4,
             boot_timeout: Duration::from_secs(120),
             ca_pin: "sha256:00".into(),
+            budget: None,
         }
     }
 
