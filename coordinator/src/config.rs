@@ -382,6 +382,13 @@ pub struct FargateConfig {
     pub region: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint_url: Option<String>,
+    /// How long a task definition no task uses is kept before it is
+    /// deregistered.
+    #[serde(
+        default = "default_keep_task_definitions",
+        with = "humantime_serde_compat"
+    )]
+    pub keep_task_definitions: Duration,
     /// Hourly prices (US dollars); AWS's us-east-1 Linux/x86 on-demand
     /// prices by default, and the same for Spot unless set, so a budget
     /// never counts too little.
@@ -418,6 +425,9 @@ impl FargatePricesConfig {
     }
 }
 
+fn default_keep_task_definitions() -> Duration {
+    Duration::from_secs(3600)
+}
 fn default_task_cpu() -> u32 {
     1024
 }

@@ -32,13 +32,14 @@ fn all_logs(fargate: &FargateStandIn) -> String {
 /// A coordinator whose one runner is a Fargate runner on the stand-in's
 /// cluster, with the agent image built from the static agent.
 async fn fargate_harness(boot_timeout: Duration) -> (Harness, FargateStandIn, Moto) {
-    fargate_harness_with(boot_timeout, None).await
+    fargate_harness_with(boot_timeout, None, Duration::from_secs(3600)).await
 }
 
 /// [`fargate_harness`] under a monthly budget.
 async fn fargate_harness_with(
     boot_timeout: Duration,
     monthly_usd: Option<f64>,
+    keep_task_definitions: Duration,
 ) -> (Harness, FargateStandIn, Moto) {
     aws_environment();
     ensure_test_image().await.unwrap();
@@ -81,6 +82,7 @@ async fn fargate_harness_with(
                 task_role_arn: None,
                 region: Some(REGION.to_owned()),
                 endpoint_url: Some(url.clone()),
+                keep_task_definitions,
                 prices: Default::default(),
             });
         }),
@@ -282,7 +284,12 @@ async fn a_task_that_never_enrolls_is_stopped_and_its_job_runs_on_another() {
 /// and its log says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_would_break_the_budget_is_not_started() {
-    let (mut h, fargate, _moto) = fargate_harness_with(Duration::from_secs(120), Some(0.01)).await;
+    let (mut h, fargate, _moto) = fargate_harness_with(
+        Duration::from_secs(120),
+        Some(0.01),
+        Duration::from_secs(3600),
+    )
+    .await;
     let id = h
         .standin
         .push_job(
@@ -312,5 +319,49 @@ async fn a_task_that_would_break_the_budget_is_not_started() {
         status.contains("FLEET fargate") && status.contains("of $0.01"),
         "{status}"
     );
+    h.stop().await;
+}
+
+/// A task definition no task has used for `keep_task_definitions` is
+/// deregistered; the job that used it had run green.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_task_definition_is_deregistered() {
+    let (mut h, fargate, _moto) =
+        fargate_harness_with(Duration::from_secs(120), None, Duration::from_secs(2)).await;
+    let id = h
+        .standin
+        .push_job(
+            JobSpec::new("once")
+                .variable("GIT_STRATEGY", "none")
+                .script(["echo ran"]),
+        )
+        .await
+        .unwrap();
+    let record = h.wait_final(id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(record.state, JobState::Success, "{}", record.trace_text());
+    let family = fargate.tasks()[0].family.clone();
+    let ecs = fargate.ecs_client().clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let described = ecs
+            .describe_task_definition()
+            .task_definition(&family)
+            .send()
+            .await;
+        let inactive = described
+            .as_ref()
+            .ok()
+            .and_then(|out| out.task_definition())
+            .and_then(|d| d.status())
+            .is_some_and(|s| s.as_str() == "INACTIVE");
+        if inactive {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{family} was not deregistered: {described:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     h.stop().await;
 }

@@ -114,6 +114,15 @@ struct TaskRecord {
     enrolled: bool,
     /// StopTask was sent.
     stopping: bool,
+    /// Its task definition's ARN, when known.
+    definition: Option<String>,
+}
+
+/// A task definition this runner registered.
+#[derive(Debug, Clone)]
+struct Definition {
+    arn: String,
+    last_used: Instant,
 }
 
 #[derive(Debug, Default)]
@@ -121,7 +130,10 @@ struct FargateState {
     /// By task ARN.
     tasks: HashMap<String, TaskRecord>,
     /// Registered task definitions by image and size.
-    definitions: HashMap<(String, TaskSize), String>,
+    definitions: HashMap<(String, TaskSize), Definition>,
+    /// Definitions this runner registered before a restart, by ARN, with
+    /// when they were found: deregistered once unused for long enough.
+    inherited: HashMap<String, Instant>,
     /// Spot interruptions per job.
     interruptions: HashMap<i64, u32>,
     /// Tasks per job that stopped or could not start before their agent
@@ -266,8 +278,9 @@ impl FargateFleet {
     /// The task definition for `launch`, registered on first use.
     async fn definition(&self, launch: &Launch) -> Result<String, FleetError> {
         let key = (launch.image.clone(), launch.size);
-        if let Some(arn) = self.state().definitions.get(&key) {
-            return Ok(arn.clone());
+        if let Some(known) = self.state().definitions.get_mut(&key) {
+            known.last_used = Instant::now();
+            return Ok(known.arn.clone());
         }
         let config = &self.settings.config;
         let mount = |read_only: bool| {
@@ -336,7 +349,13 @@ impl FargateFleet {
             })?
             .to_owned();
         tracing::info!(%family, image = %launch.image, size = %launch.size, "registered a task definition");
-        self.state().definitions.insert(key, arn.clone());
+        self.state().definitions.insert(
+            key,
+            Definition {
+                arn: arn.clone(),
+                last_used: Instant::now(),
+            },
+        );
         Ok(arn)
     }
 
@@ -465,6 +484,7 @@ impl FargateFleet {
                 spot,
                 enrolled: false,
                 stopping: false,
+                definition: Some(definition),
             },
         );
         Ok(arn.to_owned())
@@ -673,6 +693,7 @@ impl FargateFleet {
         self.accrue();
         self.launch_waiting(core).await;
         self.accrue();
+        self.retire_definitions().await;
         self.show(core, view);
         Ok(())
     }
@@ -836,6 +857,7 @@ impl FargateFleet {
                                 == CapacityProvider::FargateSpot,
                             enrolled: true,
                             stopping: false,
+                            definition: None,
                         },
                     );
                 }
@@ -845,8 +867,88 @@ impl FargateFleet {
                 }
             }
         }
+        // Definitions registered before the restart: kept for now, and
+        // deregistered once unused as long as any other.
+        let prefix = definition_prefix(&self.settings.runner);
+        let mut next = None;
+        loop {
+            let out = self
+                .ecs
+                .list_task_definitions()
+                .family_prefix(&prefix)
+                .status(aws_sdk_ecs::types::TaskDefinitionStatus::Active)
+                .set_next_token(next)
+                .send()
+                .await
+                .map_err(|e| ecs_error("ListTaskDefinitions", self.cluster(), e))?;
+            {
+                let mut state = self.state();
+                for arn in out.task_definition_arns() {
+                    state
+                        .inherited
+                        .entry(arn.clone())
+                        .or_insert_with(Instant::now);
+                }
+            }
+            next = out.next_token().map(str::to_owned);
+            if next.is_none() {
+                break;
+            }
+        }
         self.state().adopted = true;
         Ok(())
+    }
+
+    /// Deregisters task definitions no task has used for
+    /// `keep_task_definitions`: no new task can start from them, and the
+    /// ones running go on.
+    async fn retire_definitions(&self) {
+        let keep = self.settings.config.keep_task_definitions;
+        let unused: Vec<String> = {
+            let mut state = self.state();
+            let in_use: HashSet<String> = state
+                .tasks
+                .values()
+                .filter_map(|t| t.definition.clone())
+                .collect();
+            for definition in state.definitions.values_mut() {
+                if in_use.contains(&definition.arn) {
+                    definition.last_used = Instant::now();
+                }
+            }
+            state
+                .definitions
+                .values()
+                .filter(|d| d.last_used.elapsed() >= keep)
+                .map(|d| d.arn.clone())
+                .chain(
+                    state
+                        .inherited
+                        .iter()
+                        .filter(|(arn, found)| found.elapsed() >= keep && !in_use.contains(*arn))
+                        .map(|(arn, _)| arn.clone()),
+                )
+                .collect()
+        };
+        for arn in unused {
+            match self
+                .ecs
+                .deregister_task_definition()
+                .task_definition(&arn)
+                .send()
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(definition = %arn, unused_for = %humantime::format_duration(keep), "deregistered an unused task definition");
+                    let mut state = self.state();
+                    state.definitions.retain(|_, d| d.arn != arn);
+                    state.inherited.remove(&arn);
+                }
+                Err(e) => {
+                    tracing::warn!(definition = %arn, error = %ecs_error("DeregisterTaskDefinition", self.cluster(), e), "failed to deregister an unused task definition; trying again next pass");
+                }
+            }
+        }
     }
 
     /// Publishes the tasks as the fleet's instances, for status and
@@ -934,15 +1036,8 @@ fn tag_value<'a>(tags: &'a [(String, String)], key: &str) -> Option<&'a str> {
     tags.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
-/// The task definition family of a runner's image and size: letters,
-/// digits, `-` and `_` only, at most 255 characters.
-fn definition_family(runner: &str, launch: &Launch) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(format!(
-        "{}|{}|{}",
-        launch.image, launch.size.cpu, launch.size.memory_mib
-    ));
-    let short: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+/// The start of every task definition family of a runner.
+fn definition_prefix(runner: &str) -> String {
     let clean: String = runner
         .chars()
         .map(|c| {
@@ -953,7 +1048,19 @@ fn definition_family(runner: &str, launch: &Launch) -> String {
             }
         })
         .collect();
-    format!("servitor-{clean}-{short}")
+    format!("servitor-{clean}-")
+}
+
+/// The task definition family of a runner's image and size: letters,
+/// digits, `-` and `_` only, at most 255 characters.
+fn definition_family(runner: &str, launch: &Launch) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!(
+        "{}|{}|{}",
+        launch.image, launch.size.cpu, launch.size.memory_mib
+    ));
+    let short: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+    format!("{}{short}", definition_prefix(runner))
 }
 
 /// Runs the runner's Fargate passes until `stop`: on every change of the
@@ -1012,6 +1119,7 @@ mod tests {
                 task_role_arn: None,
                 region: Some("us-east-1".into()),
                 endpoint_url: Some("http://127.0.0.1:9".into()),
+                keep_task_definitions: Duration::from_secs(3600),
                 prices: crate::config::FargatePricesConfig::default(),
             },
             max_tasks: 4,
