@@ -481,6 +481,48 @@ impl Harness {
             c.wait().await;
         }
     }
+
+    /// Stops the coordinator (a clean stop: leases stay) and starts a new
+    /// one from the same configuration file and state. Agents find it again
+    /// only if the configuration names a fixed `agents.listen` port.
+    ///
+    /// # Errors
+    /// The new coordinator does not start.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop().await;
+        self.shutdown = CancellationToken::new();
+        let config = servitor_coordinator::config::Config::load(&self.config_path)?;
+        let secrets = config.load_secrets()?;
+        let agent = agent_binary()?;
+        // The old link's socket closes once its last connection has gone.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let started = servitor_coordinator::start(
+                config.clone(),
+                secrets.clone(),
+                StartOptions {
+                    agent_command: Some(vec![agent.display().to_string()]),
+                    local_imds_endpoints: self.imds.iter().map(ImdsStandIn::url).collect(),
+                    local_dial_addr: self.relay.as_ref().map(UdpRelay::addr),
+                },
+                self.shutdown.clone(),
+            )
+            .await;
+            match started {
+                Ok(c) => {
+                    self.coordinator = Some(c);
+                    return Ok(());
+                }
+                Err(e)
+                    if e.to_string().contains("Address already in use")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e).context("restarting the coordinator"),
+            }
+        }
+    }
 }
 
 impl Drop for Harness {

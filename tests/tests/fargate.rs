@@ -52,9 +52,16 @@ async fn fargate_harness_with(
         fargate.cluster().to_owned(),
         fargate.subnets().to_vec(),
     );
+    let link = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let options = HarnessOptions {
         executor: "shell",
         configure: Tweak::new(move |c| {
+            // A fixed port: a restarted coordinator is where the tasks'
+            // agents dial.
+            c.agents.listen = link;
             c.budget = monthly_usd.map(|monthly_usd| BudgetConfig {
                 monthly_usd,
                 on_demand_hourly_usd: Default::default(),
@@ -363,5 +370,42 @@ async fn an_unused_task_definition_is_deregistered() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    h.stop().await;
+}
+
+/// A coordinator restarted while a task runs its job adopts the task: the
+/// agent reconnects, the job finishes there, no second task is started,
+/// and GitLab sees one green job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_adopts_the_running_task() {
+    let (mut h, fargate, _moto) = fargate_harness(Duration::from_secs(120)).await;
+    let id = h
+        .standin
+        .push_job(
+            JobSpec::new("long")
+                .variable("GIT_STRATEGY", "none")
+                .script(["echo started", "sleep 5", "echo finished"]),
+        )
+        .await
+        .unwrap();
+    h.wait_trace(id, "started", Duration::from_secs(60))
+        .await
+        .unwrap();
+    h.restart().await.unwrap();
+    let record = h.wait_final(id, Duration::from_secs(90)).await.unwrap();
+    let trace = record.trace_text();
+    assert_eq!(
+        record.state,
+        JobState::Success,
+        "{trace}\n{}",
+        all_logs(&fargate)
+    );
+    assert!(trace.contains("The coordinator restarted"), "{trace}");
+    assert!(trace.contains("finished"), "{trace}");
+    assert!(
+        !trace.contains("Attempt 2"),
+        "the job went on where it ran: {trace}"
+    );
+    assert_eq!(fargate.tasks().len(), 1, "{:?}", fargate.tasks());
     h.stop().await;
 }
