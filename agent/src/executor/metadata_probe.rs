@@ -27,16 +27,19 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Each try waits up to 6 s: on a correctly set-up instance the answer never
 /// comes (hop limit 1 drops it) and the agent waits that long once at start,
 /// but a busy host must not be taken for a blocked one: calling metadata
-/// blocked when it is not is the unsafe mistake.
+/// blocked when it is not is the unsafe mistake. `nc -w` waits for the
+/// answer after the request is sent: without it busybox's `nc` quits when
+/// its input ends, which on a busy host came before the answer and read as
+/// blocked.
 const PROBE_SCRIPT: &str = r#"h=$1; p=$2
 req=$(printf 'PUT /latest/api/token HTTP/1.0\r\nHost: %s\r\nX-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n' "$h")
 answer() { if head -n 1 | grep -q ' 200'; then echo SERVITOR-REACHABLE; else echo SERVITOR-BLOCKED; fi; }
 if command -v curl >/dev/null 2>&1; then
   if curl -s -f -m 6 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' "http://$h:$p/latest/api/token" >/dev/null; then echo SERVITOR-REACHABLE; else echo SERVITOR-BLOCKED; fi
 elif command -v nc >/dev/null 2>&1; then
-  printf '%s\n' "$req" | timeout 6 nc "$h" "$p" 2>/dev/null | answer
+  printf '%s\n' "$req" | timeout 6 nc -w 6 "$h" "$p" 2>/dev/null | answer
 elif command -v busybox >/dev/null 2>&1 && busybox nc 2>&1 | grep -qi usage; then
-  printf '%s\n' "$req" | timeout 6 busybox nc "$h" "$p" 2>/dev/null | answer
+  printf '%s\n' "$req" | timeout 6 busybox nc -w 6 "$h" "$p" 2>/dev/null | answer
 elif command -v bash >/dev/null 2>&1; then
   timeout 6 bash -c 'exec 3<>/dev/tcp/$0/$1 && printf "%s\n" "$2" >&3 && cat <&3' "$h" "$p" "$req" 2>/dev/null | answer
 else
