@@ -511,6 +511,14 @@ pub async fn start(
                     .instrument(span),
             );
         } else if let Some(fleet) = &handle.fargate {
+            // Jobs held again from the lease book keep their tasks, even if
+            // the first pass comes before they are.
+            fleet.restoring(
+                stored
+                    .iter()
+                    .filter(|job| job.runner.as_deref().unwrap_or(&runners[0].name) == runner.name)
+                    .map(|job| (job.job_id, job.lease.attempt)),
+            );
             tracker.spawn(
                 fleet::fargate::run(
                     fleet.clone(),

@@ -310,6 +310,127 @@ fn busybox_rootfs(busybox: &[u8]) -> std::io::Result<Vec<u8>> {
     tar.into_inner()
 }
 
+/// Whether an ELF executable is statically linked (names no dynamic
+/// loader), so that it runs in an image without a C library. `Err` says
+/// why the bytes are not a readable ELF executable.
+pub fn is_static_executable(elf: &[u8]) -> Result<bool, &'static str> {
+    elf_has_interpreter(elf).map(|dynamic| !dynamic)
+}
+
+/// One file of an image made from nothing.
+#[derive(Clone, Copy, Debug)]
+pub struct ScratchFile<'a> {
+    /// Path inside the image, relative (`bin/tool`); its directories are
+    /// made too.
+    pub path: &'a str,
+    pub mode: u32,
+    pub contents: &'a [u8],
+}
+
+/// The label carrying the checksum and size of what a scratch image was
+/// made from.
+const SCRATCH_DIGEST_LABEL: &str = "servitor.test-scratch.digest";
+
+/// Makes sure image `tag` exists with a root file system holding only
+/// `files`, and Dockerfile instructions `changes` (`ENTRYPOINT […]`):
+/// imports it unless the image there was made from the same files and
+/// changes (a label says). Returns whether it imported.
+///
+/// # Errors
+/// A path does not fit a tar header, or the engine refuses the import.
+pub async fn ensure_scratch_image(
+    docker: &Docker,
+    tag: &str,
+    files: &[ScratchFile<'_>],
+    changes: &[String],
+) -> Result<bool, ImageError> {
+    // Tests starting together would each import it, leaving all but the
+    // last import behind as untagged images.
+    static IMPORTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _importing = IMPORTING.lock().await;
+    let archive = scratch_rootfs(files).map_err(ImageError::Archive)?;
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&archive);
+    for change in changes {
+        hasher.update(change.as_bytes());
+        hasher.update(b"\n");
+    }
+    let digest = format!("{:08x}-{}", hasher.finalize(), archive.len());
+    match docker.inspect_image(tag).await {
+        Ok(image) => {
+            let current = image
+                .config
+                .and_then(|c| c.labels)
+                .and_then(|l| l.get(SCRATCH_DIGEST_LABEL).cloned());
+            if current.as_deref() == Some(digest.as_str()) {
+                return Ok(false);
+            }
+        }
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
+        Err(source) => {
+            return Err(ImageError::Docker {
+                what: "inspect a scratch image",
+                source,
+            })
+        }
+    }
+    let mut changes = changes.to_vec();
+    changes.push(format!("LABEL {SCRATCH_DIGEST_LABEL}={digest}"));
+    let options = CreateImageOptionsBuilder::new()
+        .from_src("-")
+        .repo(tag)
+        .changes(changes)
+        .build();
+    let mut progress = docker.create_image(
+        Some(options),
+        Some(bollard::body_full(archive.into())),
+        None,
+    );
+    while let Some(item) = progress.next().await {
+        item.map_err(|source| ImageError::Docker {
+            what: "import a scratch image",
+            source,
+        })?;
+    }
+    Ok(true)
+}
+
+/// `files` and their directories as an uncompressed tar archive, every
+/// entry owned by root with a zero time.
+fn scratch_rootfs(files: &[ScratchFile<'_>]) -> std::io::Result<Vec<u8>> {
+    const DIR_MODE: u32 = 0o755;
+    let mut tar = tar::Builder::new(Vec::new());
+    let header = |kind: tar::EntryType, mode: u32, size: usize| {
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_size(size as u64);
+        header
+    };
+    let mut dirs = std::collections::BTreeSet::new();
+    for file in files {
+        let mut parent = std::path::Path::new(file.path).parent();
+        while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(format!("{}/", dir.display()));
+            parent = dir.parent();
+        }
+    }
+    for dir in dirs {
+        let mut h = header(tar::EntryType::Directory, DIR_MODE, 0);
+        tar.append_data(&mut h, dir, std::io::empty())?;
+    }
+    for file in files {
+        let mut h = header(tar::EntryType::Regular, file.mode, file.contents.len());
+        tar.append_data(&mut h, file.path, file.contents)?;
+    }
+    tar.into_inner()
+}
+
 /// The host's address on Docker's default bridge: what a container
 /// reaches, as it reaches 169.254.169.254 on EC2 when the hop limit allows.
 /// A stand-in bound there is reachable from job containers.
@@ -388,5 +509,49 @@ mod tests {
         assert_eq!(elf_has_interpreter(&dynamic), Ok(true));
         assert!(elf_has_interpreter(b"#!/bin/sh\n").is_err());
         assert!(elf_has_interpreter(&busybox[..64]).is_err());
+    }
+
+    #[test]
+    fn a_scratch_root_file_system_holds_the_files_and_their_directories() {
+        let archive = scratch_rootfs(&[
+            ScratchFile {
+                path: "servitor-agent",
+                mode: 0o755,
+                contents: b"agent",
+            },
+            ScratchFile {
+                path: "opt/data/payload.txt",
+                mode: 0o600,
+                contents: b"payload",
+            },
+        ])
+        .unwrap();
+        let mut read = tar::Archive::new(archive.as_slice());
+        let entries: Vec<(String, u32, Vec<u8>)> = read
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let path = e.path().unwrap().display().to_string();
+                let mode = e.header().mode().unwrap();
+                let mut body = Vec::new();
+                std::io::Read::read_to_end(&mut e, &mut body).unwrap();
+                (path, mode, body)
+            })
+            .collect();
+        assert_eq!(
+            entries,
+            vec![
+                ("opt/".to_owned(), 0o755, Vec::new()),
+                ("opt/data/".to_owned(), 0o755, Vec::new()),
+                ("servitor-agent".to_owned(), 0o755, b"agent".to_vec()),
+                (
+                    "opt/data/payload.txt".to_owned(),
+                    0o600,
+                    b"payload".to_vec()
+                ),
+            ]
+        );
+        assert!(is_static_executable(b"#!/bin/sh\n").is_err());
     }
 }

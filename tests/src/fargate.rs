@@ -37,6 +37,7 @@ use bollard::query_parameters::{
     StartContainerOptions,
 };
 use bollard::Docker;
+pub use servitor_testkit::image::{ensure_scratch_image, ScratchFile};
 use servitor_testkit::task_metadata::{TaskMetadataStandIn, TaskSpec};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -1357,9 +1358,9 @@ pub async fn ensure_agent_image(docker: &Docker) -> anyhow::Result<String> {
     let agent = tokio::fs::read(&path)
         .await
         .with_context(|| format!("reading {}", path.display()))?;
-    if elf_names_loader(&agent)
-        .with_context(|| format!("{} is not an executable", path.display()))?
-    {
+    let is_static = servitor_testkit::image::is_static_executable(&agent)
+        .map_err(|why| anyhow::anyhow!("{} is not an executable: {why}", path.display()))?;
+    if !is_static {
         bail!("{} is dynamically linked and would not run in an image without a C library; build it as tests/run.sh does (RUSTFLAGS=\"-C target-feature=+crt-static\", --target x86_64-unknown-linux-gnu)", path.display());
     }
     ensure_scratch_image(
@@ -1374,199 +1375,6 @@ pub async fn ensure_agent_image(docker: &Docker) -> anyhow::Result<String> {
     )
     .await?;
     Ok(AGENT_IMAGE.to_owned())
-}
-
-/// Whether a 64-bit little-endian ELF executable names a dynamic loader
-/// (has a `PT_INTERP` program header).
-fn elf_names_loader(elf: &[u8]) -> anyhow::Result<bool> {
-    const PT_INTERP: u32 = 3;
-    let read = |offset: usize, len: usize| -> anyhow::Result<u64> {
-        let bytes = offset
-            .checked_add(len)
-            .and_then(|end| elf.get(offset..end))
-            .context("truncated ELF file")?;
-        Ok(bytes
-            .iter()
-            .rev()
-            .fold(0u64, |value, &b| (value << 8) | u64::from(b)))
-    };
-    if elf.get(..4) != Some(b"\x7fELF") || elf.get(4) != Some(&2) || elf.get(5) != Some(&1) {
-        bail!("not a 64-bit little-endian ELF file");
-    }
-    let phoff = usize::try_from(read(0x20, 8)?)?;
-    let phentsize = usize::try_from(read(0x36, 2)?)?;
-    let phnum = usize::try_from(read(0x38, 2)?)?;
-    for i in 0..phnum {
-        let offset = i
-            .checked_mul(phentsize)
-            .and_then(|o| o.checked_add(phoff))
-            .context("truncated ELF file")?;
-        if read(offset, 4)? == u64::from(PT_INTERP) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
-}
-
-/// One file of an image made from nothing.
-#[derive(Clone, Copy, Debug)]
-pub struct ScratchFile<'a> {
-    /// Path inside the image, relative (`bin/busybox`); its directories are
-    /// made too.
-    pub path: &'a str,
-    pub mode: u32,
-    pub contents: &'a [u8],
-}
-
-/// Makes sure image `tag` exists with a root file system holding only
-/// `files`, and Dockerfile instructions `changes` (`ENTRYPOINT […]`,
-/// `LABEL k=v`): imports it (`docker import` of a tar archive built in
-/// memory) unless the image there was made from the same archive and
-/// changes. Returns whether it imported.
-///
-/// # Errors
-/// A path does not fit a tar header, or Docker refuses the import.
-pub async fn ensure_scratch_image(
-    docker: &Docker,
-    tag: &str,
-    files: &[ScratchFile<'_>],
-    changes: &[String],
-) -> anyhow::Result<bool> {
-    /// The label carrying the checksum and size of what the image was made
-    /// from.
-    const DIGEST_LABEL: &str = "servitor.test-scratch.digest";
-    // Tests starting together would each import it, leaving all but the
-    // last import behind as untagged images.
-    static IMPORTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    let _importing = IMPORTING.lock().await;
-    let archive = tar_archive(files)?;
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&archive);
-    for change in changes {
-        hasher.update(change.as_bytes());
-        hasher.update(b"\n");
-    }
-    let digest = format!("{:08x}-{}", hasher.finalize(), archive.len());
-    match docker.inspect_image(tag).await {
-        Ok(image) => {
-            let current = image
-                .config
-                .and_then(|c| c.labels)
-                .and_then(|l| l.get(DIGEST_LABEL).cloned());
-            if current.as_deref() == Some(digest.as_str()) {
-                return Ok(false);
-            }
-        }
-        Err(BollardError::DockerResponseServerError {
-            status_code: 404, ..
-        }) => {}
-        Err(e) => return Err(e).with_context(|| format!("inspecting image {tag}")),
-    }
-    let mut changes = changes.to_vec();
-    changes.push(format!("LABEL {DIGEST_LABEL}={digest}"));
-    let mut command = tokio::process::Command::new("docker");
-    command.arg("import");
-    for change in changes {
-        command.arg("--change").arg(change);
-    }
-    let mut child = command
-        .arg("-")
-        .arg(tag)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context(
-            "running `docker import` (the docker command is needed, as for the other Docker tests)",
-        )?;
-    let mut stdin = child.stdin.take().context("docker import has no stdin")?;
-    let write = async move {
-        use tokio::io::AsyncWriteExt;
-        stdin.write_all(&archive).await?;
-        stdin.shutdown().await
-    };
-    let (written, output) = tokio::join!(write, async {
-        // wait_with_output would take the child; read stderr by hand.
-        let mut stderr = String::new();
-        if let Some(mut pipe) = child.stderr.take() {
-            use tokio::io::AsyncReadExt;
-            let _ = pipe.read_to_string(&mut stderr).await;
-        }
-        (child.wait().await, stderr)
-    });
-    let (status, stderr) = output;
-    let status = status.context("waiting for docker import")?;
-    if !status.success() {
-        bail!(
-            "docker import of {tag} failed ({status}): {}",
-            stderr.trim()
-        );
-    }
-    written.with_context(|| format!("feeding the root file system of {tag} to docker import"))?;
-    Ok(true)
-}
-
-/// An uncompressed POSIX tar archive of `files` and their directories, all
-/// owned by root with a zero time.
-fn tar_archive(files: &[ScratchFile<'_>]) -> anyhow::Result<Vec<u8>> {
-    const BLOCK: usize = 512;
-    const DIR_MODE: u32 = 0o755;
-    let mut archive = Vec::new();
-    let mut dirs: HashSet<String> = HashSet::new();
-    for file in files {
-        let path = file.path.trim_start_matches('/');
-        let mut parent = String::new();
-        let parts: Vec<&str> = path.split('/').collect();
-        for part in &parts[..parts.len().saturating_sub(1)] {
-            parent.push_str(part);
-            parent.push('/');
-            if dirs.insert(parent.clone()) {
-                archive.extend_from_slice(&tar_header(&parent, DIR_MODE, 0, b'5')?);
-            }
-        }
-        archive.extend_from_slice(&tar_header(path, file.mode, file.contents.len(), b'0')?);
-        archive.extend_from_slice(file.contents);
-        let padding = (BLOCK - file.contents.len() % BLOCK) % BLOCK;
-        archive.resize(archive.len() + padding, 0);
-    }
-    // The end of an archive: two zero blocks.
-    archive.resize(archive.len() + 2 * BLOCK, 0);
-    Ok(archive)
-}
-
-/// A ustar header block (POSIX.1-1988) for `path`, of entry type `kind`
-/// (`b'0'` file, `b'5'` directory).
-fn tar_header(path: &str, mode: u32, size: usize, kind: u8) -> anyhow::Result<[u8; 512]> {
-    /// Where the name field ends, and the checksum field's place.
-    const NAME_LEN: usize = 100;
-    const CHECKSUM: std::ops::Range<usize> = 148..156;
-    let mut header = [0u8; 512];
-    if path.len() >= NAME_LEN {
-        bail!(
-            "{path} is too long for a tar header ({} bytes, at most {})",
-            path.len(),
-            NAME_LEN - 1
-        );
-    }
-    let mut put = |offset: usize, value: &[u8]| {
-        header[offset..offset + value.len()].copy_from_slice(value);
-    };
-    put(0, path.as_bytes());
-    put(100, format!("{mode:07o}\0").as_bytes());
-    put(108, b"0000000\0"); // uid
-    put(116, b"0000000\0"); // gid
-    put(124, format!("{size:011o}\0").as_bytes());
-    put(136, b"00000000000\0"); // mtime
-    put(156, &[kind]);
-    put(257, b"ustar\0");
-    put(263, b"00");
-    put(265, b"root");
-    put(297, b"root");
-    // The checksum is taken with its own field as spaces.
-    header[CHECKSUM].fill(b' ');
-    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
-    header[CHECKSUM].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-    Ok(header)
 }
 
 #[cfg(test)]
@@ -1629,73 +1437,5 @@ mod tests {
             container("b", true, &[("a", ContainerCondition::Start)]),
         ];
         assert!(plan(&cycle).unwrap_err().contains("cycle"));
-    }
-
-    #[test]
-    fn the_tar_archive_is_read_back_by_tar() {
-        let archive = tar_archive(&[
-            ScratchFile {
-                path: "bin/tool",
-                mode: 0o755,
-                contents: b"#!tool\n",
-            },
-            ScratchFile {
-                path: "payload.txt",
-                mode: 0o644,
-                contents: &[b'x'; 700],
-            },
-        ])
-        .unwrap();
-        assert_eq!(archive.len() % 512, 0);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.tar");
-        std::fs::write(&path, &archive).unwrap();
-        let out = std::process::Command::new("tar")
-            .arg("-tvf")
-            .arg(&path)
-            .output()
-            .expect("this test needs tar on the host to read the archive back");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let listing = String::from_utf8_lossy(&out.stdout);
-        assert!(listing.contains("drwxr-xr-x root/root"), "{listing}");
-        assert!(
-            listing.contains("-rwxr-xr-x root/root         7"),
-            "{listing}"
-        );
-        assert!(listing.contains("bin/tool"), "{listing}");
-        assert!(
-            listing.contains("700") && listing.contains("payload.txt"),
-            "{listing}"
-        );
-        let extract = std::process::Command::new("tar")
-            .arg("-xf")
-            .arg(&path)
-            .arg("-C")
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(extract.status.success());
-        assert_eq!(
-            std::fs::read(dir.path().join("bin/tool")).unwrap(),
-            b"#!tool\n"
-        );
-        assert!(tar_header(&"x".repeat(100), 0o644, 0, b'0').is_err());
-    }
-
-    #[test]
-    fn static_and_dynamic_executables_are_told_apart() {
-        let busybox = std::fs::read(servitor_testkit::image::BUSYBOX_PATH).unwrap_or_else(|e| {
-            panic!(
-                "this test needs {}: {e}; install Debian's busybox-static",
-                servitor_testkit::image::BUSYBOX_PATH
-            )
-        });
-        assert!(!elf_names_loader(&busybox).unwrap());
-        assert!(elf_names_loader(&std::fs::read("/bin/ls").unwrap()).unwrap());
-        assert!(elf_names_loader(b"#!/bin/sh\n").is_err());
     }
 }

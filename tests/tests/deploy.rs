@@ -375,17 +375,7 @@ fn the_plain_policy_documents_are_the_stacks() {
 /// and the policy must allow nothing else of Auto Scaling or EC2.
 #[test]
 fn the_policy_allows_exactly_the_calls_the_coordinator_makes() {
-    let mut called = BTreeSet::new();
-    for entry in walk(&root().join("coordinator/src")) {
-        let text = std::fs::read_to_string(&entry).expect("reading coordinator source");
-        for (at, _) in text.match_indices("aws_error(") {
-            let rest = text[at + "aws_error(".len()..].trim_start();
-            if let Some(rest) = rest.strip_prefix('"') {
-                let name = &rest[..rest.find('"').expect("a closed string")];
-                called.insert(name.to_owned());
-            }
-        }
-    }
+    let called = calls_named_by("aws_error(");
     assert!(
         called.contains("SetDesiredCapacity") && called.len() >= 5,
         "the scan found the coordinator's calls: {called:?}"
@@ -419,17 +409,10 @@ fn the_policy_allows_exactly_the_calls_the_coordinator_makes() {
 /// the tagging and role passing those calls need), on its cluster only.
 #[test]
 fn the_fargate_policy_allows_exactly_the_calls_the_fargate_runner_makes() {
-    let mut called = BTreeSet::new();
-    for entry in walk(&root().join("coordinator/src")) {
-        let text = std::fs::read_to_string(&entry).expect("reading coordinator source");
-        for (at, _) in text.match_indices("ecs_error(") {
-            let rest = text[at + "ecs_error(".len()..].trim_start();
-            if let Some(rest) = rest.strip_prefix('"') {
-                let name = &rest[..rest.find('"').expect("a closed string")];
-                called.insert(format!("ecs:{name}"));
-            }
-        }
-    }
+    let mut called: BTreeSet<String> = calls_named_by("ecs_error(")
+        .into_iter()
+        .map(|name| format!("ecs:{name}"))
+        .collect();
     assert!(
         called.contains("ecs:RunTask") && called.len() >= 5,
         "the scan found the Fargate runner's calls: {called:?}"
@@ -461,6 +444,23 @@ fn the_fargate_policy_allows_exactly_the_calls_the_fargate_runner_makes() {
             "{actions} is allowed on any resource without a condition"
         );
     }
+}
+
+/// The AWS calls the coordinator's source names to `mapper` (its error
+/// mapping, called with the operation's name first).
+fn calls_named_by(mapper: &str) -> BTreeSet<String> {
+    let mut called = BTreeSet::new();
+    for entry in walk(&root().join("coordinator/src")) {
+        let text = std::fs::read_to_string(&entry).expect("reading coordinator source");
+        for (at, _) in text.match_indices(mapper) {
+            let rest = text[at + mapper.len()..].trim_start();
+            if let Some(rest) = rest.strip_prefix('"') {
+                let name = &rest[..rest.find('"').expect("a closed string")];
+                called.insert(name.to_owned());
+            }
+        }
+    }
+    called
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -93,27 +93,38 @@ pub struct AwsFleet {
     state: Mutex<AwsState>,
 }
 
+/// What an AWS SDK error says: whether the next try may succeed (a
+/// timeout, an unreachable endpoint, or a service error `retryable_code`
+/// accepts), the service's error code, and the whole error as text.
+pub(crate) fn sdk_error_parts<E, R>(
+    e: &SdkError<E, R>,
+    retryable_code: impl Fn(&str) -> bool,
+) -> (bool, Option<String>, String)
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let retryable = match e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(s) => s.err().code().is_some_and(&retryable_code),
+        _ => false,
+    };
+    let code = match e {
+        SdkError::ServiceError(s) => s.err().code().map(str::to_owned),
+        _ => None,
+    };
+    (retryable, code, DisplayErrorContext(e).to_string())
+}
+
 /// Maps an SDK error to a [`FleetError`] naming the call and the group.
 fn aws_error<E, R>(operation: &'static str, group: &str, e: SdkError<E, R>) -> FleetError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    let retryable = match &e {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            true
-        }
-        SdkError::ServiceError(s) => s
-            .err()
-            .code()
-            .is_some_and(|code| RETRYABLE_CODES.contains(&code)),
-        _ => false,
-    };
-    let code = match &e {
-        SdkError::ServiceError(s) => s.err().code().map(str::to_owned),
-        _ => None,
-    };
-    let mut detail = DisplayErrorContext(&e).to_string();
+    let (retryable, code, mut detail) = sdk_error_parts(&e, |code| RETRYABLE_CODES.contains(&code));
     if let Some(code) = code {
         if code.contains("AccessDenied") || code.contains("UnauthorizedOperation") {
             detail.push_str("; the coordinator's IAM role needs the policy in deploy/iam/coordinator-policy.json: autoscaling:DescribeAutoScalingGroups, DescribeAutoScalingInstances and ec2:DescribeInstances, DescribeLaunchTemplateVersions, DescribeSpotPriceHistory on any resource; autoscaling:SetDesiredCapacity, SetInstanceProtection, TerminateInstanceInAutoScalingGroup, CompleteLifecycleAction on the group");

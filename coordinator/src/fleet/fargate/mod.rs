@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_sdk_ecs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ecs::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ecs::types::{
     AssignPublicIp, AwsVpcConfiguration, CapacityProviderStrategyItem, Compatibility,
     ContainerCondition, ContainerDefinition, ContainerDependency, ContainerOverride, KeyValuePair,
@@ -141,6 +141,9 @@ struct FargateState {
     start_failures: HashMap<i64, u32>,
     /// The first pass looked for tasks from before a restart.
     adopted: bool,
+    /// Jobs and attempts found in the lease book at start: their tasks are
+    /// adopted even if the first pass comes before the jobs are held again.
+    restored: HashMap<i64, u32>,
     /// Up to when the tasks' cost was accrued.
     accrued_until: Option<std::time::SystemTime>,
     /// The log said that the budget holds launches back.
@@ -170,22 +173,12 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    let retryable = match &e {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            true
-        }
-        SdkError::ServiceError(s) => s.err().code().is_some_and(|code| {
-            code.contains("Throttl") || code == "ServerException" || code == "ServiceUnavailable"
-        }),
-        _ => false,
-    };
-    let mut detail = DisplayErrorContext(&e).to_string();
-    if let SdkError::ServiceError(s) = &e {
-        if s.err().code().is_some_and(|c| c.contains("AccessDenied")) {
-            detail.push_str(
-                "; the coordinator's role needs deploy/iam/coordinator-fargate-policy.json",
-            );
-        }
+    let (retryable, code, mut detail) = super::aws::sdk_error_parts(&e, |code| {
+        code.contains("Throttl") || code == "ServerException" || code == "ServiceUnavailable"
+    });
+    if code.is_some_and(|c| c.contains("AccessDenied")) {
+        detail
+            .push_str("; the coordinator's role needs deploy/iam/coordinator-fargate-policy.json");
     }
     FleetError::Ecs {
         operation,
@@ -210,6 +203,12 @@ impl FargateFleet {
             credentials,
             state: Mutex::new(FargateState::default()),
         }
+    }
+
+    /// Tells the runner which of its jobs (and attempts) the lease book
+    /// held at start, before its first pass: their running tasks are kept.
+    pub fn restoring(&self, jobs: impl IntoIterator<Item = (i64, u32)>) {
+        self.state().restored.extend(jobs);
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, FargateState> {
@@ -835,6 +834,10 @@ impl FargateFleet {
     /// job is held at that attempt go on; the others are stopped.
     async fn adopt(&self, held: &HashMap<i64, u32>) -> Result<(), FleetError> {
         let found = self.list_running().await?;
+        let mut held = held.clone();
+        for (job, attempt) in std::mem::take(&mut self.state().restored) {
+            held.entry(job).or_insert(attempt);
+        }
         for (arn, tagged) in found {
             if self.state().tasks.contains_key(&arn) {
                 continue;
