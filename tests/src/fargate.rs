@@ -1326,6 +1326,95 @@ async fn remove_owned(docker: &Docker, owner: &str) {
     }
 }
 
+/// A coordinator whose one runner is a Fargate runner, as the tests and
+/// the bench run it.
+#[derive(Clone, Copy, Debug)]
+pub struct FargateRunner {
+    /// How long a task may take for its agent to enroll.
+    pub boot_timeout: Duration,
+    /// A monthly cap, if any.
+    pub monthly_usd: Option<f64>,
+    pub keep_task_definitions: Duration,
+}
+
+impl Default for FargateRunner {
+    fn default() -> Self {
+        Self {
+            boot_timeout: Duration::from_secs(120),
+            monthly_usd: None,
+            keep_task_definitions: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Starts moto, the Fargate stand-in on its cluster, and a coordinator
+/// (under the GitLab stand-in) whose one runner is a Fargate runner there:
+/// 0.5 vCPU and 1 GB tasks of the job's image (the busybox test image by
+/// default) on `FARGATE_SPOT`, on-demand after one interruption, with the
+/// agent image built from the static agent. The agent link has a fixed
+/// port, so a restarted coordinator is where the tasks' agents dial.
+///
+/// # Errors
+/// Any part that does not start, named.
+pub async fn start_fargate_runner(
+    runner: FargateRunner,
+) -> anyhow::Result<(crate::Harness, FargateStandIn, Moto)> {
+    use servitor_coordinator::config::{
+        BudgetConfig, CapacityProvider, FargateConfig, FleetProvider,
+    };
+    crate::aws::aws_environment();
+    crate::ensure_test_image().await?;
+    let docker = Docker::connect_with_defaults().context("connecting to Docker")?;
+    let agent_image = ensure_agent_image(&docker).await?;
+    let moto = Moto::start().await?;
+    let fargate = FargateStandIn::start(&moto).await?;
+    let (url, cluster, subnets) = (
+        moto.url().to_owned(),
+        fargate.cluster().to_owned(),
+        fargate.subnets().to_vec(),
+    );
+    let link = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+    let options = crate::HarnessOptions {
+        executor: "shell",
+        configure: crate::config::Tweak::new(move |c| {
+            c.agents.listen = link;
+            c.budget = runner.monthly_usd.map(|monthly_usd| BudgetConfig {
+                monthly_usd,
+                on_demand_hourly_usd: std::collections::BTreeMap::new(),
+            });
+            let fleet = c.fleet_mut();
+            fleet.provider = FleetProvider::Fargate;
+            fleet.max_instances = 4;
+            fleet.boot_timeout = runner.boot_timeout;
+            fleet.fargate = Some(FargateConfig {
+                cluster: cluster.clone(),
+                subnets: subnets.clone(),
+                // moto's RunTask fails (HTTP 500, KeyError) without one;
+                // it accepts any id.
+                security_groups: vec!["sg-0123456789abcdef0".to_owned()],
+                assign_public_ip: false,
+                capacity_provider: CapacityProvider::FargateSpot,
+                on_demand_after_interruptions: 1,
+                cpu: 512,
+                memory: 1024,
+                agent_image: agent_image.clone(),
+                default_image: Some(crate::TEST_IMAGE.to_owned()),
+                // The tasks' containers share the host's network here.
+                coordinator: "127.0.0.1".to_owned(),
+                execution_role_arn: None,
+                task_role_arn: None,
+                region: Some(REGION.to_owned()),
+                endpoint_url: Some(url.clone()),
+                keep_task_definitions: runner.keep_task_definitions,
+                prices: servitor_coordinator::config::FargatePricesConfig::default(),
+            });
+        }),
+        ..crate::HarnessOptions::default()
+    };
+    let h = crate::Harness::start(options).await?;
+    Ok((h, fargate, moto))
+}
+
 /// The agent built as a static executable, which runs in any job image
 /// (one without a C library too). `tests/run.sh` builds it and sets
 /// `SERVITOR_STATIC_AGENT` to it.

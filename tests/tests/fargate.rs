@@ -7,12 +7,11 @@
 
 use std::time::Duration;
 
-use servitor_coordinator::config::{BudgetConfig, CapacityProvider, FargateConfig, FleetProvider};
 use servitor_proto::job::Service;
 use servitor_testkit::gitlab::{JobSpec, JobState};
-use servitor_tests::aws::{aws_environment, Moto, REGION};
-use servitor_tests::fargate::{ensure_agent_image, FargateStandIn};
-use servitor_tests::{config::Tweak, ensure_test_image, Harness, HarnessOptions, TEST_IMAGE};
+use servitor_tests::aws::Moto;
+use servitor_tests::fargate::{start_fargate_runner, FargateRunner, FargateStandIn};
+use servitor_tests::{Harness, TEST_IMAGE};
 
 /// Every task's container logs, for failure messages.
 fn all_logs(fargate: &FargateStandIn) -> String {
@@ -30,73 +29,25 @@ fn all_logs(fargate: &FargateStandIn) -> String {
 }
 
 /// A coordinator whose one runner is a Fargate runner on the stand-in's
-/// cluster, with the agent image built from the static agent.
+/// cluster.
 async fn fargate_harness(boot_timeout: Duration) -> (Harness, FargateStandIn, Moto) {
     fargate_harness_with(boot_timeout, None, Duration::from_secs(3600)).await
 }
 
-/// [`fargate_harness`] under a monthly budget.
+/// [`fargate_harness`] under a monthly budget, keeping unused task
+/// definitions so long.
 async fn fargate_harness_with(
     boot_timeout: Duration,
     monthly_usd: Option<f64>,
     keep_task_definitions: Duration,
 ) -> (Harness, FargateStandIn, Moto) {
-    aws_environment();
-    ensure_test_image().await.unwrap();
-    let docker = bollard::Docker::connect_with_defaults().unwrap();
-    let agent_image = ensure_agent_image(&docker).await.unwrap();
-    let moto = Moto::start().await.unwrap();
-    let fargate = FargateStandIn::start(&moto).await.unwrap();
-    let (url, cluster, subnets) = (
-        moto.url().to_owned(),
-        fargate.cluster().to_owned(),
-        fargate.subnets().to_vec(),
-    );
-    let link = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let options = HarnessOptions {
-        executor: "shell",
-        configure: Tweak::new(move |c| {
-            // A fixed port: a restarted coordinator is where the tasks'
-            // agents dial.
-            c.agents.listen = link;
-            c.budget = monthly_usd.map(|monthly_usd| BudgetConfig {
-                monthly_usd,
-                on_demand_hourly_usd: Default::default(),
-            });
-            let fleet = c.fleet_mut();
-            fleet.provider = FleetProvider::Fargate;
-            fleet.max_instances = 4;
-            fleet.boot_timeout = boot_timeout;
-            fleet.fargate = Some(FargateConfig {
-                cluster: cluster.clone(),
-                subnets: subnets.clone(),
-                // moto's RunTask fails (HTTP 500, KeyError) without one;
-                // it accepts any id.
-                security_groups: vec!["sg-0123456789abcdef0".to_owned()],
-                assign_public_ip: false,
-                capacity_provider: CapacityProvider::FargateSpot,
-                on_demand_after_interruptions: 1,
-                cpu: 512,
-                memory: 1024,
-                agent_image: agent_image.clone(),
-                default_image: Some(TEST_IMAGE.to_owned()),
-                // The tasks' containers share the host's network here.
-                coordinator: "127.0.0.1".to_owned(),
-                execution_role_arn: None,
-                task_role_arn: None,
-                region: Some(REGION.to_owned()),
-                endpoint_url: Some(url.clone()),
-                keep_task_definitions,
-                prices: Default::default(),
-            });
-        }),
-        ..HarnessOptions::default()
-    };
-    let h = Harness::start(options).await.unwrap();
-    (h, fargate, moto)
+    start_fargate_runner(FargateRunner {
+        boot_timeout,
+        monthly_usd,
+        keep_task_definitions,
+    })
+    .await
+    .unwrap()
 }
 
 /// A job runs green in its own image as a task of its own: the agent came

@@ -64,8 +64,9 @@ const JOB_MEMORY_RESERVATION: i32 = 128;
 const MAX_START_FAILURES: u32 = 3;
 /// How often a pass runs with nothing happening.
 const TICK: Duration = Duration::from_secs(2);
-/// Lets a burst of changes settle into one pass.
-const SETTLE: Duration = Duration::from_millis(200);
+/// Lets a burst of changes settle into one pass; short, as each waiting
+/// attempt gets a RunTask of its own anyway, and the job waits for it.
+const SETTLE: Duration = Duration::from_millis(20);
 /// DescribeTasks takes at most this many tasks per call.
 const DESCRIBE_BATCH: usize = 100;
 /// CI variables a job may set to choose its task size.
