@@ -144,15 +144,16 @@ impl JobApi {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(JobApiError::BadUrl(url.to_owned()));
         }
-        let http = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(RESPONSE_TIMEOUT)
-            // Redirects are followed by hand: the job token goes to GitLab
-            // only, never to the object store it redirects to.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(JobApiError::transport("build the HTTP client"))?;
+        let http = http_client(|| {
+            reqwest::Client::builder()
+                .user_agent(USER_AGENT)
+                .connect_timeout(CONNECT_TIMEOUT)
+                .read_timeout(RESPONSE_TIMEOUT)
+                // Redirects are followed by hand: the job token goes to
+                // GitLab only, never to the object store it redirects to.
+                .redirect(reqwest::redirect::Policy::none())
+        })
+        .map_err(JobApiError::transport("build the HTTP client"))?;
         Ok(Self {
             http,
             base: base.to_owned(),
@@ -420,6 +421,32 @@ async fn detail(response: reqwest::Response) -> String {
     } else {
         let short: String = line.chars().take(200).collect();
         format!(": {short}")
+    }
+}
+
+/// Builds an HTTP client from `make`, trusting the system's certificate
+/// authorities, or — where there are none, as in a job image without
+/// `ca-certificates` that a Fargate task's agent runs in — the Mozilla
+/// roots built into the agent, saying so once.
+///
+/// # Errors
+/// The client cannot be built even with the built-in roots.
+pub(crate) fn http_client(
+    make: impl Fn() -> reqwest::ClientBuilder,
+) -> Result<reqwest::Client, reqwest::Error> {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    match make().build() {
+        Ok(client) => Ok(client),
+        Err(system) => {
+            let roots = webpki_root_certs::TLS_SERVER_ROOT_CERTS
+                .iter()
+                .filter_map(|der| reqwest::Certificate::from_der(der).ok());
+            let client = make().tls_certs_only(roots).build()?;
+            SAID.call_once(|| {
+                tracing::warn!(error = %system, "no usable certificate authorities on this system (no ca-certificates in the image?); trusting the Mozilla roots built into the agent");
+            });
+            Ok(client)
+        }
     }
 }
 

@@ -66,8 +66,11 @@ async fn a_job_runs_green_in_its_own_image_as_a_fargate_task() {
                 .script([
                     "echo \"credential=[${SERVITOR_TASK_CREDENTIAL:-}]\"",
                     "test ! -e /lib/libc.so.6 && echo no glibc here",
+                    "echo built > out.txt",
                     "printf 'done'",
-                ]),
+                ])
+                // Uploaded from an image with no certificate authorities.
+                .artifact_paths(["out.txt"]),
         )
         .await
         .unwrap();
@@ -85,6 +88,7 @@ async fn a_job_runs_green_in_its_own_image_as_a_fargate_task() {
         trace.contains("done"),
         "output without a final newline: {trace}"
     );
+    assert_eq!(record.artifacts.len(), 1, "{trace}");
     let tasks = fargate.tasks();
     assert_eq!(tasks.len(), 1, "{tasks:?}");
     assert_eq!(tasks[0].image, TEST_IMAGE, "the job's own image");
