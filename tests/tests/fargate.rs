@@ -96,10 +96,8 @@ async fn a_job_runs_green_in_its_own_image_as_a_fargate_task() {
         "the task to stop after its one job",
         Duration::from_secs(30),
         || {
-            fargate
-                .tasks()
-                .first()
-                .is_some_and(|t| t.stopped_reason.is_some())
+            // Stopped, and its exit code and log final.
+            fargate.tasks().first().is_some_and(|t| t.finished)
         },
     )
     .await
