@@ -25,6 +25,9 @@ JOIN_TOKEN="${JOIN_TOKEN:-}"
 CAPACITY="${CAPACITY:-1}"
 # Image for jobs that name none.
 DEFAULT_IMAGE="${DEFAULT_IMAGE:-debian:bookworm-slim}"
+# true runs job and service containers privileged, as Docker-in-Docker
+# needs; a privileged job controls its whole instance.
+PRIVILEGED="${PRIVILEGED:-false}"
 # The coordinator's runner (a [[runners]] name) whose jobs this instance
 # takes: one launch template per runner's group. Empty when the coordinator
 # serves one runner.
@@ -80,6 +83,9 @@ if [[ ! $CAPACITY =~ ^[1-9][0-9]*$ ]]; then
     fail "CAPACITY \"$CAPACITY\" must be a whole number of at least 1"
 fi
 check_plain DEFAULT_IMAGE "$DEFAULT_IMAGE"
+if [[ $PRIVILEGED != true && $PRIVILEGED != false ]]; then
+    fail "PRIVILEGED \"$PRIVILEGED\" must be true or false"
+fi
 if [[ -n $RUNNER && ! $RUNNER =~ ^[A-Za-z0-9._-]{1,40}$ ]]; then
     fail "RUNNER \"$RUNNER\" must be the name of one of the coordinator's [[runners]] (1 to 40 letters, digits, '-', '_' or '.')"
 fi
@@ -131,6 +137,7 @@ $runner_line
 [executor]
 kind = "docker"
 default_image = "$DEFAULT_IMAGE"
+privileged = $PRIVILEGED
 pull_policy = "if-not-present"
 work_dir = "$STATE_DIR/builds"
 

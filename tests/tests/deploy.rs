@@ -535,6 +535,7 @@ fn the_stack_user_data_is_packer_user_data_and_writes_a_config_the_agent_loads()
             ("CoordinatorAddress", "coordinator.internal"),
             ("CoordinatorCaSha256", PIN),
             ("RunnerName", "build"),
+            ("Privileged", "true"),
         ],
     );
     let user_data = stack.properties("AgentLaunchTemplate")["LaunchTemplateData"]["UserData"]
@@ -548,6 +549,7 @@ fn the_stack_user_data_is_packer_user_data_and_writes_a_config_the_agent_loads()
     assert!(output.status.success(), "user-data failed: {output:?}");
     let config = AgentConfig::load(&etc.path().join("agent.toml")).expect("the agent's config");
     assert_eq!(config.runner, "build");
+    assert!(config.executor.privileged);
 }
 
 #[test]

@@ -52,6 +52,7 @@ fn user_data_writes_a_config_the_agent_loads() {
             ("CAPACITY", "3"),
             ("DEFAULT_IMAGE", "alpine:3.20"),
             ("RUNNER", "build"),
+            ("PRIVILEGED", "true"),
         ],
     );
     assert!(output.status.success(), "{}", describe(&output));
@@ -64,6 +65,7 @@ fn user_data_writes_a_config_the_agent_loads() {
         config.runner, "build",
         "the instance takes its runner's jobs"
     );
+    assert!(config.executor.privileged, "Docker-in-Docker needs it");
     assert_eq!(config.ca_sha256.as_deref(), Some(PIN));
     assert_eq!(config.ca_file, None);
     assert_eq!(config.join_token_file, etc.path().join("join-token"));
@@ -99,6 +101,7 @@ fn user_data_by_default_enrolls_by_instance_identity_and_holds_no_secret() {
         config.runner, "",
         "a coordinator with one runner needs no name"
     );
+    assert!(!config.executor.privileged, "not privileged unless asked");
     assert_eq!(config.enroll, EnrollMethod::AwsIid);
     assert!(config.instance.imds);
     assert!(
@@ -148,6 +151,10 @@ fn user_data_rejects_a_bad_pin_or_an_empty_token_by_name() {
         ),
         (vec![("CA_SHA256", PIN), ("ENROLL", "password")], "ENROLL"),
         (vec![("CA_SHA256", PIN), ("RUNNER", "build jobs")], "RUNNER"),
+        (
+            vec![("CA_SHA256", PIN), ("PRIVILEGED", "yes")],
+            "PRIVILEGED",
+        ),
         (vec![("CA_SHA256", PIN), ("RUNNER", "x\"y")], "RUNNER"),
     ] {
         let output = run_user_data(etc.path(), &vars);
