@@ -489,7 +489,12 @@ pub async fn start(
         shutdown.clone(),
         tracker.clone(),
     ));
-    for (runner, handle) in runners.iter().zip(&handles) {
+    // The runner that resumes each job found in the lease book, decided once.
+    let stored_runners: Vec<usize> = stored
+        .iter()
+        .map(|job| stored_runner(&runners, job))
+        .collect();
+    for (index, (runner, handle)) in runners.iter().zip(&handles).enumerate() {
         let fleet_settings = fleet_settings(&config, runner)?;
         let ctx = ReconcileContext {
             core: core.clone(),
@@ -516,8 +521,9 @@ pub async fn start(
             fleet.restoring(
                 stored
                     .iter()
-                    .filter(|job| job.runner.as_deref().unwrap_or(&runners[0].name) == runner.name)
-                    .map(|job| (job.job_id, job.lease.attempt)),
+                    .zip(&stored_runners)
+                    .filter(|(_, r)| **r == index)
+                    .map(|(job, _)| (job.job_id, job.lease.attempt)),
             );
             tracker.spawn(
                 fleet::fargate::run(
@@ -556,7 +562,7 @@ pub async fn start(
         })
         .collect();
     let resumed = !stored.is_empty();
-    for job in stored {
+    for (job, runner) in stored.into_iter().zip(stored_runners) {
         let payload = match servitor_proto::job::JobPayload::from_json(&job.raw) {
             Ok(p) => p,
             Err(e) => {
@@ -565,7 +571,7 @@ pub async fn start(
                 continue;
             }
         };
-        let ctx = restored_context(&contexts, job.job_id, job.runner.as_deref());
+        let ctx = &contexts[runner];
         let journal = Some(store.journal(job.job_id, job.trace.len() as u64));
         let restored = jobs::Restored {
             result: job.result,
@@ -633,23 +639,18 @@ pub async fn start(
     })
 }
 
-/// The runner that resumes a job found in the lease book: the one that took
-/// it, or the first when the book does not say (written before runners had
-/// names) or names a runner no longer configured.
-fn restored_context<'c>(
-    contexts: &'c [jobs::JobsContext],
-    job_id: i64,
-    runner: Option<&str>,
-) -> &'c jobs::JobsContext {
-    let found = runner.and_then(|name| contexts.iter().find(|c| c.runner == name));
-    match (found, runner) {
-        (Some(ctx), _) => ctx,
-        (None, Some(name)) => {
-            tracing::warn!(job_id, runner = %name, instead = %contexts[0].runner, "the runner that took this job is no longer configured; its fleet cannot run it, the first runner's does");
-            &contexts[0]
-        }
-        (None, None) => &contexts[0],
-    }
+/// The runner (an index into `runners`) that resumes a job found in the
+/// lease book: the one that took it, or the first when the book does not
+/// say (written before runners had names) or names a runner no longer
+/// configured.
+fn stored_runner(runners: &[config::Runner], job: &store::StoredJob) -> usize {
+    let Some(name) = job.runner.as_deref() else {
+        return 0;
+    };
+    runners.iter().position(|r| r.name == name).unwrap_or_else(|| {
+        tracing::warn!(job_id = job.job_id, runner = %name, instead = %runners[0].name, "the runner that took this job is no longer configured; its fleet cannot run it, the first runner's does");
+        0
+    })
 }
 
 /// The Auto Scaling group of an `aws-asg` runner.

@@ -13,6 +13,11 @@ use servitor_tests::aws::Moto;
 use servitor_tests::fargate::{start_fargate_runner, FargateRunner, FargateStandIn};
 use servitor_tests::{Harness, TEST_IMAGE};
 
+/// A job that fetches no sources: the busybox job image has no git.
+fn sourceless(name: &str) -> JobSpec {
+    JobSpec::new(name).variable("GIT_STRATEGY", "none")
+}
+
 /// Every task's container logs, for failure messages.
 fn all_logs(fargate: &FargateStandIn) -> String {
     fargate
@@ -119,11 +124,7 @@ async fn a_spot_interruption_reruns_the_job_on_a_new_task() {
     let (mut h, fargate, _moto) = fargate_harness(Duration::from_secs(120)).await;
     let id = h
         .standin
-        .push_job(
-            JobSpec::new("interrupted")
-                .variable("GIT_STRATEGY", "none")
-                .script(["echo started", "sleep 6", "echo finished"]),
-        )
+        .push_job(sourceless("interrupted").script(["echo started", "sleep 6", "echo finished"]))
         .await
         .unwrap();
     h.wait_trace(id, "started", Duration::from_secs(60))
@@ -206,11 +207,7 @@ async fn a_task_that_never_enrolls_is_stopped_and_its_job_runs_on_another() {
     fargate.hold_back(true);
     let id = h
         .standin
-        .push_job(
-            JobSpec::new("patient")
-                .variable("GIT_STRATEGY", "none")
-                .script(["echo ran"]),
-        )
+        .push_job(sourceless("patient").script(["echo ran"]))
         .await
         .unwrap();
     servitor_testkit::wait_until(
@@ -252,11 +249,7 @@ async fn a_task_that_would_break_the_budget_is_not_started() {
     .await;
     let id = h
         .standin
-        .push_job(
-            JobSpec::new("thrifty")
-                .variable("GIT_STRATEGY", "none")
-                .script(["echo ran"]),
-        )
+        .push_job(sourceless("thrifty").script(["echo ran"]))
         .await
         .unwrap();
     let record = h
@@ -290,11 +283,7 @@ async fn an_unused_task_definition_is_deregistered() {
         fargate_harness_with(Duration::from_secs(120), None, Duration::from_secs(2)).await;
     let id = h
         .standin
-        .push_job(
-            JobSpec::new("once")
-                .variable("GIT_STRATEGY", "none")
-                .script(["echo ran"]),
-        )
+        .push_job(sourceless("once").script(["echo ran"]))
         .await
         .unwrap();
     let record = h.wait_final(id, Duration::from_secs(60)).await.unwrap();
@@ -334,11 +323,7 @@ async fn a_restarted_coordinator_adopts_the_running_task() {
     let (mut h, fargate, _moto) = fargate_harness(Duration::from_secs(120)).await;
     let id = h
         .standin
-        .push_job(
-            JobSpec::new("long")
-                .variable("GIT_STRATEGY", "none")
-                .script(["echo started", "sleep 5", "echo finished"]),
-        )
+        .push_job(sourceless("long").script(["echo started", "sleep 5", "echo finished"]))
         .await
         .unwrap();
     h.wait_trace(id, "started", Duration::from_secs(60))

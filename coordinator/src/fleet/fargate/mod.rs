@@ -645,7 +645,12 @@ impl FargateFleet {
                     }
                 }
             }
-            for (arn, record) in &mut state.tasks {
+            let FargateState {
+                tasks,
+                start_failures,
+                ..
+            } = &mut *state;
+            for (arn, record) in tasks.iter_mut() {
                 if enrolled.contains(&(record.job_id, record.attempt)) {
                     record.enrolled = true;
                     record.credential = None;
@@ -656,35 +661,28 @@ impl FargateFleet {
                 let current = held.get(&record.job_id) == Some(&record.attempt);
                 let waited = record.started.elapsed();
                 if !record.enrolled && waited >= self.settings.boot_timeout {
+                    // A task that never enrolls counts against its job.
+                    let failures = start_failures.entry(record.job_id).or_default();
+                    *failures += 1;
+                    if *failures >= MAX_START_FAILURES {
+                        refusals.push((
+                            record.job_id,
+                            format!("its tasks' agents did not enroll, {failures} times"),
+                        ));
+                    }
                     to_stop.push((
                         arn.clone(),
-                        record.job_id,
                         format!(
                             "its agent did not enroll within {}",
                             humantime::format_duration(self.settings.boot_timeout)
                         ),
                     ));
                 } else if !current && !record.enrolled {
-                    to_stop.push((
-                        arn.clone(),
-                        record.job_id,
-                        "its job no longer waits for it".to_owned(),
-                    ));
+                    to_stop.push((arn.clone(), "its job no longer waits for it".to_owned()));
                 }
             }
         }
-        for (arn, job_id, reason) in to_stop {
-            if reason.starts_with("its agent did not enroll") {
-                let mut state = self.state();
-                let failures = state.start_failures.entry(job_id).or_default();
-                *failures += 1;
-                if *failures >= MAX_START_FAILURES {
-                    refusals.push((
-                        job_id,
-                        format!("its tasks' agents did not enroll, {failures} times"),
-                    ));
-                }
-            }
+        for (arn, reason) in to_stop {
             self.stop_task(&arn, &format!("servitor: {reason}")).await;
         }
         for (job_id, reason) in refusals {
@@ -964,15 +962,11 @@ impl FargateFleet {
             .tasks
             .iter()
             .map(|(arn, t)| {
-                let status = match (t.stopping, t.enrolled) {
-                    (true, _) => "draining",
-                    (false, false) => "booting",
-                    (false, true) => "busy",
-                };
-                let slot = match status {
-                    "booting" => 0,
-                    "busy" => 2,
-                    _ => 3,
+                // The slots of `set_instances`: booting, idle, busy, draining.
+                let (status, slot) = match (t.stopping, t.enrolled) {
+                    (true, _) => ("draining", 3),
+                    (false, false) => ("booting", 0),
+                    (false, true) => ("busy", 2),
                 };
                 counts[slot] += 1;
                 InstanceStatus {
