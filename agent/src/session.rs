@@ -640,11 +640,13 @@ async fn session(
                 let Some(done) = done else { return SessionEnd::Exit };
                 tracing::info!(attempt = %done.attempt, result = ?done.result, "attempt ended");
                 state.finish(done);
-                // The output went on the attempt's own stream already.
+                // The output went on the attempt's own stream, unless its
+                // end was not seen to arrive there (the attempt ended while
+                // the link was down, or its stream died with an older
+                // link): then it goes again, before the result.
                 if let Some(report) = state.reports.last_mut() {
-                    report.sent = true;
-                    let finished = report.finished.clone();
-                    if write_frame(&mut send, &msg(agent_message::Msg::Finished(finished))).await.is_err() {
+                    let resend = !report.output.delivered;
+                    if send_report(connection, &mut send, report, resend).await.is_err() {
                         return SessionEnd::Lost;
                     }
                 }
@@ -874,9 +876,20 @@ async fn send_reports(
     state: &mut AgentState,
 ) -> Result<(), servitor_proto::frame::FrameError> {
     for report in state.reports.iter_mut().filter(|r| !r.sent) {
-        let Some(attempt) = report.finished.attempt else {
-            continue;
-        };
+        send_report(connection, send, report, true).await?;
+    }
+    Ok(())
+}
+
+/// Sends one result, after its output on a stream of its own when
+/// `with_output` (the coordinator skips what it already has).
+async fn send_report(
+    connection: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    report: &mut Report,
+    with_output: bool,
+) -> Result<(), servitor_proto::frame::FrameError> {
+    if let (Some(attempt), true) = (report.finished.attempt, with_output) {
         if let Ok(mut stream) = connection.open_uni().await {
             let header = OutputHeader {
                 attempt: Some(attempt),
@@ -891,13 +904,13 @@ async fn send_reports(
                 let _ = stream.finish();
             }
         }
-        write_frame(
-            send,
-            &msg(agent_message::Msg::Finished(report.finished.clone())),
-        )
-        .await?;
-        report.sent = true;
     }
+    write_frame(
+        send,
+        &msg(agent_message::Msg::Finished(report.finished.clone())),
+    )
+    .await?;
+    report.sent = true;
     Ok(())
 }
 
@@ -957,6 +970,9 @@ struct OutputLog {
     kept: Vec<u8>,
     /// Position of `kept[0]` in the attempt's output.
     start: u64,
+    /// The coordinator's end of the link acknowledged all of it, on a
+    /// stream of the link the attempt ended on.
+    delivered: bool,
 }
 
 impl OutputLog {
@@ -1059,10 +1075,12 @@ async fn forward_output(
     }
     if let Some(mut s) = stream {
         let _ = s.finish();
-        // Let the coordinator read the tail before the result is sent; it
-        // copes either way, this only saves it a wait. Output that does not
-        // arrive is sent again with the unacknowledged result.
-        let _ = tokio::time::timeout(OUTPUT_FLUSH_WAIT, s.stopped()).await;
+        // Let the coordinator read the tail before the result is sent.
+        // Output not seen to arrive goes again with the result.
+        log.delivered = matches!(
+            tokio::time::timeout(OUTPUT_FLUSH_WAIT, s.stopped()).await,
+            Ok(Ok(None))
+        );
     }
     log
 }

@@ -13,7 +13,7 @@ use servitor_proto::agent::{
     agent_message, coordinator_message, renewed, AgentMessage, Assign, CoordinatorMessage, Hello,
     OutputHeader, Renew, Renewed, Welcome,
 };
-use servitor_proto::frame::{read_frame, write_frame, FrameReader};
+use servitor_proto::frame::{read_frame_limited, write_frame, FrameReader};
 use servitor_proto::link::{close_code, HEARTBEAT_INTERVAL, MISSED_HEARTBEATS, STALE_ATTEMPT_CODE};
 use servitor_runtime::link::code;
 use tokio::sync::mpsc;
@@ -33,6 +33,11 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// to the job as one piece, so a busy stream costs the job one wake-up and
 /// one journal record per read, not per packet.
 const OUTPUT_GATHER: usize = 64;
+/// Most messages waiting for an agent that does not read them (answers to
+/// its own requests among them) before its link is closed.
+const MAX_QUEUED_TO_AGENT: usize = 4096;
+/// How often a blocked write to an agent looks at what waits behind it.
+const QUEUE_CHECK: Duration = Duration::from_secs(1);
 /// Why a session ended when the agent finished its control stream.
 const CLEAN_GOODBYE: &str = "agent closed its control stream";
 /// Why a session ended when the operator revoked the agent.
@@ -180,7 +185,9 @@ async fn serve_agent(
     let connection = conn.connection.clone();
     let opened = tokio::time::timeout(HELLO_TIMEOUT, async {
         let (send, recv) = connection.accept_bi().await?;
-        let mut frames = FrameReader::new(recv);
+        // An agent's messages are small; a larger frame is refused unread.
+        let mut frames =
+            FrameReader::with_limit(recv, servitor_proto::frame::MAX_AGENT_MESSAGE_BYTES);
         let hello: Option<AgentMessage> = frames.next().await?;
         Ok::<_, SessionError>((send, frames, hello))
     })
@@ -292,6 +299,7 @@ async fn serve_agent(
     };
 
     // Writer: the core's messages to the agent, in order.
+    let writer_connection = connection.clone();
     let writer = tracker.spawn(
         async move {
             if write_frame(&mut send, &welcome).await.is_err() {
@@ -305,7 +313,27 @@ async fn serve_agent(
                         grant_cache(cache, assign).await;
                     }
                 }
-                if let Err(e) = write_frame(&mut send, &message).await {
+                // An agent that stops reading its control stream while it
+                // keeps asking for answers is cut off before the answers
+                // waiting for it grow without bound.
+                let write = write_frame(&mut send, &message);
+                tokio::pin!(write);
+                let written = loop {
+                    tokio::select! {
+                        written = &mut write => break written,
+                        () = tokio::time::sleep(QUEUE_CHECK) => {
+                            if rx.len() > MAX_QUEUED_TO_AGENT {
+                                tracing::warn!(queued = rx.len(), "agent does not read its control stream; closing its link");
+                                writer_connection.close(
+                                    code(close_code::PROTOCOL_VIOLATION),
+                                    b"the agent does not read its control stream",
+                                );
+                                return;
+                            }
+                        }
+                    }
+                };
+                if let Err(e) = written {
                     tracing::debug!(error = %e, "control stream write failed");
                     return;
                 }
@@ -455,15 +483,17 @@ async fn renew_certificate(
 /// Reads one attempt's output stream into its job, or stops it if the
 /// attempt is not the job's current one.
 async fn route_output(core: Arc<Core>, agent_id: String, mut stream: quinn::RecvStream) {
-    let header: OutputHeader = match read_frame(&mut stream).await {
-        Ok(Some(h)) => h,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::warn!(error = %e, "output stream without a valid header");
-            let _ = stream.stop(code(STALE_ATTEMPT_CODE));
-            return;
-        }
-    };
+    let header: OutputHeader =
+        match read_frame_limited(&mut stream, servitor_proto::frame::MAX_OUTPUT_HEADER_BYTES).await
+        {
+            Ok(Some(h)) => h,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "output stream without a valid header");
+                let _ = stream.stop(code(STALE_ATTEMPT_CODE));
+                return;
+            }
+        };
     let Some(attempt) = header.attempt else {
         let _ = stream.stop(code(STALE_ATTEMPT_CODE));
         return;

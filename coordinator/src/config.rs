@@ -507,6 +507,16 @@ pub struct LocalFleetConfig {
     /// `servitor-agent` binary beside the coordinator's.
     #[serde(default)]
     pub agent_command: Vec<String>,
+    /// Instance metadata endpoints of local instances, in launch order
+    /// (the first for `local-1`…), to try Spot notices and rebalance
+    /// recommendations locally against a metadata stand-in. Instances
+    /// beyond the list watch no metadata.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub imds_endpoints: Vec<String>,
+    /// Address local agents dial instead of the link's own: a relay or
+    /// proxy in front of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dial: Option<SocketAddr>,
 }
 
 fn default_concurrent() -> u32 {

@@ -784,6 +784,11 @@ fn local_fleet(
     ca_pem_path: &std::path::Path,
 ) -> Result<Arc<LocalFleet>, CoordinatorError> {
     let local = &runner.fleet.local;
+    // The embedder's relay first, then the configured one, then the link.
+    let dial = match options.local_dial_addr {
+        Some(_) => dial,
+        None => local.dial.unwrap_or(dial),
+    };
     let command = match (&options.agent_command, local.agent_command.is_empty()) {
         (Some(c), _) => c.clone(),
         (None, false) => local.agent_command.clone(),
@@ -822,7 +827,11 @@ fn local_fleet(
         privileged: local.privileged,
         wait_for_services_timeout: local.wait_for_services_timeout,
         capacity: runner.fleet.capacity_per_instance,
-        imds_endpoints: options.local_imds_endpoints.clone(),
+        imds_endpoints: if options.local_imds_endpoints.is_empty() {
+            local.imds_endpoints.clone()
+        } else {
+            options.local_imds_endpoints.clone()
+        },
     })))
 }
 

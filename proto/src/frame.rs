@@ -13,13 +13,21 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// 1 MiB; 16 MiB leaves room and still bounds memory per stream.
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
 
+/// Largest message an agent sends on its control stream: a hello naming
+/// the attempts it runs, a certificate request. Far below
+/// [`MAX_FRAME_BYTES`], which only the coordinator's job assignments need.
+pub const MAX_AGENT_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Largest header of an output stream (an attempt and an offset).
+pub const MAX_OUTPUT_HEADER_BYTES: usize = 4 * 1024;
+
 /// Errors reading or writing a frame.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     #[error("stream i/o failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("frame of {0} bytes is larger than the {MAX_FRAME_BYTES} byte limit")]
-    TooLarge(usize),
+    #[error("frame of {0} bytes is larger than the {1} byte limit")]
+    TooLarge(usize, usize),
     #[error("frame length prefix is malformed")]
     BadLength,
     #[error("frame does not decode as {kind}: {source}")]
@@ -61,11 +69,24 @@ where
     R: AsyncRead + Unpin,
     M: Message + Default,
 {
+    read_frame_limited(reader, MAX_FRAME_BYTES).await
+}
+
+/// [`read_frame`] refusing frames longer than `limit` bytes (before
+/// reading or allocating them).
+///
+/// # Errors
+/// As [`read_frame`].
+pub async fn read_frame_limited<R, M>(reader: &mut R, limit: usize) -> Result<Option<M>, FrameError>
+where
+    R: AsyncRead + Unpin,
+    M: Message + Default,
+{
     let Some(len) = read_varint(reader).await? else {
         return Ok(None);
     };
-    if len > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge(len));
+    if len > limit {
+        return Err(FrameError::TooLarge(len, limit));
     }
     let mut buf = BytesMut::zeroed(len);
     match reader.read_exact(&mut buf).await {
@@ -120,6 +141,8 @@ async fn read_varint<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Option<usiz
 pub struct FrameReader<R> {
     reader: R,
     buf: BytesMut,
+    /// Longest frame accepted.
+    limit: usize,
 }
 
 /// Room made for each read when no frame length asks for more.
@@ -127,9 +150,16 @@ const READ_AHEAD: usize = 4096;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(reader: R) -> Self {
+        Self::with_limit(reader, MAX_FRAME_BYTES)
+    }
+
+    /// A reader refusing frames longer than `limit` bytes (at most
+    /// [`MAX_FRAME_BYTES`]).
+    pub fn with_limit(reader: R, limit: usize) -> Self {
         Self {
             reader,
             buf: BytesMut::new(),
+            limit: limit.min(MAX_FRAME_BYTES),
         }
     }
 
@@ -140,7 +170,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// As [`read_frame`]; after an error the stream is unusable.
     pub async fn next<M: Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
         loop {
-            let wanted = match frame_prefix(&self.buf)? {
+            let wanted = match frame_prefix(&self.buf, self.limit)? {
                 Some((prefix, len)) if self.buf.len() >= prefix + len => {
                     self.buf.advance(prefix);
                     let body = self.buf.split_to(len).freeze();
@@ -169,7 +199,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
 /// The length prefix at the start of `buf`: its own size and the frame's
 /// length, or `None` if it has not all arrived.
-fn frame_prefix(buf: &[u8]) -> Result<Option<(usize, usize)>, FrameError> {
+fn frame_prefix(buf: &[u8], limit: usize) -> Result<Option<(usize, usize)>, FrameError> {
     let mut len: u64 = 0;
     for (i, &byte) in buf.iter().enumerate().take(10) {
         if i == 9 && byte > 1 {
@@ -178,8 +208,8 @@ fn frame_prefix(buf: &[u8]) -> Result<Option<(usize, usize)>, FrameError> {
         len |= u64::from(byte & 0x7f) << (7 * i);
         if byte & 0x80 == 0 {
             let len = usize::try_from(len).map_err(|_| FrameError::BadLength)?;
-            if len > MAX_FRAME_BYTES {
-                return Err(FrameError::TooLarge(len));
+            if len > limit {
+                return Err(FrameError::TooLarge(len, limit));
             }
             return Ok(Some((i + 1, len)));
         }
@@ -227,7 +257,24 @@ mod tests {
         let err = read_frame::<_, AgentMessage>(&mut reader)
             .await
             .unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge(_)), "{err}");
+        assert!(matches!(err, FrameError::TooLarge(..)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_reader_with_a_lower_limit_refuses_what_exceeds_it_unread() {
+        let big = Pull { free_slots: 1 }.encode_length_delimited_to_vec();
+        let mut reader = &big[..];
+        let err = read_frame_limited::<_, Pull>(&mut reader, 1)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge(2, 1)), "{err}");
+        let mut prefix = Vec::new();
+        prost::encoding::encode_varint((MAX_AGENT_MESSAGE_BYTES + 1) as u64, &mut prefix);
+        let err = FrameReader::with_limit(&prefix[..], MAX_AGENT_MESSAGE_BYTES)
+            .next::<Pull>()
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("byte limit"), "{err}");
     }
 
     #[tokio::test]
@@ -285,7 +332,7 @@ mod tests {
             .next::<Pull>()
             .await
             .unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge(_)), "{err}");
+        assert!(matches!(err, FrameError::TooLarge(..)), "{err}");
         let mut cut = Pull { free_slots: 7 }.encode_length_delimited_to_vec();
         cut.pop();
         let err = FrameReader::new(&cut[..]).next::<Pull>().await.unwrap_err();

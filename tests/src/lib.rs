@@ -10,6 +10,7 @@ pub mod aws;
 pub mod config;
 pub mod demo;
 pub mod fargate;
+pub mod soak;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -538,6 +539,9 @@ pub struct UdpRelay {
     addr: std::net::SocketAddr,
     target: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
     cut: Arc<AtomicBool>,
+    /// Handshake packets from agents dropped while cut: each says an agent
+    /// is dialling.
+    handshakes_dropped: Arc<std::sync::atomic::AtomicU64>,
     stop: CancellationToken,
 }
 
@@ -551,11 +555,13 @@ impl UdpRelay {
         let addr = front.local_addr()?;
         let target: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>> = Arc::default();
         let cut = Arc::new(AtomicBool::new(false));
+        let handshakes_dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let stop = CancellationToken::new();
         let relay = Self {
             addr,
             target: target.clone(),
             cut: cut.clone(),
+            handshakes_dropped: handshakes_dropped.clone(),
             stop: stop.clone(),
         };
         tokio::spawn(async move {
@@ -575,6 +581,11 @@ impl UdpRelay {
                     continue;
                 };
                 if cut.load(Ordering::SeqCst) {
+                    // QUIC's long header (the handshake's packets) sets the
+                    // first bit; packets of a live connection do not.
+                    if n > 0 && buf[0] & 0x80 != 0 {
+                        handshakes_dropped.fetch_add(1, Ordering::SeqCst);
+                    }
                     continue;
                 }
                 let upstream = match upstreams.get(&client) {
@@ -625,6 +636,12 @@ impl UdpRelay {
     /// Drops every datagram both ways until [`UdpRelay::heal`].
     pub fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
+    }
+
+    /// Handshake packets agents sent while the relay was cut: one shows an
+    /// agent is dialling (and, the handshake lost, waits in that dial).
+    pub fn handshakes_dropped(&self) -> u64 {
+        self.handshakes_dropped.load(Ordering::SeqCst)
     }
 
     /// Lets datagrams through again.

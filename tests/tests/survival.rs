@@ -335,3 +335,74 @@ async fn cut_link_reconnects_and_the_job_finishes_once_with_its_whole_log() {
         h.agent_logs()
     );
 }
+
+/// Found by the soak: an attempt that ended while its agent was dialling
+/// the coordinator again had its result sent on the new link without the
+/// output it wrote after the old link died, and GitLab's log lost its last
+/// lines while the job succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_written_while_the_link_is_down_reaches_the_log_when_the_job_ends_in_the_cut() {
+    let h = Harness::start(HarnessOptions {
+        relay: true,
+        max_instances: 1,
+        lost_grace: Duration::from_secs(120),
+        ..options()
+    })
+    .await
+    .unwrap();
+    let signal = h.dir.path().join("cut-made");
+    let ended = h.dir.path().join("job-ended");
+    let id = h
+        .standin
+        .push_job(JobSpec::new("ends-in-the-cut").script([
+            "echo before the cut".to_owned(),
+            format!("while [ ! -e {} ]; do sleep 0.1; done", signal.display()),
+            "for i in $(seq 1 20); do echo during the cut $i; done".to_owned(),
+            "printf 'the last words'".to_owned(),
+            format!("touch {}", ended.display()),
+        ]))
+        .await
+        .unwrap();
+    h.wait_trace(id, "before the cut\n", JOB_TIMEOUT)
+        .await
+        .unwrap();
+    let relay = h.relay.as_ref().unwrap();
+    relay.cut();
+    servitor_tests::wait_until(
+        "the agent noticing the cut",
+        Duration::from_secs(60),
+        || h.agent_logs().contains("lost the coordinator"),
+    )
+    .await
+    .unwrap();
+    // The agent dials again (its handshake waits on the cut)…
+    let before = relay.handshakes_dropped();
+    servitor_tests::wait_until("the agent dialling", Duration::from_secs(60), || {
+        relay.handshakes_dropped() > before
+    })
+    .await
+    .unwrap();
+    // …the job goes on and ends during that dial…
+    std::fs::write(&signal, "").unwrap();
+    servitor_tests::wait_until(
+        "the job's script ending during the cut",
+        Duration::from_secs(60),
+        || ended.exists(),
+    )
+    .await
+    .unwrap();
+    // …and the dial goes through.
+    relay.heal();
+    let r = h.wait_final(id, JOB_TIMEOUT).await.unwrap();
+    let text = r.trace_text();
+    assert_eq!(r.state, JobState::Success, "{text}");
+    assert_eq!(final_updates(&r), 1);
+    for i in 1..=20 {
+        assert!(
+            text.contains(&format!("during the cut {i}\n")),
+            "line {i} lost:\n{text}"
+        );
+    }
+    assert!(text.contains("the last words"), "{text}");
+    assert_eq!(r.checksum_ok, Some(true));
+}

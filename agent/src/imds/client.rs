@@ -357,6 +357,19 @@ fn parse_time(text: &str) -> Result<SystemTime, String> {
     humantime::parse_rfc3339(text).map_err(|e| format!("time {text:?} is not RFC 3339 UTC ({e})"))
 }
 
+/// Entry points of the fuzz targets (`fuzz/`): the metadata answers the
+/// agent reads, with arbitrary text. Built only for fuzzing.
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    pub fn spot_action(body: &str) {
+        let _ = super::parse_spot_action(body);
+    }
+
+    pub fn rebalance(body: &str) {
+        let _ = super::parse_rebalance(body);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant, UNIX_EPOCH};

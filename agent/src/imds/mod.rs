@@ -20,6 +20,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+#[cfg(fuzzing)]
+pub use client::fuzzing;
 pub use client::Imds;
 pub use error::ImdsError;
 pub use watch::{watch, Interruption, ASG_ASSUMED_NOTICE, POLL_INTERVAL};

@@ -55,6 +55,14 @@ const LONG_POLL_HELD: Duration = Duration::from_secs(1);
 /// How much of an error body we keep for an error message.
 const ERROR_BODY_CHARS: usize = 300;
 
+/// Largest job payload read. GitLab's are well under a megabyte even with
+/// hundreds of variables; a larger answer is a broken GitLab or a proxy,
+/// and must not make the coordinator allocate without bound.
+pub const MAX_JOB_PAYLOAD_BYTES: usize = 8 * 1024 * 1024;
+
+/// Largest body read of any other answer (errors, verify).
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
 /// Header carrying GitLab's per-runner queue version.
 const LAST_UPDATE_HEADER: &str = "x-gitlab-last-update";
 /// Header carrying the job's status on PUT/PATCH answers.
@@ -497,10 +505,43 @@ fn transient(status: StatusCode, headers: &HeaderMap) -> Option<GitLabError> {
     }
 }
 
+/// An answer's body, at most `limit` bytes of it: a longer one is
+/// refused as soon as it is known to be longer (by its `Content-Length` or
+/// as it arrives), never read whole.
+///
+/// # Errors
+/// [`GitLabError::AnswerTooLarge`], or [`GitLabError::Transport`] when the
+/// body breaks off.
+async fn body_capped(
+    mut response: Response,
+    what: &'static str,
+    limit: usize,
+) -> Result<Bytes, GitLabError> {
+    let too_large = || GitLabError::AnswerTooLarge { what, limit };
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| GitLabError::Transport(e.without_url()))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
 /// Builds an error for an answer nobody expects, keeping GitLab's message.
 async fn unexpected(what: &'static str, response: Response) -> GitLabError {
     let status = response.status().as_u16();
-    let text = response.text().await.unwrap_or_default();
+    let text = match body_capped(response, what, MAX_ANSWER_BYTES).await {
+        Ok(body) => String::from_utf8_lossy(&body).into_owned(),
+        Err(e) => e.to_string(),
+    };
     let message = serde_json::from_str::<Value>(&text)
         .ok()
         .and_then(|v| v.get("message").map(Value::to_string))
@@ -612,8 +653,8 @@ impl GitLabClient {
         match status.as_u16() {
             200 | 201 => {
                 // Very old GitLab answers plain text; the token is still good.
-                let text = response.text().await.unwrap_or_default();
-                let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let body = body_capped(response, "runner verify", MAX_ANSWER_BYTES).await?;
+                let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
                 Ok(VerifiedRunner {
                     id: value.get("id").and_then(Value::as_i64),
                     token_expires_at: value
@@ -659,10 +700,7 @@ impl GitLabClient {
         let status = response.status();
         match status.as_u16() {
             201 => {
-                let raw = response
-                    .bytes()
-                    .await
-                    .map_err(|e| GitLabError::Transport(e.without_url()))?;
+                let raw = body_capped(response, "job request", MAX_JOB_PAYLOAD_BYTES).await?;
                 Ok((RequestedJob::Job(ReceivedJob::parse(raw)), false))
             }
             204 => {
@@ -1026,5 +1064,41 @@ mod tests {
         assert_eq!(id.len(), 32);
         assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(id, request_id());
+    }
+}
+
+/// Entry points of the fuzz targets (`fuzz/`): what the coordinator reads
+/// from GitLab's answers, with arbitrary bytes. Built only for fuzzing.
+#[cfg(fuzzing)]
+pub mod fuzzing {
+    use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+
+    /// A job request's 201 body, as `request_job` takes it.
+    pub fn job_answer(raw: &[u8]) {
+        let job = super::ReceivedJob::parse(bytes::Bytes::copy_from_slice(raw));
+        if let Ok(payload) = &job.payload {
+            // The job's masker is made from what GitLab sent, then masks
+            // output that holds the payload itself.
+            let mut masker = super::super::Masker::for_job(payload);
+            let _ = masker.write(raw);
+            let _ = masker.flush();
+        }
+    }
+
+    /// The answer headers every call reads (`Retry-After`, the trace's
+    /// `Range`, `Job-Status`, the update interval), as name-value pairs.
+    pub fn answer_headers(pairs: &[(&[u8], &[u8])]) {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            if let (Ok(name), Ok(value)) =
+                (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+            {
+                headers.append(name, value);
+            }
+        }
+        let _ = super::retry_after(&headers);
+        let _ = super::update_interval(&headers);
+        let _ = super::remote_size(&headers);
+        let _ = super::RemoteJobStatus::from_headers(&headers);
     }
 }

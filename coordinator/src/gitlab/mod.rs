@@ -22,11 +22,13 @@ mod tests;
 use std::path::PathBuf;
 use std::time::Duration;
 
+#[cfg(fuzzing)]
+pub use client::fuzzing;
 pub use client::{
     runner_features, GitLabClient, GitLabSettings, JobState, JobUpdate, PatchOutcome,
     PatchResponse, ReceivedJob, RemoteJobStatus, RequestedJob, TraceOutput, UnusableJob, UpdateAck,
     UpdateResponse, VerifiedRunner, DEFAULT_OUTPUT_LIMIT, DEFAULT_POLL_INTERVAL,
-    DEFAULT_REQUEST_TIMEOUT, JOB_REQUEST_TIMEOUT, RUNNER_NAME, USER_AGENT,
+    DEFAULT_REQUEST_TIMEOUT, JOB_REQUEST_TIMEOUT, MAX_JOB_PAYLOAD_BYTES, RUNNER_NAME, USER_AGENT,
 };
 pub use failure::{failure_reason, map_reason, ALWAYS_ACCEPTED_REASONS};
 pub use mask::Masker;
@@ -75,6 +77,8 @@ pub enum GitLabError {
         status: u16,
         message: String,
     },
+    #[error("gitlab's answer to {what} is larger than the {limit} bytes read of it; a proxy in front of GitLab or GitLab itself is broken")]
+    AnswerTooLarge { what: &'static str, limit: usize },
     #[error("gitlab sent an unusable answer to {what}: {reason}")]
     BadResponse { what: &'static str, reason: String },
     #[error("job {job_id} was aborted by gitlab ({reason}); no final update is sent")]
@@ -104,7 +108,11 @@ impl GitLabError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::Conflict | Self::RateLimited { .. } | Self::Server { .. } | Self::Transport(_)
+            Self::Conflict
+                | Self::RateLimited { .. }
+                | Self::Server { .. }
+                | Self::Transport(_)
+                | Self::AnswerTooLarge { .. }
         )
     }
 

@@ -751,3 +751,118 @@ async fn shutdown_stops_without_a_final_update() {
     assert_eq!(record.state, StandInState::Running);
     assert!(record.final_update.is_none());
 }
+
+/// A "GitLab" that answers every connection with what `answer` writes
+/// (after reading the request's first bytes), for answers no stand-in
+/// would give. Returns its URL and how many bytes it managed to write.
+async fn hostile_gitlab<F, Fut>(answer: F) -> (String, Arc<std::sync::atomic::AtomicU64>)
+where
+    F: Fn(tokio::net::TcpStream, Arc<std::sync::atomic::AtomicU64>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = Arc::clone(&written);
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0_u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            tokio::spawn(answer(stream, Arc::clone(&counter)));
+        }
+    });
+    (url, written)
+}
+
+fn hostile_client(url: &str) -> GitLabClient {
+    let mut settings = GitLabSettings::new(url, Secret::new(DEFAULT_RUNNER_TOKEN), SYSTEM_ID);
+    settings.request_timeout = Duration::from_secs(2);
+    GitLabClient::new(settings).unwrap()
+}
+
+#[tokio::test]
+async fn garbage_from_gitlab_is_a_transport_error_to_retry() {
+    use tokio::io::AsyncWriteExt;
+    let (url, _) = hostile_gitlab(|mut s, _| async move {
+        let _ = s.write_all(b"\x00\xffnot http at all\r\n\r\n").await;
+    })
+    .await;
+    let e = hostile_client(&url).verify().await.unwrap_err();
+    assert!(matches!(e, GitLabError::Transport(_)), "{e:?}");
+    assert!(e.is_retryable());
+}
+
+#[tokio::test]
+async fn an_enormous_job_payload_is_refused_unread() {
+    use tokio::io::AsyncWriteExt;
+    // A 201 whose body never ends, without a length.
+    let (url, written) = hostile_gitlab(|mut s, written| async move {
+        let head = b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if s.write_all(head).await.is_err() {
+            return;
+        }
+        let chunk = vec![b'x'; 64 * 1024];
+        let framed = [format!("{:x}\r\n", chunk.len()).into_bytes(), chunk, b"\r\n".to_vec()].concat();
+        while s.write_all(&framed).await.is_ok() {
+            written.fetch_add(framed.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    })
+    .await;
+    let client = hostile_client(&url);
+    let e = client.request_job().await.unwrap_err();
+    assert!(
+        matches!(e, GitLabError::AnswerTooLarge { limit, .. } if limit == MAX_JOB_PAYLOAD_BYTES),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("larger than"), "{e}");
+    assert!(e.is_retryable());
+    // Read no further than the limit (and what sockets buffer).
+    let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        sent < (MAX_JOB_PAYLOAD_BYTES as u64) * 2,
+        "{sent} bytes were taken from the answer"
+    );
+    // A Content-Length over the limit is refused before any of it is read.
+    let (url, written) = hostile_gitlab(|mut s, written| async move {
+        let head = format!(
+            "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            1_u64 << 40
+        );
+        if s.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        let chunk = vec![b'x'; 64 * 1024];
+        while s.write_all(&chunk).await.is_ok() {
+            written.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+    })
+    .await;
+    let e = hostile_client(&url).request_job().await.unwrap_err();
+    assert!(matches!(e, GitLabError::AnswerTooLarge { .. }), "{e:?}");
+    let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        sent < 16 * 1024 * 1024,
+        "{sent} bytes were taken from the answer"
+    );
+}
+
+#[tokio::test]
+async fn a_gitlab_that_never_answers_times_out() {
+    let (url, _) = hostile_gitlab(|s, _| async move {
+        // Holds the connection open and says nothing.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(s);
+    })
+    .await;
+    let started = Instant::now();
+    let e = hostile_client(&url).verify().await.unwrap_err();
+    assert!(matches!(e, GitLabError::Transport(_)), "{e:?}");
+    assert!(e.is_retryable());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -41,7 +41,28 @@ pub(super) fn router(state: Arc<State>) -> Router {
         )
         .route("/objects/artifacts/{key}", get(artifacts::object))
         .fallback(git::serve)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            weather,
+        ))
         .with_state(state)
+}
+
+/// A slow or down GitLab: every request waits the latency set, and while
+/// GitLab is down it is answered 502 without being handled.
+async fn weather(
+    Extract(state): Extract<Arc<State>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let weather = state.weather();
+    if !weather.latency.is_zero() {
+        tokio::time::sleep(weather.latency).await;
+    }
+    if state.weather().down {
+        return message(502, "502 Bad Gateway");
+    }
+    next.run(request).await
 }
 
 fn status_code(status: u16) -> StatusCode {
@@ -444,6 +465,11 @@ async fn patch_trace(
             .faults
             .get_mut(&Route::PatchTrace(id))
             .and_then(|q| q.pop_front());
+        // A lost answer: the PATCH is applied, its answer replaced.
+        let (lost, fault) = match fault {
+            Some(f) if f.applied => (Some(f), None),
+            f => (None, f),
+        };
         let Some(job) = inner.jobs.get_mut(&id) else {
             return message(403, "403 Forbidden");
         };
@@ -487,7 +513,9 @@ async fn patch_trace(
             len: body.len(),
             status,
         });
-        if injected {
+        if let Some(lost) = lost {
+            fault_response(lost)
+        } else if injected {
             response
         } else {
             job_response(status, response, job.record.state, interval)

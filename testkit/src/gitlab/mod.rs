@@ -568,6 +568,11 @@ pub struct Fault {
     pub status: u16,
     /// `Retry-After` in seconds.
     pub retry_after: Option<u64>,
+    /// The request is carried out as usual and only its answer is lost
+    /// (replaced by this one), as when a proxy times out after Rails
+    /// applied it. Trace PATCHes honour it; other routes answer it
+    /// without applying the request.
+    pub applied: bool,
 }
 
 impl Fault {
@@ -575,6 +580,7 @@ impl Fault {
         Self {
             status,
             retry_after: None,
+            applied: false,
         }
     }
 
@@ -583,8 +589,27 @@ impl Fault {
         Self {
             status: 429,
             retry_after: Some(retry_after_secs),
+            applied: false,
         }
     }
+
+    /// The request is applied, its answer lost: the runner sees a 502.
+    pub fn lost_answer() -> Self {
+        Self {
+            status: 502,
+            retry_after: None,
+            applied: true,
+        }
+    }
+}
+
+/// What every request meets before it is handled: a slow or a down GitLab.
+#[derive(Clone, Copy, Debug, Default)]
+struct Weather {
+    latency: Duration,
+    /// Every request is answered 502, as a proxy in front of a GitLab that
+    /// is down answers.
+    down: bool,
 }
 
 /// A job and what only the stand-in needs about it.
@@ -640,6 +665,7 @@ struct State {
     /// Job requests received so far, for tests that wait for the runner to
     /// ask (apart from `changed`, which wakes held long polls).
     requests_seen: watch::Sender<usize>,
+    weather: Mutex<Weather>,
 }
 
 impl State {
@@ -649,6 +675,10 @@ impl State {
 
     fn bump(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn weather(&self) -> Weather {
+        *self.weather.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn take_fault(&self, route: Route) -> Option<Fault> {
@@ -715,6 +745,7 @@ impl StandIn {
             }),
             changed,
             requests_seen,
+            weather: Mutex::new(Weather::default()),
         });
         let stop = CancellationToken::new();
         let router = api::router(Arc::clone(&state));
@@ -982,6 +1013,27 @@ impl StandIn {
             .entry(route)
             .or_default()
             .extend(faults);
+    }
+
+    /// Every request waits `latency` before it is handled (a slow GitLab);
+    /// zero ends that.
+    pub fn set_latency(&self, latency: Duration) {
+        self.state
+            .weather
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .latency = latency;
+    }
+
+    /// While `down`, every request is answered 502 Bad Gateway unhandled,
+    /// as the proxy in front of a GitLab that is down answers.
+    pub fn set_down(&self, down: bool) {
+        self.state
+            .weather
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .down = down;
+        self.state.bump();
     }
 
     /// Answers the next job requests with `faults`, in order.
