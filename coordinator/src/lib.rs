@@ -254,14 +254,23 @@ pub async fn start(
             token.clone(),
             system_id.clone(),
         ))?);
-        client
-            .verify()
-            .await
-            .map_err(|source| CoordinatorError::Runner {
-                runner: runner.name.clone(),
-                source,
-            })?;
-        tracing::info!(runner = %runner.name, url = %runner.url, %system_id, "runner token verified with GitLab");
+        match client.verify().await {
+            Ok(_) => {
+                tracing::info!(runner = %runner.name, url = %runner.url, %system_id, "runner token verified with GitLab");
+            }
+            // GitLab down or unreachable is no reason to stop: the jobs
+            // held and their agents are served meanwhile (their logs wait
+            // in the journal), and new jobs are asked for with backoff.
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(runner = %runner.name, url = %runner.url, error = %e, "GitLab does not answer at start; held jobs and their agents are served meanwhile, and new jobs are taken once it answers");
+            }
+            Err(source) => {
+                return Err(CoordinatorError::Runner {
+                    runner: runner.name.clone(),
+                    source,
+                })
+            }
+        }
         clients.push(client);
     }
 

@@ -214,3 +214,67 @@ async fn an_adopted_agent_that_never_reconnects_is_replaced_within_the_grace() {
     );
     second.stop().await;
 }
+
+/// Found by the soak: a coordinator restarted while GitLab was down exited
+/// ("gitlab answered 502"), leaving its agents and their jobs without it
+/// for the whole outage. It now starts, serves the jobs it holds, and
+/// reports them once GitLab answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_restarted_while_gitlab_is_down_serves_its_jobs_and_reports_them_later() {
+    servitor_tests::init_tracing();
+    let standin = StandIn::start(StandInConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (config_path, log) = servitor_tests::process_config(dir.path(), &standin.url()).unwrap();
+    let first = CoordinatorProcess::start(&config_path, &log).unwrap();
+    let id = standin
+        .push_job(
+            JobSpec::new("outlives-the-outage")
+                .script(["for i in $(seq 1 40); do echo line $i; sleep 0.25; done"]),
+        )
+        .await
+        .unwrap();
+    standin
+        .wait_for(id, "line 4 in the log", JOB_TIMEOUT, |r| {
+            r.trace_text().contains("line 4\n")
+        })
+        .await
+        .unwrap();
+    standin.set_down(true);
+    first.kill().await;
+    let mut second = CoordinatorProcess::start(&config_path, &log).unwrap();
+    // It starts and stays up while GitLab is down: its agent reconnects.
+    servitor_tests::wait_until("the agent back with the coordinator", JOB_TIMEOUT, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("agent connected capacity")
+            .count()
+            >= 2
+    })
+    .await
+    .unwrap();
+    assert!(
+        second.child.try_wait().unwrap().is_none(),
+        "the coordinator exited while GitLab was down:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    standin.set_down(false);
+    let r = standin.wait_for_final(id, JOB_TIMEOUT).await;
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+    let r = r.unwrap_or_else(|e| panic!("{e}\ncoordinator log:\n{logs}"));
+    let text = r.trace_text();
+    assert_eq!(r.state, JobState::Success, "{text}\n{logs}");
+    assert!(logs.contains("GitLab does not answer at start"), "{logs}");
+    assert!(
+        !text.contains("Attempt 2"),
+        "the same attempt went on: {text}"
+    );
+    for i in 1..=40 {
+        assert_eq!(
+            text.matches(&format!("\nline {i}\n")).count(),
+            1,
+            "line {i} exactly once:\n{text}"
+        );
+    }
+    assert_eq!(r.checksum_ok, Some(true));
+    second.stop().await;
+}

@@ -308,3 +308,19 @@ async fn git_clone_works_with_the_job_token_only() {
     let output = git(dir.path(), &["clone", "-q", &repo_url, "late"]).await;
     assert!(!output.status.success());
 }
+
+#[tokio::test]
+async fn a_down_gitlab_answers_every_request_502_until_it_is_up() {
+    let s = standin().await;
+    let http = reqwest::Client::new();
+    let verify = || {
+        http.post(format!("{}/api/v4/runners/verify", s.url()))
+            .json(&json!({"token": DEFAULT_RUNNER_TOKEN, "system_id": "s_standintest1"}))
+            .send()
+    };
+    assert_eq!(verify().await.unwrap().status(), 200);
+    s.set_down(true);
+    assert_eq!(verify().await.unwrap().status(), 502);
+    s.set_down(false);
+    assert_eq!(verify().await.unwrap().status(), 200);
+}
