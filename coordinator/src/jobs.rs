@@ -454,7 +454,11 @@ async fn run_job(
             "reported the job's end to GitLab"
         ),
         Err(GitLabError::Cancelled) => {
-            tracing::info!("coordinator stopping before the job's end was reported");
+            // The job stays in the lease book: the next start reports it.
+            tracing::info!(
+                "coordinator stopping before the job's end was reported; the next start reports it"
+            );
+            return;
         }
         Err(e) => tracing::error!(error = %e, "failed to report the job's end to GitLab"),
     }

@@ -278,3 +278,59 @@ async fn a_coordinator_restarted_while_gitlab_is_down_serves_its_jobs_and_report
     assert_eq!(r.checksum_ok, Some(true));
     second.stop().await;
 }
+
+/// Found by the soak: a job whose attempt had ended but whose end GitLab
+/// had not yet taken (GitLab down) was dropped from the lease book when the
+/// coordinator stopped cleanly, and never reported. It now stays there and
+/// the next start reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_ended_but_not_yet_reported_survives_a_clean_stop() {
+    servitor_tests::init_tracing();
+    let standin = StandIn::start(StandInConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (config_path, log) = servitor_tests::process_config(dir.path(), &standin.url()).unwrap();
+    let first = CoordinatorProcess::start(&config_path, &log).unwrap();
+    let signal = dir.path().join("go-on");
+    let id = standin
+        .push_job(JobSpec::new("ends-while-gitlab-is-down").script([
+            "echo first line".to_owned(),
+            format!("while [ ! -e {} ]; do sleep 0.1; done", signal.display()),
+            "printf 'the end'".to_owned(),
+        ]))
+        .await
+        .unwrap();
+    standin
+        .wait_for(id, "the first line", JOB_TIMEOUT, |r| {
+            r.trace_text().contains("first line\n")
+        })
+        .await
+        .unwrap();
+    standin.set_down(true);
+    std::fs::write(&signal, "").unwrap();
+    let agent_log = dir.path().join("state/local-fleet/local-1/agent.log");
+    servitor_tests::wait_until("the attempt ending", JOB_TIMEOUT, || {
+        std::fs::read_to_string(&agent_log)
+            .unwrap_or_default()
+            .contains("attempt ended")
+    })
+    .await
+    .unwrap();
+    // The result is in; GitLab cannot take it. A clean stop, a new start.
+    first.stop().await;
+    let second = CoordinatorProcess::start(&config_path, &log).unwrap();
+    standin.set_down(false);
+    let r = standin.wait_for_final(id, JOB_TIMEOUT).await;
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+    let r = r.unwrap_or_else(|e| panic!("{e}\ncoordinator log:\n{logs}"));
+    let text = r.trace_text();
+    assert_eq!(r.state, JobState::Success, "{text}\n{logs}");
+    assert!(text.contains("the end"), "{text}");
+    let finals = r
+        .updates
+        .iter()
+        .filter(|u| u.status == 200 && (u.state == "success" || u.state == "failed"))
+        .count();
+    assert_eq!(finals, 1, "reported exactly once");
+    assert_eq!(r.checksum_ok, Some(true));
+    second.stop().await;
+}
